@@ -1,0 +1,46 @@
+"""Typed knobs of the fast generator and their home in fairseq's Hydra schema.
+
+fairseq's ``FairseqConfig`` has no field for a plugin registry, so ``--generator fast``
+(which fairseq turns into the Hydra override ``generator=fast``) would fail to compose.
+We re-store the schema node ``config`` with two extra fields: ``generator`` (the choice)
+and ``fastseq`` (the fast generator's knobs, reachable as ``fastseq.<knob>=...`` in Hydra
+and as ``--fast-<knob>`` on the command line).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.configs import FairseqConfig
+from hydra.core.config_store import ConfigStore
+
+ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
+
+# Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
+FLAG_PREFIX = "fast"
+
+
+@dataclass
+class FastGeneratorConfig(FairseqDataclass):
+    on_unsupported: ON_UNSUPPORTED_CHOICES = field(
+        default="fallback",
+        metadata={
+            "help": "what --generator fast does with an option or model it cannot "
+            "accelerate: 'fallback' runs fairseq's stock generator for it (and logs "
+            "which option caused that), 'error' stops with an error naming it"
+        },
+    )
+
+
+@dataclass
+class FastseqConfig(FairseqConfig):
+    generator: Optional[str] = field(
+        default=None,
+        metadata={"help": "sequence generator: 'stock' (fairseq's) or 'fast'"},
+    )
+    fastseq: FastGeneratorConfig = field(default_factory=FastGeneratorConfig)
+
+
+def extend_hydra_schema() -> None:
+    """Make ``generator`` and ``fastseq`` valid keys of fairseq's top-level config."""
+    ConfigStore.instance().store(name="config", node=FastseqConfig)

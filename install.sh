@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv with pinned dependencies, installs fairseq_fastseq into it, then runs the
+# bundled demo (stock vs fast generation on a small model, offline).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+# ve-fairseq is the fairseq 0.12 build for Python 3.11 (module `fairseq`). --no-deps keeps
+# its torchaudio requirement (speech tasks only) from replacing the pinned torch.
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps ve-fairseq==0.12.3
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps .
+.venv/bin/python -m fairseq_fastseq.demo
