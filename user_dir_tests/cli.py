@@ -1,0 +1,53 @@
+"""Run the real fairseq command-line tools in a subprocess, as a user would."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+from .conftest import PLUGIN_DIR
+
+BIN_DIR = Path(sys.executable).parent
+# The lines fairseq-generate writes for results (not its log lines).
+RESULT_LINE = re.compile(r"^([STHDPAIE]-\d|Generate )")
+
+
+def fairseq(tool: str, args: Sequence[object], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``fairseq-<tool>`` (the installed console script) and capture its output.
+
+    Without the plugin, stock fairseq 0.12 cannot load a checkpoint under torch >= 2.6
+    unless the safe unpickler is switched off, which is what stock users do; with the
+    plugin, the safe unpickler stays on.
+    """
+    args = [str(arg) for arg in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    if "--user-dir" not in args:
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    return subprocess.run(
+        [str(BIN_DIR / f"fairseq-{tool}"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def with_plugin(*args: str) -> List[str]:
+    return ["--user-dir", str(PLUGIN_DIR), *args]
+
+
+def results(output: str) -> List[str]:
+    return [line for line in output.splitlines() if RESULT_LINE.match(line)]
+
+
+def generate_results(toy_model, *args: str) -> List[str]:
+    """fairseq-generate on a toy model's test split; its result lines (fails on error)."""
+    run = fairseq(
+        "generate",
+        [toy_model.data_bin, "--path", toy_model.checkpoint, "--task", toy_model.task, "--cpu", *args],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return results(run.stdout)

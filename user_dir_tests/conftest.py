@@ -1,0 +1,54 @@
+"""Session fixtures: tiny real fairseq models trained once per test session (see toy.py)."""
+
+import concurrent.futures
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from fairseq_fastseq import toy
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO / "fairseq_fastseq"
+
+
+@dataclass(frozen=True)
+class ToyModel:
+    name: str
+    checkpoint: Path
+    data_bin: Path
+    task: str
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory) -> Dict[str, ToyModel]:
+    """Built fresh in a temp dir; FASTSEQ_TOY_CACHE=DIR reuses a previous build (local runs)."""
+    cache = os.environ.get("FASTSEQ_TOY_CACHE")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("toy")
+    corpus = root / "corpus"
+    toy.write_corpus(corpus)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        mt_bin = pool.submit(toy.preprocess, corpus, root / "bin")
+        lm_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm")
+        jobs = {
+            name: pool.submit(toy.train, mt_bin.result(), root / name, args, "translation")
+            for name, args in toy.TRANSLATION_MODELS.items()
+        }
+        jobs.update(
+            {
+                name: pool.submit(toy.train, lm_bin.result(), root / name, args, "language_modeling")
+                for name, args in toy.LANGUAGE_MODELS.items()
+            }
+        )
+        models = {}
+        for name, job in jobs.items():
+            is_lm = name in toy.LANGUAGE_MODELS
+            models[name] = ToyModel(
+                name=name,
+                checkpoint=job.result(),
+                data_bin=(lm_bin if is_lm else mt_bin).result(),
+                task="language_modeling" if is_lm else "translation",
+            )
+    return models

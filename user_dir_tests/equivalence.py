@@ -1,0 +1,99 @@
+"""The equivalence harness: run fairseq's stock generator and ours on the same model, batches
+and options, and require the same hypotheses (tokens, order, scores within tolerance)."""
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.dataclass.configs import GenerationConfig
+from fairseq.sequence_generator import SequenceGenerator
+
+from fairseq_fastseq.config import FastGeneratorConfig
+from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+
+SCORE_TOLERANCE = 1e-4
+Hypotheses = List[List[Dict[str, Any]]]
+
+
+@functools.lru_cache(maxsize=None)
+def load(checkpoint: str, data_bin: str, batch_size: int) -> Tuple[list, Any, list]:
+    """Models, task and the test split's batches, as fairseq-generate would build them."""
+    models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides={"data": data_bin}
+    )
+    for model in models:
+        model.eval()
+    task.load_dataset("test", task_cfg=saved_cfg.task)
+    batches = list(
+        task.get_batch_iterator(
+            dataset=task.dataset("test"), max_sentences=batch_size, seed=1
+        ).next_epoch_itr(shuffle=False)
+    )
+    return models, task, batches
+
+
+def generate_all(generator, task, models, batches, prefix_size: int, seed: Optional[int]) -> Hypotheses:
+    hypotheses: Hypotheses = []
+    for sample in batches:
+        prefix = sample["target"][:, :prefix_size] if prefix_size > 0 else None
+        if seed is not None:
+            torch.manual_seed(seed)
+        hypotheses.extend(
+            task.inference_step(
+                generator, models, sample, prefix_tokens=prefix, constraints=sample.get("constraints")
+            )
+        )
+    return hypotheses
+
+
+def assert_same_hypotheses(expected: Hypotheses, actual: Hypotheses, atol: float = SCORE_TOLERANCE) -> None:
+    assert len(actual) == len(expected), f"{len(actual)} sentences, expected {len(expected)}"
+    for i, (want_list, got_list) in enumerate(zip(expected, actual)):
+        assert len(got_list) == len(want_list), f"sentence {i}: {len(got_list)} hypotheses, expected {len(want_list)}"
+        for j, (want, got) in enumerate(zip(want_list, got_list)):
+            where = f"sentence {i} hypothesis {j}"
+            assert got["tokens"].tolist() == want["tokens"].tolist(), (
+                f"{where}: tokens {got['tokens'].tolist()} != stock {want['tokens'].tolist()}"
+            )
+            assert abs(float(got["score"]) - float(want["score"])) <= atol, (
+                f"{where}: score {float(got['score'])} != stock {float(want['score'])}"
+            )
+            torch.testing.assert_close(
+                got["positional_scores"], want["positional_scores"], atol=atol, rtol=0, msg=where
+            )
+            for key in ("attention", "alignment"):
+                if isinstance(want.get(key), torch.Tensor) and want[key].numel() > 0:
+                    torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0, msg=f"{where}: {key}")
+
+
+def assert_fast_matches_stock(
+    toy_model,
+    batch_size: int = 16,
+    prefix_size: int = 0,
+    seed: Optional[int] = None,
+    reference=None,
+    **options,
+) -> Hypotheses:
+    """Generate the toy model's test split with stock and fast generators; assert equality.
+
+    ``options`` are fairseq GenerationConfig fields (beam, lenpen, sampling, ...).
+    ``reference`` optionally replaces the stock generator (a callable taking the stock
+    generator and returning the reference one): for stock bugs we fix.
+    """
+    models, task, batches = load(str(toy_model.checkpoint), str(toy_model.data_bin), batch_size)
+    gen_cfg = GenerationConfig(**options)
+    stock = task.build_generator(models, gen_cfg)
+    assert type(stock) is SequenceGenerator or reference is not None
+    fast = accelerate(task.build_generator(models, gen_cfg), FastGeneratorConfig(on_unsupported="error"))
+    assert isinstance(fast, FastSequenceGenerator)
+    if reference is not None:
+        stock = reference(stock)
+    expected = generate_all(stock, task, models, batches, prefix_size, seed)
+    actual = generate_all(fast, task, models, batches, prefix_size, seed)
+    assert_same_hypotheses(expected, actual)
+    return expected
+
+
+def lengths(hypotheses: Hypotheses) -> Sequence[int]:
+    return [len(h[0]["tokens"]) for h in hypotheses]

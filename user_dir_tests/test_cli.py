@@ -1,0 +1,119 @@
+"""The user's one-line change: fairseq-generate --user-dir fairseq_fastseq --generator fast."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .cli import BIN_DIR, fairseq, generate_results, results, with_plugin
+from .conftest import PLUGIN_DIR
+
+
+def test_help_lists_generator_choice():
+    run = fairseq("generate", with_plugin("--help"))
+    assert run.returncode == 0
+    assert "--generator {stock,fast}" in run.stdout
+
+
+def test_fast_knobs_need_the_fast_generator():
+    run = fairseq("generate", with_plugin("--fast-on-unsupported", "error", "/nonexistent"))
+    assert run.returncode == 2
+    assert "unrecognized arguments: --fast-on-unsupported" in run.stderr
+
+
+def test_fast_knob_values_are_checked():
+    run = fairseq("generate", with_plugin("--generator", "fast", "--fast-on-unsupported", "maybe", "/x"))
+    assert run.returncode == 2
+    assert "argument --fast-on-unsupported: invalid choice: 'maybe'" in run.stderr
+
+
+def test_unknown_generator_is_an_argparse_error():
+    run = fairseq("generate", with_plugin("--generator", "turbo", "/nonexistent"))
+    assert run.returncode == 2
+    assert "argument --generator: invalid choice: 'turbo'" in run.stderr
+
+
+def test_generator_flag_without_plugin_is_an_argparse_error():
+    run = fairseq("generate", ["/nonexistent", "--generator", "fast"])
+    assert run.returncode == 2
+    assert "unrecognized arguments: --generator fast" in run.stderr
+
+
+@pytest.mark.parametrize("model", ["transformer", "bart"])
+def test_fast_output_is_identical_to_stock_command(toy_models, model):
+    options = ["--beam", "5", "--nbest", "3", "--batch-size", "16"]
+    stock = generate_results(toy_models[model], *options)
+    run = fairseq(
+        "generate",
+        [toy_models[model].data_bin, "--path", toy_models[model].checkpoint, "--cpu", *options]
+        + with_plugin("--generator", "fast"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "generator: fast (FastSequenceGenerator)" in run.stderr
+    assert len([line for line in stock if line.startswith("H-")]) == 3 * 48
+    assert results(run.stdout) == stock
+
+
+def test_language_model_generation_through_cli(toy_models):
+    options = ["--beam", "4", "--batch-size", "8", "--max-len-b", "20", "--sample-break-mode", "eos", "--tokens-per-sample", "64"]
+    stock = generate_results(toy_models["transformer_lm"], *options)
+    fast = generate_results(toy_models["transformer_lm"], *options, *with_plugin("--generator", "fast"))
+    assert stock and fast == stock
+
+
+def test_python_dash_m_entry_point_routes_too(toy_models):
+    """``python -m fairseq_cli.generate`` runs the module as __main__; routing must not depend on it."""
+    model = toy_models["transformer"]
+    run = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.generate", model.data_bin, "--path", model.checkpoint,
+         "--cpu", "--beam", "2", *with_plugin("--generator", "fast")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "generator: fast" in run.stderr
+    assert results(run.stdout) == generate_results(model, "--beam", "2")
+
+
+def test_results_path_file_is_identical(toy_models, tmp_path):
+    model = toy_models["transformer"]
+    for name, extra in [("stock", []), ("fast", with_plugin("--generator", "fast"))]:
+        generate_results(model, "--beam", "3", "--results-path", tmp_path / name, *extra)
+    stock = results((tmp_path / "stock" / "generate-test.txt").read_text())
+    fast = results((tmp_path / "fast" / "generate-test.txt").read_text())
+    assert stock and fast == stock
+
+
+def test_stock_choice_keeps_stock_generator(toy_models):
+    run = fairseq(
+        "generate",
+        [toy_models["transformer"].data_bin, "--path", toy_models["transformer"].checkpoint, "--cpu"]
+        + with_plugin("--generator", "stock"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "generator: fast" not in run.stderr
+
+
+def test_unsupported_option_falls_back_with_one_log_line(toy_models):
+    model = toy_models["transformer"]
+    stock = generate_results(model, "--score-reference")
+    run = fairseq(
+        "generate",
+        [model.data_bin, "--path", model.checkpoint, "--cpu", "--score-reference"]
+        + with_plugin("--generator", "fast"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    fallback_lines = [line for line in run.stderr.splitlines() if "fallback for --score-reference" in line]
+    assert len(fallback_lines) == 1
+    assert results(run.stdout) == stock
+
+
+def test_unsupported_option_with_error_knob_stops_with_clear_message(toy_models):
+    model = toy_models["transformer"]
+    run = fairseq(
+        "generate",
+        [model.data_bin, "--path", model.checkpoint, "--cpu", "--score-reference"]
+        + with_plugin("--generator", "fast", "--fast-on-unsupported", "error"),
+    )
+    assert run.returncode != 0
+    assert "--generator fast cannot handle --score-reference" in run.stderr
+    assert not results(run.stdout)
