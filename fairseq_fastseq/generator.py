@@ -1,12 +1,18 @@
 """The fast sequence generator and the decision to use it or fall back to stock."""
 
 import logging
-from typing import Union
+import math
+from typing import Dict, List, Optional, Tuple, Union
 
+import torch
+from fairseq.search import DiverseBeamSearch
 from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
 from fairseq.sequence_scorer import SequenceScorer
+from torch import Tensor
 
 from .config import FastGeneratorConfig
+from .finished import FinishedHypotheses
+from .ngram import block_repeated_ngrams
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +22,24 @@ class UnsupportedByFastGenerator(ValueError):
 
 
 class FastSequenceGenerator(SequenceGenerator):
-    """Beam search / sampling with the stock ``SequenceGenerator``'s exact results."""
+    """Beam search and sampling with the results of fairseq's ``SequenceGenerator``.
+
+    It reuses fairseq's model ensemble and search strategies (``fairseq.search``), which are
+    already batched tensor code, and replaces the decoding loop around them:
+
+    - finished hypotheses are collected for the whole batch at once (``finished.py``), with
+      no Python loop over hypotheses or sentences inside the loop;
+    - the beam-expanded encoder output is reordered only when sentences leave the batch:
+      every beam of a sentence holds the same copy, so reordering within a sentence
+      changes nothing; with one beam the decoder caches are left alone too;
+    - ``--no-repeat-ngram-size`` is vectorized and blocks on CPU too (``ngram.py``);
+    - ``--diverse-beam-groups`` gets each sentence's row in the batch, not its dataset
+      id (fairseq 0.12 indexes its per-sentence buffer with the id: an IndexError or
+      wrong penalties on real data).
+
+    The one host sync per step is the number of sentences that finished: it sets the
+    shape of the next step's batch.
+    """
 
     @classmethod
     def from_stock(cls, stock: SequenceGenerator) -> "FastSequenceGenerator":
@@ -34,11 +57,6 @@ class FastSequenceGenerator(SequenceGenerator):
             unk_penalty=stock.unk_penalty,
             temperature=stock.temperature,
             match_source_len=stock.match_source_len,
-            no_repeat_ngram_size=(
-                stock.repeat_ngram_blocker.no_repeat_ngram_size
-                if stock.repeat_ngram_blocker is not None
-                else 0
-            ),
             search_strategy=stock.search,
             eos=stock.eos,
             symbols_to_strip_from_output=stock.symbols_to_strip_from_output,
@@ -46,7 +64,193 @@ class FastSequenceGenerator(SequenceGenerator):
             lm_weight=stock.lm_weight,
         )
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
+        if stock.repeat_ngram_blocker is not None:
+            fast.no_repeat_ngram_size = stock.repeat_ngram_blocker.no_repeat_ngram_size
         return fast
+
+    def __init__(self, *args, no_repeat_ngram_size: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+
+    def _generate(
+        self,
+        sample: Dict[str, Dict[str, Tensor]],
+        prefix_tokens: Optional[Tensor] = None,
+        constraints: Optional[Tensor] = None,
+        bos_token: Optional[int] = None,
+    ) -> List[List[Dict[str, Tensor]]]:
+        net_input = sample["net_input"]
+        src_tokens, src_lengths = self._source(net_input)
+        bsz, src_len = src_tokens.size()[:2]
+        beam_size = self.beam_size
+        device = src_tokens.device
+        if constraints is not None and not self.search.supports_constraints:
+            raise NotImplementedError(
+                "Target-side constraints were provided, but search method doesn't support them"
+            )
+        self.search.init_constraints(constraints, beam_size)
+        if self.match_source_len:
+            max_len = int(src_lengths.max().item())
+        else:
+            max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+        assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
+
+        incremental_states = [{} for _ in range(self.model.models_size)]
+        encoder_outs = self.model.forward_encoder(net_input)
+        expand = torch.arange(bsz, device=device).repeat_interleave(beam_size)
+        encoder_outs = self.model.reorder_encoder_out(encoder_outs, expand)
+
+        scores = torch.zeros(bsz * beam_size, max_len + 1, device=device)  # (bsz*beam, max_len+1)
+        tokens = torch.full((bsz * beam_size, max_len + 2), self.pad, dtype=torch.long, device=device)
+        tokens[:, 0] = self.eos if bos_token is None else bos_token
+        attn: Optional[Tensor] = None
+        cands_to_ignore = torch.zeros(bsz, beam_size, dtype=torch.bool, device=device)
+        finished = FinishedHypotheses(bsz, beam_size, device)
+        sentences = torch.arange(bsz, device=device)  # active row -> original batch row
+        # DiverseBeamSearch indexes a buffer made at step 0 with these: batch rows, not ids.
+        if "id" in sample and isinstance(sample["id"], Tensor) and not isinstance(self.search, DiverseBeamSearch):
+            search_batch_idxs = sample["id"]
+        else:
+            search_batch_idxs = sentences
+        num_remaining = bsz
+        cand_size = 2 * beam_size
+        bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
+        cand_offsets = torch.arange(cand_size, device=device)
+        normalize = None
+        reorder_state: Optional[Tensor] = None
+        batch_idxs: Optional[Tensor] = None
+
+        for step in range(max_len + 1):  # one extra step for EOS
+            if reorder_state is not None:
+                if batch_idxs is not None:
+                    corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
+                    reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
+                    search_batch_idxs = search_batch_idxs[batch_idxs]
+                    encoder_outs = self.model.reorder_encoder_out(encoder_outs, reorder_state)
+                if beam_size > 1 or batch_idxs is not None:
+                    self.model.reorder_incremental_state(incremental_states, reorder_state)
+            lprobs, avg_attn_scores = self.model.forward_decoder(
+                tokens[:, : step + 1], encoder_outs, incremental_states, self.temperature
+            )  # (bsz*beam, vocab)
+            if self.lm_model is not None:
+                lm_out = self.lm_model(tokens[:, : step + 1])
+                lm_lprobs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
+                lprobs += lm_lprobs[:, -1, :] * self.lm_weight
+            lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
+            lprobs[:, self.pad] = -math.inf
+            lprobs[:, self.unk] -= self.unk_penalty
+            if step >= max_len:  # only EOS is left
+                lprobs[:, : self.eos] = -math.inf
+                lprobs[:, self.eos + 1 :] = -math.inf
+            if prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len:
+                lprobs, tokens, scores = self._prefix_tokens(step, lprobs, scores, tokens, prefix_tokens, beam_size)
+            else:
+                if step < self.min_len:
+                    lprobs[:, self.eos] = -math.inf
+                if self.token_indices_to_suppress is not None:
+                    lprobs[:, self.token_indices_to_suppress] = -math.inf
+            if avg_attn_scores is not None:
+                if attn is None:
+                    attn = torch.empty(bsz * beam_size, avg_attn_scores.size(1), max_len + 2).to(scores)
+                attn[:, :, step + 1].copy_(avg_attn_scores)
+            if self.no_repeat_ngram_size > 0:
+                block_repeated_ngrams(tokens, lprobs, step, self.no_repeat_ngram_size, self.pad)
+            if self.should_set_src_lengths:
+                self.search.set_src_lengths(src_lengths)
+
+            cand_scores, cand_indices, cand_beams = self.search.step(
+                step,
+                lprobs.view(bsz, -1, self.vocab_size),
+                scores.view(bsz, beam_size, -1)[:, :, :step],
+                tokens[:, : step + 1],
+                search_batch_idxs,
+            )  # each (bsz, cand_size)
+            cand_bbsz_idx = cand_beams.add(bbsz_offsets)
+            eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
+            eos_mask[:, :beam_size] &= ~cands_to_ignore
+
+            if self.normalize_scores:
+                normalize = (step + 1) ** self.len_penalty
+            too_long = step > src_lengths if self.match_source_len else None
+            counts, ended_one = finished.add(
+                step,
+                eos_mask[:, :beam_size],
+                cand_bbsz_idx[:, :beam_size],
+                cand_scores[:, :beam_size],
+                sentences,
+                tokens,
+                scores,
+                attn,
+                normalize,
+                too_long,
+                self.eos,
+            )
+            done = ended_one & ((counts == beam_size) | (step == max_len))
+            num_done = int(done.sum())  # the step's one host sync: it sets the next batch shape
+            num_remaining -= num_done
+            if num_remaining == 0:
+                break
+            if self.search.stop_on_max_len and step >= max_len:
+                break
+            assert step < max_len, f"{step} < {max_len}"
+
+            if num_done > 0:
+                batch_idxs = (~done).nonzero().squeeze(1)
+                new_bsz = bsz - num_done
+                self.search.prune_sentences(batch_idxs)
+                eos_mask = eos_mask[batch_idxs]
+                cand_beams = cand_beams[batch_idxs]
+                bbsz_offsets = bbsz_offsets[:new_bsz]
+                cand_bbsz_idx = cand_beams.add(bbsz_offsets)
+                cand_scores = cand_scores[batch_idxs]
+                cand_indices = cand_indices[batch_idxs]
+                if prefix_tokens is not None:
+                    prefix_tokens = prefix_tokens[batch_idxs]
+                src_lengths = src_lengths[batch_idxs]
+                cands_to_ignore = cands_to_ignore[batch_idxs]
+                sentences = sentences[batch_idxs]
+                scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+                tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+                if attn is not None:
+                    attn = attn.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, attn.size(1), -1)
+                bsz = new_bsz
+            else:
+                batch_idxs = None
+
+            # Candidates that ended in EOS (or are ignored) sort after the live ones; the
+            # first beam_size live candidates continue.
+            eos_mask[:, :beam_size] |= cands_to_ignore
+            active_mask = eos_mask.long() * cand_size + cand_offsets[: eos_mask.size(1)]
+            new_cands_to_ignore, active_hypos = torch.topk(active_mask, k=beam_size, dim=1, largest=False)
+            cands_to_ignore = new_cands_to_ignore.ge(cand_size)[:, :beam_size]
+            active_bbsz_idx = torch.gather(cand_bbsz_idx, dim=1, index=active_hypos).view(-1)
+
+            tokens[:, : step + 1] = tokens[:, : step + 1].index_select(0, active_bbsz_idx)
+            tokens.view(bsz, beam_size, -1)[:, :, step + 1] = torch.gather(cand_indices, dim=1, index=active_hypos)
+            if step > 0:
+                scores[:, :step] = scores[:, :step].index_select(0, active_bbsz_idx)
+            scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(cand_scores, dim=1, index=active_hypos)
+            self.search.update_constraints(active_hypos)
+            if attn is not None:
+                attn[:, :, : step + 2] = attn[:, :, : step + 2].index_select(0, active_bbsz_idx)
+            reorder_state = active_bbsz_idx
+
+        return finished.to_hypotheses(len(finished.counts))
+
+    def _source(self, net_input: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """Source tokens (or features) and lengths, as fairseq's generator reads them."""
+        if "src_tokens" in net_input:
+            src_tokens = net_input["src_tokens"]
+            if "src_lengths" in net_input:
+                return src_tokens, net_input["src_lengths"]
+            return src_tokens, (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
+        for key in ("source", "features"):
+            if key in net_input:
+                source, padding_mask = net_input[key], net_input["padding_mask"]
+                if padding_mask is None:
+                    return source, torch.tensor(source.size(-1)).to(source)
+                return source, padding_mask.size(-1) - padding_mask.sum(-1)
+        raise Exception("expected src_tokens or source in net input. input keys: " + str(net_input.keys()))
 
 
 # What the stock build_generator returns for options we hand back to it, and why.

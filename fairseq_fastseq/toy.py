@@ -21,6 +21,8 @@ SOURCE_LANG, TARGET_LANG = "src", "tgt"
 SPLIT_SIZES = {"train": 3000, "valid": 100, "test": 48}
 VOCAB_SIZE = 24
 MAX_WORDS = 14
+# The test split also gets an empty source line and one far longer than any training line.
+EDGE_CASE_LENGTHS = (0, 40)
 
 _TINY_TRANSFORMER = [
     "--encoder-layers", "2", "--decoder-layers", "2",
@@ -62,8 +64,11 @@ def write_corpus(directory: Path, seed: int = 0) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for split, size in SPLIT_SIZES.items():
         sources, targets = [], []
-        for _ in range(size):
-            words = [rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, MAX_WORDS))]
+        lengths = [rng.randint(1, MAX_WORDS) for _ in range(size)]
+        if split == "test":
+            lengths[: len(EDGE_CASE_LENGTHS)] = EDGE_CASE_LENGTHS
+        for length in lengths:
+            words = [rng.randrange(VOCAB_SIZE) for _ in range(length)]
             sources.append(" ".join(f"w{w}" for w in words))
             targets.append(" ".join(f"W{(w * 7) % VOCAB_SIZE}" for w in reversed(words)))
         (directory / f"{split}.{SOURCE_LANG}").write_text("\n".join(sources) + "\n")

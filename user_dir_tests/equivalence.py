@@ -2,7 +2,7 @@
 and options, and require the same hypotheses (tokens, order, scores within tolerance)."""
 
 import functools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import checkpoint_utils
@@ -17,10 +17,11 @@ Hypotheses = List[List[Dict[str, Any]]]
 
 
 @functools.lru_cache(maxsize=None)
-def load(checkpoint: str, data_bin: str, batch_size: int) -> Tuple[list, Any, list]:
-    """Models, task and the test split's batches, as fairseq-generate would build them."""
+def load(checkpoints: Tuple[str, ...], data_bin: str, batch_size: int) -> Tuple[list, Any, list]:
+    """Models (an ensemble if several), task and the test split's batches, as
+    fairseq-generate would build them."""
     models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data_bin}
+        list(checkpoints), arg_overrides={"data": data_bin}
     )
     for model in models:
         model.eval()
@@ -33,30 +34,42 @@ def load(checkpoint: str, data_bin: str, batch_size: int) -> Tuple[list, Any, li
     return models, task, batches
 
 
-def generate_all(generator, task, models, batches, prefix_size: int, seed: Optional[int]) -> Hypotheses:
+def generate_all(
+    generator, task, models, batches, prefix_size: int, seed: Optional[int], constraints: Optional[Callable]
+) -> Hypotheses:
+    """Hypotheses of every sentence; a batch that raises contributes one ``(error, message)``
+    entry, so that fast must fail exactly where stock fails."""
     hypotheses: Hypotheses = []
     for sample in batches:
         prefix = sample["target"][:, :prefix_size] if prefix_size > 0 else None
         if seed is not None:
             torch.manual_seed(seed)
-        hypotheses.extend(
-            task.inference_step(
-                generator, models, sample, prefix_tokens=prefix, constraints=sample.get("constraints")
+        try:
+            hypotheses.extend(
+                task.inference_step(
+                    generator, models, sample, prefix_tokens=prefix,
+                    constraints=constraints(sample) if constraints is not None else None,
+                )  # fmt: skip
             )
-        )
+        except Exception as error:  # noqa: BLE001  (compared, not swallowed)
+            hypotheses.append((type(error).__name__, str(error)))
     return hypotheses
 
 
 def assert_same_hypotheses(expected: Hypotheses, actual: Hypotheses, atol: float = SCORE_TOLERANCE) -> None:
     assert len(actual) == len(expected), f"{len(actual)} sentences, expected {len(expected)}"
     for i, (want_list, got_list) in enumerate(zip(expected, actual)):
+        if isinstance(want_list, tuple) or isinstance(got_list, tuple):
+            assert got_list == want_list, f"batch with sentence {i}: {got_list} != stock {want_list}"
+            continue
         assert len(got_list) == len(want_list), f"sentence {i}: {len(got_list)} hypotheses, expected {len(want_list)}"
         for j, (want, got) in enumerate(zip(want_list, got_list)):
             where = f"sentence {i} hypothesis {j}"
             assert got["tokens"].tolist() == want["tokens"].tolist(), (
                 f"{where}: tokens {got['tokens'].tolist()} != stock {want['tokens'].tolist()}"
             )
-            assert abs(float(got["score"]) - float(want["score"])) <= atol, (
+            got_score, want_score = float(got["score"]), float(want["score"])
+            assert got_score == want_score or abs(got_score - want_score) <= atol, (
                 f"{where}: score {float(got['score'])} != stock {float(want['score'])}"
             )
             torch.testing.assert_close(
@@ -72,7 +85,9 @@ def assert_fast_matches_stock(
     batch_size: int = 16,
     prefix_size: int = 0,
     seed: Optional[int] = None,
-    reference=None,
+    reference: Optional[Callable] = None,
+    ensemble_with: Sequence = (),
+    constraints_fn: Optional[Callable] = None,
     **options,
 ) -> Hypotheses:
     """Generate the toy model's test split with stock and fast generators; assert equality.
@@ -80,8 +95,11 @@ def assert_fast_matches_stock(
     ``options`` are fairseq GenerationConfig fields (beam, lenpen, sampling, ...).
     ``reference`` optionally replaces the stock generator (a callable taking the stock
     generator and returning the reference one): for stock bugs we fix.
+    ``ensemble_with`` adds more toy models (same dictionary) to an ensemble;
+    ``constraints_fn`` maps a batch to its packed target-side constraints.
     """
-    models, task, batches = load(str(toy_model.checkpoint), str(toy_model.data_bin), batch_size)
+    checkpoints = tuple(str(m.checkpoint) for m in (toy_model, *ensemble_with))
+    models, task, batches = load(checkpoints, str(toy_model.data_bin), batch_size)
     gen_cfg = GenerationConfig(**options)
     stock = task.build_generator(models, gen_cfg)
     assert type(stock) is SequenceGenerator or reference is not None
@@ -89,8 +107,9 @@ def assert_fast_matches_stock(
     assert isinstance(fast, FastSequenceGenerator)
     if reference is not None:
         stock = reference(stock)
-    expected = generate_all(stock, task, models, batches, prefix_size, seed)
-    actual = generate_all(fast, task, models, batches, prefix_size, seed)
+    expected = generate_all(stock, task, models, batches, prefix_size, seed, constraints_fn)
+    actual = generate_all(fast, task, models, batches, prefix_size, seed, constraints_fn)
+    assert any(not isinstance(h, tuple) for h in expected), f"stock failed on every batch: {expected[0]}"
     assert_same_hypotheses(expected, actual)
     return expected
 

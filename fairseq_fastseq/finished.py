@@ -1,0 +1,110 @@
+"""Finished hypotheses, collected with tensor operations over the whole batch.
+
+fairseq's ``finalize_hypos`` loops in Python over every hypothesis that emits EOS and over
+every sentence it touches. Here one call per decoding step selects all of them at once.
+The result is the same: the same hypotheses, stored in the same order, with the same
+values.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Chunk:
+    """The hypotheses finished at one step (one row each)."""
+
+    sentences: Tensor  # (k,) original batch row
+    slots: Tensor  # (k,) position among that sentence's finished hypotheses
+    tokens: Tensor  # (k, step+1), ends with EOS
+    scores: Tensor  # (k,) final (length-normalised) score
+    positional_scores: Tensor  # (k, step+1)
+    attention: Optional[Tensor]  # (k, src_len, step+1)
+
+
+class FinishedHypotheses:
+    """Per-sentence store of up to ``beam_size`` finished hypotheses."""
+
+    def __init__(self, bsz: int, beam_size: int, device: torch.device) -> None:
+        self.beam_size = beam_size
+        self.counts = torch.zeros(bsz, dtype=torch.long, device=device)
+        self._chunks: List[_Chunk] = []
+
+    def add(
+        self,
+        step: int,
+        eos_mask: Tensor,
+        eos_bbsz_idx: Tensor,
+        eos_scores: Tensor,
+        sentences: Tensor,
+        tokens: Tensor,
+        scores: Tensor,
+        attn: Optional[Tensor],
+        normalize: Optional[float],
+        too_long: Optional[Tensor],
+        eos: int,
+    ) -> Tuple[Tensor, Tensor]:
+        """Store this step's EOS hypotheses; return, per active sentence, how many it has
+        now and whether it finished one at this step.
+
+        ``eos_mask``/``eos_bbsz_idx``/``eos_scores`` are (active bsz, beam): the top
+        candidates that end in EOS, their hypothesis rows and raw scores. ``sentences``
+        maps active rows to original batch rows. ``normalize`` divides final scores (the
+        length penalty); ``too_long`` (active bsz,) marks sentences whose hypotheses score
+        -inf (``--match-source-len``). As in fairseq, a sentence keeps the first
+        ``beam_size`` hypotheses in candidate order.
+        """
+        counts = self.counts[sentences]  # (active bsz,)
+        slots = counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
+        accepted = eos_mask & (slots < self.beam_size)
+        rows, cols = accepted.nonzero(as_tuple=True)
+        if rows.numel() > 0:
+            bbsz_idx = eos_bbsz_idx[rows, cols]
+            hypo_tokens = tokens.index_select(0, bbsz_idx)[:, 1 : step + 2]
+            hypo_tokens[:, step] = eos
+            positional = scores.index_select(0, bbsz_idx)[:, : step + 1]
+            final_scores = eos_scores[rows, cols]
+            positional[:, step] = final_scores
+            positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
+            if normalize is not None:
+                final_scores = final_scores / normalize
+            if too_long is not None:
+                final_scores = torch.where(too_long[rows], torch.tensor(-math.inf), final_scores)
+            self._chunks.append(
+                _Chunk(
+                    sentences=sentences[rows],
+                    slots=slots[rows, cols],
+                    tokens=hypo_tokens,
+                    scores=final_scores,
+                    positional_scores=positional,
+                    attention=(attn.index_select(0, bbsz_idx)[:, :, 1 : step + 2] if attn is not None else None),
+                )
+            )
+        new_counts = counts + accepted.sum(1)
+        self.counts[sentences] = new_counts
+        return new_counts, eos_mask.any(1)
+
+    def to_hypotheses(self, bsz: int) -> List[List[Dict[str, Tensor]]]:
+        """fairseq's output: per sentence, its hypotheses sorted by score, best first."""
+        finalized: List[List[Dict[str, Tensor]]] = [[] for _ in range(bsz)]
+        slotted: List[Dict[int, Dict[str, Tensor]]] = [{} for _ in range(bsz)]
+        for chunk in self._chunks:
+            for i, (sentence, slot) in enumerate(zip(chunk.sentences.tolist(), chunk.slots.tolist())):
+                slotted[sentence][slot] = {
+                    "tokens": chunk.tokens[i],
+                    "score": chunk.scores[i],
+                    "attention": chunk.attention[i] if chunk.attention is not None else torch.empty(0),
+                    "alignment": torch.empty(0),
+                    "positional_scores": chunk.positional_scores[i],
+                }
+        for sentence, hypos in enumerate(slotted):
+            in_order = [hypos[slot] for slot in sorted(hypos)]
+            # The same call on the same values as fairseq, so ties break the same way.
+            scores = torch.tensor([float(h["score"].item()) for h in in_order])
+            _, ranking = torch.sort(scores, descending=True)
+            finalized[sentence] = [in_order[r] for r in ranking]
+        return finalized
