@@ -5,6 +5,7 @@ import math
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from fairseq import utils
 from fairseq.search import DiverseBeamSearch
 from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
 from fairseq.sequence_scorer import SequenceScorer
@@ -44,28 +45,8 @@ class FastSequenceGenerator(SequenceGenerator):
     @classmethod
     def from_stock(cls, stock: SequenceGenerator) -> "FastSequenceGenerator":
         """Build one with every option the stock generator was built with."""
-        fast = cls(
-            stock.model,
-            stock.tgt_dict,
-            beam_size=stock.beam_size,
-            max_len_a=stock.max_len_a,
-            max_len_b=stock.max_len_b,
-            max_len=stock.max_len,
-            min_len=stock.min_len,
-            normalize_scores=stock.normalize_scores,
-            len_penalty=stock.len_penalty,
-            unk_penalty=stock.unk_penalty,
-            temperature=stock.temperature,
-            match_source_len=stock.match_source_len,
-            search_strategy=stock.search,
-            eos=stock.eos,
-            symbols_to_strip_from_output=stock.symbols_to_strip_from_output,
-            lm_model=stock.lm_model,
-            lm_weight=stock.lm_weight,
-        )
+        fast = cls(stock.model, stock.tgt_dict, **_options_of(stock))
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
-        if stock.repeat_ngram_blocker is not None:
-            fast.no_repeat_ngram_size = stock.repeat_ngram_blocker.no_repeat_ngram_size
         return fast
 
     def __init__(self, *args, no_repeat_ngram_size: int = 0, **kwargs) -> None:
@@ -253,10 +234,55 @@ class FastSequenceGenerator(SequenceGenerator):
         raise Exception("expected src_tokens or source in net input. input keys: " + str(net_input.keys()))
 
 
+class FastSequenceGeneratorWithAlignment(SequenceGeneratorWithAlignment, FastSequenceGenerator):
+    """``--print-alignment``: fairseq's alignment extraction on top of the fast search loop."""
+
+    @classmethod
+    def from_stock(cls, stock: SequenceGeneratorWithAlignment) -> "FastSequenceGeneratorWithAlignment":
+        hard = stock.extract_alignment is utils.extract_hard_alignment
+        fast = cls(
+            stock.model.models,
+            stock.tgt_dict,
+            left_pad_target=stock.left_pad_target,
+            print_alignment="hard" if hard else "soft",
+            **_options_of(stock),
+        )
+        fast.token_indices_to_suppress = stock.token_indices_to_suppress
+        return fast
+
+
+def _options_of(stock: SequenceGenerator) -> Dict:
+    """The constructor options a stock generator was built with."""
+    blocker = stock.repeat_ngram_blocker
+    return dict(
+        beam_size=stock.beam_size,
+        max_len_a=stock.max_len_a,
+        max_len_b=stock.max_len_b,
+        max_len=stock.max_len,
+        min_len=stock.min_len,
+        normalize_scores=stock.normalize_scores,
+        len_penalty=stock.len_penalty,
+        unk_penalty=stock.unk_penalty,
+        temperature=stock.temperature,
+        match_source_len=stock.match_source_len,
+        no_repeat_ngram_size=blocker.no_repeat_ngram_size if blocker is not None else 0,
+        search_strategy=stock.search,
+        eos=stock.eos,
+        symbols_to_strip_from_output=stock.symbols_to_strip_from_output,
+        lm_model=stock.lm_model,
+        lm_weight=stock.lm_weight,
+    )
+
+
+# The fast generator for each stock generator class it replaces.
+_FAST_EQUIVALENT = {
+    SequenceGenerator: FastSequenceGenerator,
+    SequenceGeneratorWithAlignment: FastSequenceGeneratorWithAlignment,
+}
+
 # What the stock build_generator returns for options we hand back to it, and why.
 _FALLBACK_REASONS = {
     SequenceScorer: "--score-reference (scores the reference with fairseq's SequenceScorer)",
-    SequenceGeneratorWithAlignment: "--print-alignment",
 }
 
 
@@ -266,9 +292,10 @@ def accelerate(
     """Return the fast equivalent of a generator built by fairseq, or ``stock`` itself."""
     if isinstance(stock, FastSequenceGenerator):
         return stock
-    if type(stock) is SequenceGenerator:
-        logger.info("generator: fast (%s)", FastSequenceGenerator.__name__)
-        return FastSequenceGenerator.from_stock(stock)
+    fast_cls = _FAST_EQUIVALENT.get(type(stock))
+    if fast_cls is not None:
+        logger.info("generator: fast (%s)", fast_cls.__name__)
+        return fast_cls.from_stock(stock)
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":
         raise UnsupportedByFastGenerator(

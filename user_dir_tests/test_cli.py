@@ -54,6 +54,28 @@ def test_fast_output_is_identical_to_stock_command(toy_models, model):
     assert results(run.stdout) == stock
 
 
+def test_print_alignment_output_is_identical(toy_models):
+    options = ["--beam", "4", "--print-alignment", "hard", "--batch-size", "16"]
+    stock = generate_results(toy_models["transformer"], *options)
+    fast = generate_results(toy_models["transformer"], *options, *with_plugin("--generator", "fast"))
+    assert any(line.startswith("A-") for line in stock)
+    assert fast == stock
+
+
+def _repeated_bigrams(result_lines):
+    hypotheses = [line.split("\t")[2].split() for line in result_lines if line.startswith("H-")]
+    return sum(len(h) - 1 - len(set(zip(h, h[1:]))) for h in hypotheses)
+
+
+def test_no_repeat_ngram_blocks_on_cpu_unlike_stock(toy_models):
+    """fairseq 0.12's CPU blocker bans nothing; ours blocks (README: known stock issues)."""
+    options = ["--beam", "4", "--no-repeat-ngram-size", "2", "--batch-size", "16"]
+    stock = generate_results(toy_models["transformer"], *options)
+    fast = generate_results(toy_models["transformer"], *options, *with_plugin("--generator", "fast"))
+    assert _repeated_bigrams(stock) > 0
+    assert _repeated_bigrams(fast) == 0
+
+
 def test_language_model_generation_through_cli(toy_models):
     options = ["--beam", "4", "--batch-size", "8", "--max-len-b", "20", "--sample-break-mode", "eos", "--tokens-per-sample", "64"]
     stock = generate_results(toy_models["transformer_lm"], *options)

@@ -22,6 +22,8 @@ OPTIONS = {
     "temperature": dict(beam=4, temperature=0.6),
     "match_source_len": dict(beam=3, match_source_len=True),
     "diversity_rate": dict(beam=4, diversity_rate=0.5),
+    "print_alignment_hard": dict(beam=3, print_alignment="hard"),
+    "print_alignment_soft": dict(beam=3, print_alignment="soft"),
 }
 
 

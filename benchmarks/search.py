@@ -1,0 +1,204 @@
+"""Stock vs fast generation, side by side in one process: same model, batches and threads.
+
+    python -m benchmarks.search [--cases mt-greedy mt-beam5 ...] [--threads 1] [--repeats 3]
+
+Models have transformer-base / BART-base dimensions and random weights: realistic per-token
+cost, but they rarely emit EOS, so outputs run to the length limit (each case states it).
+Reported: sentences/s of each generator (median of the repeats, stock and fast timed
+alternately), the ratio fast/stock, whether every hypothesis is identical, and a profile:
+the share of wall time inside the model (encoder, decoder, cache and encoder-output
+reorders) versus everything else (search, bookkeeping, n-gram blocking).
+"""
+
+import argparse
+import platform
+import statistics
+import time
+from argparse import Namespace
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.dataclass.configs import GenerationConfig
+from fairseq.models.transformer import TransformerModel, base_architecture, transformer_wmt_en_de
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_fastseq.config import FastGeneratorConfig
+from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+
+MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "mt-base" or "sum-base"
+    batch_size: int
+    sentences: int
+    source_tokens: Tuple[int, int]
+    options: Dict
+
+
+CASES: Dict[str, Case] = {
+    "mt-greedy-b1": Case("mt-base", 1, 24, (10, 40), dict(beam=1, max_len_a=0, max_len_b=40)),
+    "mt-greedy-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=1, max_len_a=0, max_len_b=40)),
+    "mt-beam5-b1": Case("mt-base", 1, 16, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
+    "mt-beam5-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
+    "mt-beam5-b128": Case("mt-base", 128, 128, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
+    "sum-beam4-ngram3-b8": Case(
+        "sum-base", 8, 16, (400, 1000),
+        dict(beam=4, lenpen=2.0, min_len=20, max_len_a=0, max_len_b=60, no_repeat_ngram_size=3),
+    ),  # fmt: skip
+}
+
+
+def build_model(name: str, seed: int = 0) -> Tuple[TransformerModel, TranslationTask]:
+    """A random-weight fairseq transformer of the named size, with a joined dictionary."""
+    torch.manual_seed(seed)
+    dictionary = Dictionary()
+    vocab = 32000 if name == "mt-base" else 50000
+    for i in range(vocab - len(dictionary)):
+        dictionary.add_symbol(f"tok{i}")
+    task = TranslationTask(TranslationConfig(), dictionary, dictionary)
+    args = Namespace(share_all_embeddings=True, max_source_positions=1024, max_target_positions=1024)
+    if name == "mt-base":
+        transformer_wmt_en_de(args)
+    else:  # BART-base dimensions, as a plain `transformer` (stock keeps encoder K/V per beam)
+        args.encoder_embed_dim = args.decoder_embed_dim = 768
+        args.encoder_ffn_embed_dim = args.decoder_ffn_embed_dim = 3072
+        args.encoder_attention_heads = args.decoder_attention_heads = 12
+        base_architecture(args)
+    model = TransformerModel.build_model(args, task)
+    return model.eval(), task
+
+
+def make_batches(task: TranslationTask, case: Case, seed: int = 1) -> List[Dict]:
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = task.source_dictionary
+    low, high = case.source_tokens
+    batches = []
+    for start in range(0, case.sentences, case.batch_size):
+        size = min(case.batch_size, case.sentences - start)
+        lengths = torch.randint(low, high + 1, (size,), generator=generator)
+        src = torch.full((size, int(lengths.max()) + 1), dictionary.pad())
+        for row, length in enumerate(lengths.tolist()):  # left-padded, EOS last, as fairseq collates
+            src[row, -length - 1 : -1] = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
+            src[row, -1] = dictionary.eos()
+        batches.append(
+            {"id": torch.arange(start, start + size), "net_input": {"src_tokens": src, "src_lengths": lengths + 1}}
+        )
+    return batches
+
+
+@contextmanager
+def model_time(generator) -> Iterator[List[float]]:
+    """Accumulate the seconds spent inside the generator's model ensemble."""
+    spent = [0.0]
+    ensemble = generator.model
+    originals = {name: getattr(ensemble, name) for name in MODEL_METHODS}
+
+    def timed(method):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+
+        return wrapper
+
+    for name, method in originals.items():
+        setattr(ensemble, name, timed(method))
+    try:
+        yield spent
+    finally:
+        for name in originals:
+            delattr(ensemble, name)
+
+
+def run_once(generator, model, batches) -> Tuple[float, float, list]:
+    """(wall seconds, seconds inside the model, hypotheses) for all batches."""
+    with model_time(generator) as spent, torch.no_grad():
+        started = time.perf_counter()
+        hypotheses = [generator.generate([model], batch) for batch in batches]
+        wall = time.perf_counter() - started
+    return wall, spent[0], hypotheses
+
+
+def identical(stock: list, fast: list) -> bool:
+    pairs = [(s, f) for batch_s, batch_f in zip(stock, fast) for sent_s, sent_f in zip(batch_s, batch_f) for s, f in zip(sent_s, sent_f)]
+    return all(
+        s["tokens"].tolist() == f["tokens"].tolist() and abs(float(s["score"]) - float(f["score"])) <= 1e-4
+        for s, f in pairs
+    )
+
+
+def bench_case(name: str, repeats: int, models: Dict) -> Dict:
+    case = CASES[name]
+    if case.model not in models:
+        models[case.model] = build_model(case.model)
+    model, task = models[case.model]
+    batches = make_batches(task, case)
+    gen_cfg = GenerationConfig(**case.options)
+    stock = task.build_generator([model], gen_cfg)
+    fast = accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error"))
+    assert isinstance(fast, FastSequenceGenerator)
+    times = {"stock": [], "fast": []}
+    model_share = {"stock": [], "fast": []}
+    outputs = {}
+    for _ in range(repeats):
+        for label, generator in (("stock", stock), ("fast", fast)):
+            wall, in_model, outputs[label] = run_once(generator, model, batches)
+            times[label].append(wall)
+            model_share[label].append(in_model / wall)
+    stock_s, fast_s = statistics.median(times["stock"]), statistics.median(times["fast"])
+    return {
+        "case": name,
+        "batch": case.batch_size,
+        "sentences": case.sentences,
+        "options": " ".join(f"{k}={v}" for k, v in case.options.items()),
+        "stock_sent_s": case.sentences / stock_s,
+        "fast_sent_s": case.sentences / fast_s,
+        "ratio": stock_s / fast_s,
+        "identical": identical(outputs["stock"], outputs["fast"]) if "no_repeat_ngram_size" not in case.options else None,
+        "stock_model_share": statistics.median(model_share["stock"]),
+        "fast_model_share": statistics.median(model_share["fast"]),
+    }
+
+
+def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
+    lines = [
+        f"torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), {platform.processor() or platform.machine()}, "
+        f"median of {repeats}, stock and fast alternating in one process",
+        "",
+        "| case | batch | sentences | options | stock sent/s | fast sent/s | fast/stock | identical | model share stock | model share fast |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = {True: "yes", False: "NO", None: "n/a (stock CPU n-gram blocker is a no-op)"}[r["identical"]]
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['sentences']} | {r['options']} | {r['stock_sent_s']:.2f} | "
+            f"{r['fast_sent_s']:.2f} | {r['ratio']:.2f}x | {same} | {r['stock_model_share']:.0%} | {r['fast_model_share']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models: Dict = {}
+    rows = []
+    for name in args.cases:
+        rows.append(bench_case(name, args.repeats, models))
+        print(markdown(rows[-1:], torch.get_num_threads(), args.repeats).splitlines()[-1], flush=True)
+    print()
+    print(markdown(rows, torch.get_num_threads(), args.repeats))
+
+
+if __name__ == "__main__":
+    main()
