@@ -28,6 +28,11 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
 
+# The fast generator alone (fairseq's self-attention cache), then with the time-major cache.
+FAST_VARIANTS = {
+    "fast-search": FastGeneratorConfig(on_unsupported="error", self_attn_cache="stock"),
+    "fast": FastGeneratorConfig(on_unsupported="error", self_attn_cache="time_major"),
+}
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
 
 
@@ -141,45 +146,57 @@ def bench_case(name: str, repeats: int, models: Dict) -> Dict:
     model, task = models[case.model]
     batches = make_batches(task, case)
     gen_cfg = GenerationConfig(**case.options)
-    stock = task.build_generator([model], gen_cfg)
-    fast = accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error"))
-    assert isinstance(fast, FastSequenceGenerator)
-    times = {"stock": [], "fast": []}
-    model_share = {"stock": [], "fast": []}
+    generators = {"stock": task.build_generator([model], gen_cfg)}
+    for label, knobs in FAST_VARIANTS.items():
+        generators[label] = accelerate(task.build_generator([model], gen_cfg), knobs)
+        assert isinstance(generators[label], FastSequenceGenerator)
+    times: Dict[str, List[float]] = {label: [] for label in generators}
+    model_share: Dict[str, List[float]] = {label: [] for label in generators}
     outputs = {}
     for _ in range(repeats):
-        for label, generator in (("stock", stock), ("fast", fast)):
+        for label, generator in generators.items():
             wall, in_model, outputs[label] = run_once(generator, model, batches)
             times[label].append(wall)
             model_share[label].append(in_model / wall)
-    stock_s, fast_s = statistics.median(times["stock"]), statistics.median(times["fast"])
+    median = {label: statistics.median(t) for label, t in times.items()}
+    blocks = "no_repeat_ngram_size" in case.options  # stock's CPU blocker bans nothing
     return {
         "case": name,
         "batch": case.batch_size,
         "sentences": case.sentences,
         "options": " ".join(f"{k}={v}" for k, v in case.options.items()),
-        "stock_sent_s": case.sentences / stock_s,
-        "fast_sent_s": case.sentences / fast_s,
-        "ratio": stock_s / fast_s,
-        "identical": identical(outputs["stock"], outputs["fast"]) if "no_repeat_ngram_size" not in case.options else None,
-        "stock_model_share": statistics.median(model_share["stock"]),
-        "fast_model_share": statistics.median(model_share["fast"]),
+        "sent_s": {label: case.sentences / seconds for label, seconds in median.items()},
+        "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
+        "identical": None if blocks else all(identical(outputs["stock"], outputs[label]) for label in FAST_VARIANTS),
+        "model_share": {label: statistics.median(shares) for label, shares in model_share.items()},
     }
 
 
 def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
+    labels = ["stock", *FAST_VARIANTS]
     lines = [
-        f"torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), {platform.processor() or platform.machine()}, "
-        f"median of {repeats}, stock and fast alternating in one process",
+        f"torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), "
+        f"{platform.processor() or platform.machine()}, median of {repeats}, all generators alternating in one process",
         "",
-        "| case | batch | sentences | options | stock sent/s | fast sent/s | fast/stock | identical | model share stock | model share fast |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | batch | sentences | options | "
+        + " | ".join(f"{label} sent/s" for label in labels)
+        + " | "
+        + " | ".join(f"{label}/stock" for label in FAST_VARIANTS)
+        + " | identical | "
+        + " | ".join(f"model share {label}" for label in labels)
+        + " |",
+        "|" + "---|" * (5 + 2 * len(labels) + len(FAST_VARIANTS)),
     ]
     for r in rows:
         same = {True: "yes", False: "NO", None: "n/a (stock CPU n-gram blocker is a no-op)"}[r["identical"]]
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['sentences']} | {r['options']} | {r['stock_sent_s']:.2f} | "
-            f"{r['fast_sent_s']:.2f} | {r['ratio']:.2f}x | {same} | {r['stock_model_share']:.0%} | {r['fast_model_share']:.0%} |"
+            f"| {r['case']} | {r['batch']} | {r['sentences']} | {r['options']} | "
+            + " | ".join(f"{r['sent_s'][label]:.2f}" for label in labels)
+            + " | "
+            + " | ".join(f"{r['ratio'][label]:.2f}x" for label in FAST_VARIANTS)
+            + f" | {same} | "
+            + " | ".join(f"{r['model_share'][label]:.0%}" for label in labels)
+            + " |"
         )
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from fairseq.dataclass.configs import FairseqConfig
 from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
+SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
 
 # Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
 FLAG_PREFIX = "fast"
@@ -28,6 +29,13 @@ class FastGeneratorConfig(FairseqDataclass):
             "help": "what --generator fast does with an option or model it cannot "
             "accelerate: 'fallback' runs fairseq's stock generator for it (and logs "
             "which option caused that), 'error' stops with an error naming it"
+        },
+    )
+    self_attn_cache: SELF_ATTN_CACHE_CHOICES = field(
+        default="time_major",
+        metadata={
+            "help": "decoder self-attention cache: 'time_major' is preallocated, written in "
+            "place and reordered with one copy; 'stock' keeps fairseq's (for comparison)"
         },
     )
 

@@ -11,6 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
+from .attention import time_major_self_attention
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
 from .ngram import block_repeated_ngrams
@@ -49,11 +50,18 @@ class FastSequenceGenerator(SequenceGenerator):
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
         return fast
 
-    def __init__(self, *args, no_repeat_ngram_size: int = 0, **kwargs) -> None:
+    def __init__(self, *args, no_repeat_ngram_size: int = 0, time_major_self_attn_cache: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.time_major_self_attn_cache = time_major_self_attn_cache
 
-    def _generate(
+    def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
+        if not self.time_major_self_attn_cache:
+            return self._search(sample, **kwargs)
+        with time_major_self_attention(self.model.models):
+            return self._search(sample, **kwargs)
+
+    def _search(
         self,
         sample: Dict[str, Dict[str, Tensor]],
         prefix_tokens: Optional[Tensor] = None,
@@ -295,7 +303,9 @@ def accelerate(
     fast_cls = _FAST_EQUIVALENT.get(type(stock))
     if fast_cls is not None:
         logger.info("generator: fast (%s)", fast_cls.__name__)
-        return fast_cls.from_stock(stock)
+        fast = fast_cls.from_stock(stock)
+        fast.time_major_self_attn_cache = knobs.self_attn_cache == "time_major"
+        return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":
         raise UnsupportedByFastGenerator(
