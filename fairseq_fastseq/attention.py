@@ -130,24 +130,81 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         return self._set_input_buffer(incremental_state, state)
 
 
-@contextmanager
-def time_major_self_attention(models: Iterable[nn.Module]) -> Iterator[int]:
-    """Within the block, the self-attention modules of ``models`` use the time-major cache.
+class SentenceProjectedEncoderAttention(MultiheadAttention):
+    """Encoder-decoder attention fed the encoder output once per sentence, not once per beam.
 
-    Only their class changes, and only for the block: parameters, state dict and every other
-    code path stay fairseq's, and other users of the same model objects (a stock generator,
-    training) see them unchanged afterwards. Yields how many modules were switched.
+    fairseq's generator copies the encoder output for every beam, and each decoder layer then
+    projects every copy to keys and values. Here a layer projects each sentence once and
+    copies the projected rows for its beams: the same values (a row of a matrix product does
+    not depend on the other rows), in the cache layout fairseq uses, so every later step is
+    fairseq's own code.
     """
-    switched = [
-        module
-        for model in models
-        for module in model.modules()
-        if type(module) is MultiheadAttention and module.self_attention
-    ]
-    for module in switched:
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        need_weights: bool = True,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        if incremental_state is not None and static_kv and key is not None and query.size(1) != key.size(1):
+            state = self._get_input_buffer(incremental_state)
+            if "prev_key" not in state:
+                self._project_once_per_sentence(key, value, key_padding_mask, query.size(1) // key.size(1), state)
+                self._set_input_buffer(incremental_state, state)
+        return super().forward(
+            query, key, value, key_padding_mask, incremental_state, need_weights,
+            static_kv, attn_mask, before_softmax, need_head_weights,
+        )  # fmt: skip
+
+    def _project_once_per_sentence(self, key, value, key_padding_mask, beams: int, state) -> None:
+        src_len, sentences, _ = key.size()  # (src_len, bsz, embed_dim)
+        rows = sentences * beams
+        for name, projection, source in (("prev_key", self.k_proj, key), ("prev_value", self.v_proj, value)):
+            projected = projection(source).repeat_interleave(beams, dim=1)  # (src_len, bsz*beams, embed_dim)
+            # fairseq's layout: (bsz*beams, heads, src_len, head_dim) as a view of the projection
+            per_head = projected.view(src_len, rows * self.num_heads, self.head_dim).transpose(0, 1)
+            state[name] = per_head.view(rows, self.num_heads, src_len, self.head_dim)
+        state["prev_key_padding_mask"] = (
+            key_padding_mask.repeat_interleave(beams, dim=0) if key_padding_mask is not None else None
+        )
+
+
+@contextmanager
+def fast_attention(
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
+) -> Iterator[bool]:
+    """Within the block, ``models`` use the attention modules above.
+
+    Only the classes of fairseq's ``MultiheadAttention`` modules change, and only for the
+    block: parameters, state dict and every other code path stay fairseq's, and other users
+    of the same model objects (a stock generator, training) see them unchanged afterwards.
+    Yields whether the decoders accept the encoder output once per sentence: every model
+    attends to its encoder with fairseq's ``MultiheadAttention``, none of them already
+    beam-aware as BART's are.
+    """
+    self_attn, encoder_attn, per_sentence = [], [], per_sentence_encoder
+    for model in models:
+        attention = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+        if time_major_self_attn:
+            self_attn += [m for m in attention if type(m) is MultiheadAttention and m.self_attention]
+        cross = [m for m in attention if m.encoder_decoder_attention]
+        per_sentence &= bool(cross) and all(type(m) is MultiheadAttention and m.beam_size == 1 for m in cross)
+        encoder_attn += cross
+    if not per_sentence:
+        encoder_attn = []
+    for module in self_attn:
         module.__class__ = TimeMajorCachedSelfAttention
+    for module in encoder_attn:
+        module.__class__ = SentenceProjectedEncoderAttention
     try:
-        yield len(switched)
+        yield bool(encoder_attn)
     finally:
-        for module in switched:
+        for module in self_attn + encoder_attn:
             module.__class__ = MultiheadAttention

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
+ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam"])
 
 # Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
 FLAG_PREFIX = "fast"
@@ -36,6 +37,14 @@ class FastGeneratorConfig(FairseqDataclass):
         metadata={
             "help": "decoder self-attention cache: 'time_major' is preallocated, written in "
             "place and reordered with one copy; 'stock' keeps fairseq's (for comparison)"
+        },
+    )
+    encoder_projection: ENCODER_PROJECTION_CHOICES = field(
+        default="per_sentence",
+        metadata={
+            "help": "encoder-decoder attention: 'per_sentence' projects the encoder output to "
+            "keys/values once per sentence and copies them for its beams; 'per_beam' is "
+            "fairseq's way, once per beam (for comparison)"
         },
     )
 

@@ -11,7 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import time_major_self_attention
+from .attention import fast_attention
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
 from .ngram import block_repeated_ngrams
@@ -50,16 +50,18 @@ class FastSequenceGenerator(SequenceGenerator):
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
         return fast
 
-    def __init__(self, *args, no_repeat_ngram_size: int = 0, time_major_self_attn_cache: bool = True, **kwargs) -> None:
+    def __init__(self, *args, no_repeat_ngram_size: int = 0, knobs: Optional[FastGeneratorConfig] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.no_repeat_ngram_size = no_repeat_ngram_size
-        self.time_major_self_attn_cache = time_major_self_attn_cache
+        self.knobs = knobs if knobs is not None else FastGeneratorConfig()
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
-        if not self.time_major_self_attn_cache:
-            return self._search(sample, **kwargs)
-        with time_major_self_attention(self.model.models):
-            return self._search(sample, **kwargs)
+        with fast_attention(
+            self.model.models,
+            time_major_self_attn=self.knobs.self_attn_cache == "time_major",
+            per_sentence_encoder=self.knobs.encoder_projection == "per_sentence",
+        ) as per_sentence_encoder:
+            return self._search(sample, per_sentence_encoder=per_sentence_encoder, **kwargs)
 
     def _search(
         self,
@@ -67,6 +69,7 @@ class FastSequenceGenerator(SequenceGenerator):
         prefix_tokens: Optional[Tensor] = None,
         constraints: Optional[Tensor] = None,
         bos_token: Optional[int] = None,
+        per_sentence_encoder: bool = False,
     ) -> List[List[Dict[str, Tensor]]]:
         net_input = sample["net_input"]
         src_tokens, src_lengths = self._source(net_input)
@@ -86,8 +89,12 @@ class FastSequenceGenerator(SequenceGenerator):
 
         incremental_states = [{} for _ in range(self.model.models_size)]
         encoder_outs = self.model.forward_encoder(net_input)
-        expand = torch.arange(bsz, device=device).repeat_interleave(beam_size)
-        encoder_outs = self.model.reorder_encoder_out(encoder_outs, expand)
+        # One copy of the encoder output per beam, as fairseq does, unless the decoders take
+        # it once per sentence (see attention.py), or there is one beam.
+        expanded = beam_size > 1 and not per_sentence_encoder
+        if expanded:
+            expand = torch.arange(bsz, device=device).repeat_interleave(beam_size)
+            encoder_outs = self.model.reorder_encoder_out(encoder_outs, expand)
 
         scores = torch.zeros(bsz * beam_size, max_len + 1, device=device)  # (bsz*beam, max_len+1)
         tokens = torch.full((bsz * beam_size, max_len + 2), self.pad, dtype=torch.long, device=device)
@@ -115,7 +122,9 @@ class FastSequenceGenerator(SequenceGenerator):
                     corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
                     reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
                     search_batch_idxs = search_batch_idxs[batch_idxs]
-                    encoder_outs = self.model.reorder_encoder_out(encoder_outs, reorder_state)
+                    encoder_outs = self.model.reorder_encoder_out(
+                        encoder_outs, reorder_state if expanded else batch_idxs
+                    )
                 if beam_size > 1 or batch_idxs is not None:
                     self.model.reorder_incremental_state(incremental_states, reorder_state)
             lprobs, avg_attn_scores = self.model.forward_decoder(
@@ -304,7 +313,7 @@ def accelerate(
     if fast_cls is not None:
         logger.info("generator: fast (%s)", fast_cls.__name__)
         fast = fast_cls.from_stock(stock)
-        fast.time_major_self_attn_cache = knobs.self_attn_cache == "time_major"
+        fast.knobs = knobs
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":

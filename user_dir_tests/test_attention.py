@@ -6,7 +6,11 @@ import pytest
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 
-from fairseq_fastseq.attention import TimeMajorCachedSelfAttention, time_major_self_attention
+from fairseq_fastseq.attention import (
+    SentenceProjectedEncoderAttention,
+    TimeMajorCachedSelfAttention,
+    fast_attention,
+)
 
 
 def _pair(embed_dim=16, heads=4):
@@ -58,14 +62,53 @@ def test_switch_is_scoped_to_the_block(toy_models):
     from fairseq import checkpoint_utils
 
     models, _ = checkpoint_utils.load_model_ensemble([str(toy_models["transformer"].checkpoint)])
-    with time_major_self_attention(models) as switched:
-        assert switched == 2 + 2  # encoder and decoder self-attention, 2 layers each
+    with fast_attention(models, time_major_self_attn=True) as per_sentence:
+        assert per_sentence
+        # encoder and decoder self-attention, 2 layers each; 2 encoder-decoder attentions
         assert sum(isinstance(m, TimeMajorCachedSelfAttention) for m in models[0].modules()) == 4
-    assert not any(isinstance(m, TimeMajorCachedSelfAttention) for m in models[0].modules())
+        assert sum(isinstance(m, SentenceProjectedEncoderAttention) for m in models[0].modules()) == 2
+    assert all(type(m) is MultiheadAttention for m in models[0].modules() if isinstance(m, MultiheadAttention))
 
 
-@pytest.mark.parametrize("knob, expect_used", [("time_major", True), ("stock", False)])
-def test_fast_generator_uses_the_cache_per_knob(toy_models, monkeypatch, knob, expect_used):
+def test_bart_keeps_its_own_beam_shared_attention(toy_models):
+    """BART's decoder already takes the encoder output once per sentence (set_beam_size)."""
+    from fairseq import checkpoint_utils
+
+    models, _ = checkpoint_utils.load_model_ensemble([str(toy_models["bart"].checkpoint)])
+    models[0].set_beam_size(4)
+    with fast_attention(models, time_major_self_attn=True) as per_sentence:
+        assert not per_sentence
+        assert not any(isinstance(m, SentenceProjectedEncoderAttention) for m in models[0].modules())
+
+
+def test_encoder_projection_once_per_sentence_matches_per_beam():
+    torch.manual_seed(0)
+    stock = MultiheadAttention(16, 4, encoder_decoder_attention=True, kdim=16, vdim=16).eval()
+    fast = copy.deepcopy(stock)
+    fast.__class__ = SentenceProjectedEncoderAttention
+    src_len, sentences, beams = 7, 3, 4
+    encoder_out = torch.randn(src_len, sentences, 16)
+    padding = torch.zeros(sentences, src_len, dtype=torch.bool)
+    padding[0, :2] = True
+    expanded = encoder_out.repeat_interleave(beams, dim=1)
+    stock_state, fast_state = {}, {}
+    with torch.no_grad():
+        for _ in range(3):
+            query = torch.randn(1, sentences * beams, 16)
+            want, _ = stock(query, expanded, expanded, padding.repeat_interleave(beams, 0), stock_state, static_kv=True)
+            got, _ = fast(query, encoder_out, encoder_out, padding, fast_state, static_kv=True)
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "knob, method",
+    [
+        ("self_attn_cache", TimeMajorCachedSelfAttention._incremental_self_attention),
+        ("encoder_projection", SentenceProjectedEncoderAttention._project_once_per_sentence),
+    ],
+)
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fast_generator_uses_each_optimization_per_knob(toy_models, monkeypatch, knob, method, enabled):
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
@@ -76,12 +119,10 @@ def test_fast_generator_uses_the_cache_per_knob(toy_models, monkeypatch, knob, e
     model = toy_models["transformer"]
     models, task, batches = load((str(model.checkpoint),), str(model.data_bin), 16)
     calls = []
-    original = TimeMajorCachedSelfAttention._incremental_self_attention
-    monkeypatch.setattr(
-        TimeMajorCachedSelfAttention,
-        "_incremental_self_attention",
-        lambda self, *args: calls.append(1) or original(self, *args),
-    )
-    generator = accelerate(task.build_generator(models, GenerationConfig(beam=3)), FastGeneratorConfig(self_attn_cache=knob))
+    owner = TimeMajorCachedSelfAttention if knob == "self_attn_cache" else SentenceProjectedEncoderAttention
+    monkeypatch.setattr(owner, method.__name__, lambda self, *args: calls.append(1) or method(self, *args))
+    off = {"self_attn_cache": "stock", "encoder_projection": "per_beam"}[knob]
+    knobs = FastGeneratorConfig() if enabled else FastGeneratorConfig(**{knob: off})
+    generator = accelerate(task.build_generator(models, GenerationConfig(beam=3)), knobs)
     task.inference_step(generator, models, batches[0])
-    assert bool(calls) == expect_used
+    assert bool(calls) == enabled
