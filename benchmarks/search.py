@@ -25,6 +25,7 @@ from fairseq.dataclass.configs import GenerationConfig
 from fairseq.models.transformer import TransformerModel, base_architecture, transformer_wmt_en_de
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+import fairseq_fastseq.generator as fast_generator_module
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
 
@@ -124,13 +125,33 @@ def model_time(generator) -> Iterator[List[float]]:
             delattr(ensemble, name)
 
 
-def run_once(generator, model, batches) -> Tuple[float, float, list]:
-    """(wall seconds, seconds inside the model, hypotheses) for all batches."""
-    with model_time(generator) as spent, torch.no_grad():
+@contextmanager
+def ngram_blocking_time() -> Iterator[List[float]]:
+    """Accumulate the seconds the fast generator spends blocking repeated n-grams."""
+    spent = [0.0]
+    original = fast_generator_module.block_repeated_ngrams
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    fast_generator_module.block_repeated_ngrams = timed
+    try:
+        yield spent
+    finally:
+        fast_generator_module.block_repeated_ngrams = original
+
+
+def run_once(generator, model, batches) -> Tuple[float, float, float, list]:
+    """(wall seconds, seconds inside the model, seconds blocking n-grams, hypotheses)."""
+    with model_time(generator) as in_model, ngram_blocking_time() as blocking, torch.no_grad():
         started = time.perf_counter()
         hypotheses = [generator.generate([model], batch) for batch in batches]
         wall = time.perf_counter() - started
-    return wall, spent[0], hypotheses
+    return wall, in_model[0], blocking[0], hypotheses
 
 
 def identical(stock: list, fast: list) -> bool:
@@ -141,8 +162,7 @@ def identical(stock: list, fast: list) -> bool:
     )
 
 
-def bench_case(name: str, repeats: int, models: Dict) -> Dict:
-    case = CASES[name]
+def bench_case(name: str, case: Case, repeats: int, models: Dict) -> Dict:
     if case.model not in models:
         models[case.model] = build_model(case.model)
     model, task = models[case.model]
@@ -154,12 +174,15 @@ def bench_case(name: str, repeats: int, models: Dict) -> Dict:
         assert isinstance(generators[label], FastSequenceGenerator)
     times: Dict[str, List[float]] = {label: [] for label in generators}
     model_share: Dict[str, List[float]] = {label: [] for label in generators}
+    blocking_share: List[float] = []
     outputs = {}
     for _ in range(repeats):
         for label, generator in generators.items():
-            wall, in_model, outputs[label] = run_once(generator, model, batches)
+            wall, in_model, blocking, outputs[label] = run_once(generator, model, batches)
             times[label].append(wall)
             model_share[label].append(in_model / wall)
+            if label == "fast":
+                blocking_share.append(blocking / wall)
     median = {label: statistics.median(t) for label, t in times.items()}
     blocks = "no_repeat_ngram_size" in case.options  # stock's CPU blocker bans nothing
     return {
@@ -171,6 +194,7 @@ def bench_case(name: str, repeats: int, models: Dict) -> Dict:
         "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
         "identical": None if blocks else all(identical(outputs["stock"], outputs[label]) for label in FAST_VARIANTS),
         "model_share": {label: statistics.median(shares) for label, shares in model_share.items()},
+        "blocking_share": statistics.median(blocking_share) if blocks else None,
     }
 
 
@@ -186,8 +210,8 @@ def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
         + " | ".join(f"{label}/stock" for label in FAST_VARIANTS)
         + " | identical | "
         + " | ".join(f"model share {label}" for label in labels)
-        + " |",
-        "|" + "---|" * (5 + 2 * len(labels) + len(FAST_VARIANTS)),
+        + " | n-gram blocking share (fast) |",
+        "|" + "---|" * (6 + 2 * len(labels) + len(FAST_VARIANTS)),
     ]
     for r in rows:
         same = {True: "yes", False: "NO", None: "n/a (stock CPU n-gram blocker is a no-op)"}[r["identical"]]
@@ -198,7 +222,7 @@ def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
             + " | ".join(f"{r['ratio'][label]:.2f}x" for label in FAST_VARIANTS)
             + f" | {same} | "
             + " | ".join(f"{r['model_share'][label]:.0%}" for label in labels)
-            + " |"
+            + (f" | {r['blocking_share']:.1%} |" if r["blocking_share"] is not None else " | - |")
         )
     return "\n".join(lines)
 
@@ -213,7 +237,7 @@ def main(argv=None) -> None:
     models: Dict = {}
     rows = []
     for name in args.cases:
-        rows.append(bench_case(name, args.repeats, models))
+        rows.append(bench_case(name, CASES[name], args.repeats, models))
         print(markdown(rows[-1:], torch.get_num_threads(), args.repeats).splitlines()[-1], flush=True)
     print()
     print(markdown(rows, torch.get_num_threads(), args.repeats))

@@ -24,10 +24,21 @@ def test_cli_choice_and_knobs_land_in_cfg(toy_models):
     assert selection(cfg.generation) == ("fast", cfg.fastseq)
 
 
+def test_attention_knobs_land_in_cfg(toy_models):
+    cfg = parse_generate_args(
+        toy_models["transformer"].data_bin, "--generator", "fast",
+        "--fast-self-attn-cache", "stock", "--fast-encoder-projection", "per_beam",
+    )  # fmt: skip
+    _, knobs = selection(cfg.generation)
+    assert (knobs.self_attn_cache, knobs.encoder_projection) == ("stock", "per_beam")
+
+
 def test_default_choice_is_stock(toy_models):
     cfg = parse_generate_args(toy_models["transformer"].data_bin)
     assert cfg.generator == "stock"
     assert cfg.fastseq.on_unsupported == "fallback"
+    assert cfg.fastseq.self_attn_cache == "time_major"
+    assert cfg.fastseq.encoder_projection == "per_sentence"
 
 
 def test_hydra_overrides_compose():
