@@ -7,8 +7,22 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fairseq_fastseq import toy
+
+# Property-based tests: seeded and bounded for CI; `pytest --slow` for a long local run.
+_FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=200, **_FUZZ)
+settings.register_profile("slow", max_examples=2000, **_FUZZ)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the long profile of the property-based tests")
+
+
+def pytest_configure(config):
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_fastseq"
