@@ -99,29 +99,30 @@ def make_batches(task: TranslationTask, case: Case, seed: int = 1) -> List[Dict]
     return batches
 
 
+def _timed(function, spent: List[float]):
+    """``function``, adding its run time to ``spent[0]``."""
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    return wrapper
+
+
 @contextmanager
 def model_time(generator) -> Iterator[List[float]]:
     """Accumulate the seconds spent inside the generator's model ensemble."""
     spent = [0.0]
     ensemble = generator.model
-    originals = {name: getattr(ensemble, name) for name in MODEL_METHODS}
-
-    def timed(method):
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - started
-
-        return wrapper
-
-    for name, method in originals.items():
-        setattr(ensemble, name, timed(method))
+    for name in MODEL_METHODS:
+        setattr(ensemble, name, _timed(getattr(ensemble, name), spent))
     try:
         yield spent
     finally:
-        for name in originals:
+        for name in MODEL_METHODS:
             delattr(ensemble, name)
 
 
@@ -130,15 +131,7 @@ def ngram_blocking_time() -> Iterator[List[float]]:
     """Accumulate the seconds the fast generator spends blocking repeated n-grams."""
     spent = [0.0]
     original = fast_generator_module.block_repeated_ngrams
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
-
-    fast_generator_module.block_repeated_ngrams = timed
+    fast_generator_module.block_repeated_ngrams = _timed(original, spent)
     try:
         yield spent
     finally:
@@ -198,11 +191,20 @@ def bench_case(name: str, case: Case, repeats: int, models: Dict) -> Dict:
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} cores)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
     labels = ["stock", *FAST_VARIANTS]
     lines = [
         f"torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), "
-        f"{platform.processor() or platform.machine()}, median of {repeats}, all generators alternating in one process",
+        f"{cpu_name()}, median of {repeats}, all generators alternating in one process",
         "",
         "| case | batch | sentences | options | "
         + " | ".join(f"{label} sent/s" for label in labels)

@@ -36,11 +36,11 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         key_padding_mask: Optional[Tensor] = None,
         incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
         need_weights: bool = True,
-        static_kv: bool = False,
-        attn_mask: Optional[Tensor] = None,
-        before_softmax: bool = False,
-        need_head_weights: bool = False,
+        *args,
+        **kwargs,
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The time-major path for one decoding step of self-attention, else fairseq's forward
+        (``args``/``kwargs``: static_kv, attn_mask, before_softmax, need_head_weights)."""
         state = self._get_input_buffer(incremental_state) if incremental_state is not None else None
         fast_path = (
             state is not None
@@ -48,18 +48,16 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
             and self.self_attention
             and query.size(0) == 1
             and key_padding_mask is None
-            and attn_mask is None
-            and not (need_weights or need_head_weights or before_softmax)
+            and not need_weights
+            and not args
+            and not any(kwargs.values())  # no attn_mask, before_softmax, need_head_weights
             and self.bias_k is None
             and not self.add_zero_attn
         )
         if not fast_path:
             if state is not None and _KEY in state:
                 self._hand_cache_to_fairseq(incremental_state, state)
-            return super().forward(
-                query, key, value, key_padding_mask, incremental_state, need_weights,
-                static_kv, attn_mask, before_softmax, need_head_weights,
-            )  # fmt: skip
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights, *args, **kwargs)
         return self._incremental_self_attention(query, incremental_state, state), None
 
     def _incremental_self_attention(self, query: Tensor, incremental_state, state) -> Tensor:
@@ -149,19 +147,18 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
         incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
         need_weights: bool = True,
         static_kv: bool = False,
-        attn_mask: Optional[Tensor] = None,
-        before_softmax: bool = False,
-        need_head_weights: bool = False,
+        *args,
+        **kwargs,
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        """fairseq's forward, after seeding the cache on the first step of a beam search."""
         if incremental_state is not None and static_kv and key is not None and query.size(1) != key.size(1):
             state = self._get_input_buffer(incremental_state)
             if "prev_key" not in state:
                 self._project_once_per_sentence(key, value, key_padding_mask, query.size(1) // key.size(1), state)
                 self._set_input_buffer(incremental_state, state)
         return super().forward(
-            query, key, value, key_padding_mask, incremental_state, need_weights,
-            static_kv, attn_mask, before_softmax, need_head_weights,
-        )  # fmt: skip
+            query, key, value, key_padding_mask, incremental_state, need_weights, static_kv, *args, **kwargs
+        )
 
     def _project_once_per_sentence(self, key, value, key_padding_mask, beams: int, state) -> None:
         src_len, sentences, _ = key.size()  # (src_len, bsz, embed_dim)

@@ -134,7 +134,7 @@ class FastSequenceGenerator(SequenceGenerator):
                 lm_out = self.lm_model(tokens[:, : step + 1])
                 lm_lprobs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
                 lprobs += lm_lprobs[:, -1, :] * self.lm_weight
-            lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
+            lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN -> -inf, one pass
             lprobs[:, self.pad] = -math.inf
             lprobs[:, self.unk] -= self.unk_penalty
             if step >= max_len:  # only EOS is left

@@ -15,28 +15,22 @@ def test_help_lists_generator_choice():
     assert "--generator {stock,fast}" in run.stdout
 
 
-def test_fast_knobs_need_the_fast_generator():
-    run = fairseq("generate", with_plugin("--fast-on-unsupported", "error", "/nonexistent"))
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (with_plugin("--generator", "turbo", "/x"), "argument --generator: invalid choice: 'turbo'"),
+        (["/x", "--generator", "fast"], "unrecognized arguments: --generator fast"),  # no plugin
+        (with_plugin("--fast-on-unsupported", "error", "/x"), "unrecognized arguments: --fast-on-unsupported"),
+        (
+            with_plugin("--generator", "fast", "--fast-on-unsupported", "maybe", "/x"),
+            "argument --fast-on-unsupported: invalid choice: 'maybe'",
+        ),
+    ],
+)
+def test_bad_generator_flags_are_argparse_errors(args, message):
+    run = fairseq("generate", args)
     assert run.returncode == 2
-    assert "unrecognized arguments: --fast-on-unsupported" in run.stderr
-
-
-def test_fast_knob_values_are_checked():
-    run = fairseq("generate", with_plugin("--generator", "fast", "--fast-on-unsupported", "maybe", "/x"))
-    assert run.returncode == 2
-    assert "argument --fast-on-unsupported: invalid choice: 'maybe'" in run.stderr
-
-
-def test_unknown_generator_is_an_argparse_error():
-    run = fairseq("generate", with_plugin("--generator", "turbo", "/nonexistent"))
-    assert run.returncode == 2
-    assert "argument --generator: invalid choice: 'turbo'" in run.stderr
-
-
-def test_generator_flag_without_plugin_is_an_argparse_error():
-    run = fairseq("generate", ["/nonexistent", "--generator", "fast"])
-    assert run.returncode == 2
-    assert "unrecognized arguments: --generator fast" in run.stderr
+    assert message in run.stderr
 
 
 @pytest.mark.parametrize("model", ["transformer", "bart"])
