@@ -310,6 +310,9 @@ def accelerate(
     if isinstance(stock, FastSequenceGenerator):
         return stock
     fast_cls = _FAST_EQUIVALENT.get(type(stock))
+    if fast_cls is not None and stock.beam_size < 1:
+        # Stock fails later with "cannot reshape tensor of 0 elements ...".
+        raise ValueError(f"--beam must be at least 1 (got {stock.beam_size}); --beam 1 is greedy search.")
     if fast_cls is not None:
         logger.info("generator: fast (%s)", fast_cls.__name__)
         fast = fast_cls.from_stock(stock)

@@ -1,5 +1,6 @@
 """The --generator choice and its knobs reach fairseq's config, and route build_generator."""
 
+import pytest
 from fairseq import checkpoint_utils, options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.sequence_generator import SequenceGenerator
@@ -79,3 +80,8 @@ def test_translation_from_pretrained_bart_routes_and_keeps_its_eos(toy_models):
     assert isinstance(generator, FastSequenceGenerator)
     assert generator.eos == task.target_dictionary.index("[tgt]")
     assert generator.beam_size == 3
+
+
+def test_beam_zero_gets_a_clear_error(toy_models):
+    with pytest.raises(ValueError, match="--beam must be at least 1 \\(got 0\\)"):
+        _build(toy_models["transformer"], "--generator", "fast", "--beam", "0")
