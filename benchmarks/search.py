@@ -54,6 +54,7 @@ CASES: Dict[str, Case] = {
     "mt-beam5-b1": Case("mt-base", 1, 16, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
     "mt-beam5-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
     "mt-beam5-b128": Case("mt-base", 128, 128, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
+    "mt-beam4-ngram3-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=4, max_len_a=0, max_len_b=40, no_repeat_ngram_size=3)),
     "sum-beam4-ngram3-b8": Case(
         "sum-base", 8, 16, (400, 1000),
         dict(beam=4, lenpen=2.0, min_len=20, max_len_a=0, max_len_b=60, no_repeat_ngram_size=3),
