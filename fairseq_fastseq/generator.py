@@ -37,7 +37,10 @@ class FastSequenceGenerator(SequenceGenerator):
     - ``--no-repeat-ngram-size`` is vectorized and blocks on CPU too (``ngram.py``);
     - ``--diverse-beam-groups`` gets each sentence's row in the batch, not its dataset
       id (fairseq 0.12 indexes its per-sentence buffer with the id: an IndexError or
-      wrong penalties on real data).
+      wrong penalties on real data);
+    - for the duration of ``generate()``, the models' attention modules take the faster,
+      bitwise-equal cache paths of ``attention.py`` (knobs ``self_attn_cache`` and
+      ``encoder_projection``).
 
     The one host sync per step is the number of sentences that finished: it sets the
     shape of the next step's batch.

@@ -61,6 +61,19 @@ def test_presets_compose_and_run(toy_models, preset, model, extra):
     assert any(line.startswith("H-") for line in results(run.stdout))
 
 
+def test_attention_group_selects_the_model_variant(toy_models):
+    model = toy_models["transformer"]
+    composed = hydra_generate("generator=fast", "attention=stock", "--cfg", "job")
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    assert "self_attn_cache: stock" in composed.stdout and "encoder_projection: per_beam" in composed.stdout
+    runs = [
+        hydra_generate(*_model_keys(model), "generator=fast", f"attention={variant}", "generation.beam=4")
+        for variant in ("fast", "stock")
+    ]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    assert results(runs[0].stdout) and results(runs[0].stdout) == results(runs[1].stdout)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
