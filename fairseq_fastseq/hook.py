@@ -54,7 +54,7 @@ def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
         root = gen_args._get_root()
         choice = OmegaConf.select(root, "generator", default=None)
         knobs = OmegaConf.select(root, "fastseq", default=None)
-        knobs = OmegaConf.to_container(knobs) if knobs is not None else {}
+        knobs = OmegaConf.to_container(knobs, enum_to_str=True) if knobs is not None else {}
     else:
         choice = getattr(gen_args, "generator", None)
         knobs = knobs_from_namespace(gen_args)
