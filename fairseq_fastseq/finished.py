@@ -88,8 +88,9 @@ class FinishedHypotheses:
         self.counts[sentences] = new_counts
         return new_counts, eos_mask.any(1)
 
-    def to_hypotheses(self, bsz: int) -> List[List[Dict[str, Tensor]]]:
+    def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first."""
+        bsz = len(self.counts)
         finalized: List[List[Dict[str, Tensor]]] = [[] for _ in range(bsz)]
         slotted: List[Dict[int, Dict[str, Tensor]]] = [{} for _ in range(bsz)]
         for chunk in self._chunks:

@@ -48,15 +48,13 @@ class FastSequenceGenerator(SequenceGenerator):
 
     @classmethod
     def from_stock(cls, stock: SequenceGenerator) -> "FastSequenceGenerator":
-        """Build one with every option the stock generator was built with."""
-        fast = cls(stock.model, stock.tgt_dict, **_options_of(stock))
-        fast.token_indices_to_suppress = stock.token_indices_to_suppress
-        return fast
+        """Build one with the constructor options the stock generator was built with."""
+        return cls(stock.model, stock.tgt_dict, **_options_of(stock))
 
-    def __init__(self, *args, no_repeat_ngram_size: int = 0, knobs: Optional[FastGeneratorConfig] = None, **kwargs) -> None:
+    def __init__(self, *args, no_repeat_ngram_size: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.no_repeat_ngram_size = no_repeat_ngram_size
-        self.knobs = knobs if knobs is not None else FastGeneratorConfig()
+        self.knobs = FastGeneratorConfig()
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
         with fast_attention(
@@ -236,7 +234,7 @@ class FastSequenceGenerator(SequenceGenerator):
                 attn[:, :, : step + 2] = attn[:, :, : step + 2].index_select(0, active_bbsz_idx)
             reorder_state = active_bbsz_idx
 
-        return finished.to_hypotheses(len(finished.counts))
+        return finished.to_hypotheses()
 
     def _source(self, net_input: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         """Source tokens (or features) and lengths, as fairseq's generator reads them."""
@@ -260,15 +258,13 @@ class FastSequenceGeneratorWithAlignment(SequenceGeneratorWithAlignment, FastSeq
     @classmethod
     def from_stock(cls, stock: SequenceGeneratorWithAlignment) -> "FastSequenceGeneratorWithAlignment":
         hard = stock.extract_alignment is utils.extract_hard_alignment
-        fast = cls(
+        return cls(
             stock.model.models,
             stock.tgt_dict,
             left_pad_target=stock.left_pad_target,
             print_alignment="hard" if hard else "soft",
             **_options_of(stock),
         )
-        fast.token_indices_to_suppress = stock.token_indices_to_suppress
-        return fast
 
 
 def _options_of(stock: SequenceGenerator) -> Dict:
@@ -319,6 +315,9 @@ def accelerate(
     if fast_cls is not None:
         logger.info("generator: fast (%s)", fast_cls.__name__)
         fast = fast_cls.from_stock(stock)
+        # Set after construction: the stock generator holds suppressed tokens as indices,
+        # its constructor takes them as strings.
+        fast.token_indices_to_suppress = stock.token_indices_to_suppress
         fast.knobs = knobs
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
