@@ -12,22 +12,33 @@ plugin import, we
    without calling ``super()``): once the stock method has built its generator, if the run's
    config selects ``generator=fast``, ``generator.accelerate`` swaps in ours.
 
-Both wrappers call the stock function first and change nothing unless the run selected
-``fast``: with ``--generator stock``, or a config without the field, they are inert.
+3. wrap ``fairseq_cli.generate.main`` (also when it runs as ``python -m
+   fairseq_cli.generate``, i.e. as ``__main__``): fairseq has no hook for a task to own the
+   generate loop, so a run whose task is one of ours (``--task translation_fast``) goes
+   to ``pipeline.main``; with ``--generator fast`` the stock loop runs, with a clear error
+   for a checkpoint whose dictionaries do not fit the data-bin.
+
+The wrappers change nothing unless the run selected ``fast`` or a ``*_fast`` task: with
+``--generator stock``, or a config without the field, they call the stock function as is.
 """
 
 import dataclasses
 import functools
+import sys
 from argparse import Namespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fairseq.dataclass.utils as fairseq_dataclass_utils
+import fairseq_cli.generate
 from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
 from omegaconf import DictConfig, OmegaConf
 
 from .config import FLAG_PREFIX, FastGeneratorConfig
+from . import pipeline
 from .generator import accelerate
+from .loading import clear_load_errors
+from .tasks import PIPELINED_TASKS
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
 _MARK = "_fairseq_fastseq_routed"
@@ -87,6 +98,37 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
     return with_knobs
 
 
+def _route_generate_main(generate_main: Callable) -> Callable:
+    @functools.wraps(generate_main)
+    def routed(cfg: Any) -> Any:
+        if isinstance(cfg, Namespace):
+            task, choice = getattr(cfg, "task", None), getattr(cfg, "generator", None)
+        else:
+            task, choice = OmegaConf.select(cfg, "task._name"), OmegaConf.select(cfg, "generator", default=None)
+        if task in PIPELINED_TASKS:
+            return pipeline.main(cfg)
+        if choice == "fast":
+            with clear_load_errors(cfg.path if isinstance(cfg, Namespace) else cfg.common_eval.path, _data(cfg)):
+                return generate_main(cfg)
+        return generate_main(cfg)
+
+    setattr(routed, _MARK, True)
+    return routed
+
+
+def _data(cfg: Any) -> Optional[str]:
+    return getattr(cfg, "data", None) if isinstance(cfg, Namespace) else OmegaConf.select(cfg, "task.data")
+
+
+def _generate_modules() -> List[Any]:
+    """``fairseq_cli.generate``, and ``__main__`` when that is the same script run with ``-m``."""
+    modules = [fairseq_cli.generate]
+    main_module = sys.modules.get("__main__")
+    if getattr(getattr(main_module, "__spec__", None), "name", None) == "fairseq_cli.generate":
+        modules.append(main_module)
+    return modules
+
+
 def install() -> None:
     """Install the wrappers once (the plugin may be imported more than once)."""
     if not getattr(fairseq_dataclass_utils.override_module_args, _MARK, False):
@@ -97,3 +139,6 @@ def install() -> None:
         method = task_cls.__dict__["build_generator"]
         if not getattr(method, _MARK, False):
             task_cls.build_generator = _route_build_generator(method)
+    for module in _generate_modules():
+        if not getattr(module.main, _MARK, False):
+            module.main = _route_generate_main(module.main)

@@ -15,7 +15,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 SOURCE_LANG, TARGET_LANG = "src", "tgt"
 SPLIT_SIZES = {"train": 3000, "valid": 100, "test": 48}
@@ -75,6 +75,51 @@ def write_corpus(directory: Path, seed: int = 0) -> None:
         (directory / f"{split}.{TARGET_LANG}").write_text("\n".join(targets) + "\n")
 
 
+# Target words that the BPE variants of the corpus write as punctuation, so that a moses
+# detokenizer has something to do ("W5 ," -> "W5,").
+PUNCTUATION = {"W0": ",", "W1": "."}
+BPE_KINDS = ("subword_nmt", "sentencepiece")
+
+
+def write_bpe_corpus(corpus: Path, directory: Path, kind: str) -> Path:
+    """A BPE-encoded copy of ``corpus`` (with some target words as punctuation); returns the
+    BPE model file (subword-nmt codes or a sentencepiece model) that decodes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for split in SPLIT_SIZES:
+        for lang in (SOURCE_LANG, TARGET_LANG):
+            lines = (corpus / f"{split}.{lang}").read_text().splitlines()
+            if lang == TARGET_LANG:
+                lines = [" ".join(PUNCTUATION.get(word, word) for word in line.split()) for line in lines]
+            texts[split, lang] = lines
+    training_text = directory / "bpe-train.txt"
+    training_text.write_text("\n".join(texts["train", SOURCE_LANG] + texts["train", TARGET_LANG]) + "\n")
+    if kind == "subword_nmt":
+        from subword_nmt.apply_bpe import BPE
+        from subword_nmt.learn_bpe import learn_bpe
+
+        model = directory / "codes"
+        with open(training_text) as infile, open(model, "w") as outfile:
+            learn_bpe(infile, outfile, num_symbols=12)  # few merges: most words stay split
+        with open(model) as codes:
+            encode = BPE(codes).process_line
+    elif kind == "sentencepiece":
+        import sentencepiece
+
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(training_text), model_prefix=str(directory / "spm"), vocab_size=32,
+            model_type="bpe", minloglevel=2,
+        )  # fmt: skip
+        model = directory / "spm.model"
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        encode = lambda line: " ".join(processor.encode(line, out_type=str))  # noqa: E731
+    else:
+        raise ValueError(f"unknown BPE kind {kind!r}; one of {BPE_KINDS}")
+    for (split, lang), lines in texts.items():
+        (directory / f"{split}.{lang}").write_text("".join(encode(line) + "\n" for line in lines))
+    return model
+
+
 def _run_fairseq(tool: str, args: Sequence[str], log: Path) -> None:
     """Run a fairseq CLI in a subprocess; on failure raise with the tail of its log."""
     # os._exit skips interpreter teardown, where fairseq-train's leftover worker threads
@@ -108,6 +153,12 @@ def preprocess(corpus: Path, destdir: Path) -> Path:
         destdir.parent / f"{destdir.name}.preprocess.log",
     )
     return destdir
+
+
+def preprocess_bpe(corpus: Path, root: Path, kind: str) -> Tuple[Path, Path]:
+    """The corpus BPE-encoded with ``kind`` and binarized: (data-bin, BPE model file)."""
+    bpe_model = write_bpe_corpus(corpus, root / f"corpus_{kind}", kind)
+    return preprocess(root / f"corpus_{kind}", root / f"bin_{kind}"), bpe_model
 
 
 def preprocess_language_model(corpus: Path, destdir: Path) -> Path:

@@ -4,7 +4,7 @@ import concurrent.futures
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -34,6 +34,7 @@ class ToyModel:
     checkpoint: Path
     data_bin: Path
     task: str
+    bpe_model: Optional[Path] = None  # subword-nmt codes or sentencepiece model of a BPE data-bin
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +47,7 @@ def toy_models(tmp_path_factory) -> Dict[str, ToyModel]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         mt_bin = pool.submit(toy.preprocess, corpus, root / "bin")
         lm_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm")
+        bpe_bins = {kind: pool.submit(toy.preprocess_bpe, corpus, root, kind) for kind in toy.BPE_KINDS}
         jobs = {
             name: pool.submit(toy.train, mt_bin.result(), root / name, args, "translation")
             for name, args in toy.TRANSLATION_MODELS.items()
@@ -56,13 +58,24 @@ def toy_models(tmp_path_factory) -> Dict[str, ToyModel]:
                 for name, args in toy.LANGUAGE_MODELS.items()
             }
         )
+        # The plain transformer again, trained on BPE-encoded text (for the pipeline's BPE tests):
+        # name -> (data-bin, BPE model).
+        bpe_data = {f"transformer_{kind}": job.result() for kind, job in bpe_bins.items()}
+        jobs.update(
+            {
+                name: pool.submit(toy.train, data_bin, root / name, toy.TRANSLATION_MODELS["transformer"], "translation")
+                for name, (data_bin, _) in bpe_data.items()
+            }
+        )
         models = {}
         for name, job in jobs.items():
             is_lm = name in toy.LANGUAGE_MODELS
+            data_bin, bpe_model = bpe_data.get(name, (lm_bin.result() if is_lm else mt_bin.result(), None))
             models[name] = ToyModel(
                 name=name,
                 checkpoint=job.result(),
-                data_bin=(lm_bin if is_lm else mt_bin).result(),
+                data_bin=data_bin,
                 task="language_modeling" if is_lm else "translation",
+                bpe_model=bpe_model,
             )
     return models
