@@ -12,6 +12,7 @@ from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
 from .attention import fast_attention
+from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
 from .ngram import block_repeated_ngrams
@@ -57,7 +58,7 @@ class FastSequenceGenerator(SequenceGenerator):
         self.knobs = FastGeneratorConfig()
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
-        with fast_attention(
+        with explain_out_of_memory(sample, self.beam_size), fast_attention(
             self.model.models,
             time_major_self_attn=self.knobs.self_attn_cache == "time_major",
             per_sentence_encoder=self.knobs.encoder_projection == "per_sentence",

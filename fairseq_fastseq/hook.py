@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import FLAG_PREFIX, FastGeneratorConfig
 from . import pipeline
 from .generator import accelerate
-from .loading import clear_load_errors
+from .errors import clear_load_errors
 from .tasks import PIPELINED_TASKS
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
@@ -75,14 +75,31 @@ def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
 def _route_build_generator(build_generator: Callable) -> Callable:
     @functools.wraps(build_generator)
     def routed(self, models, args, *more, **kwargs):
-        generator = build_generator(self, models, args, *more, **kwargs)
         choice, knobs = selection(args)
+        try:
+            generator = build_generator(self, models, args, *more, **kwargs)
+        except ValueError as error:
+            if choice == "fast" and "mutually exclusive" in str(error):
+                raise ValueError(f"{error} {_exclusive_search_options(args)}") from error
+            raise
         if choice != "fast":
             return generator
         return accelerate(generator, knobs)
 
     setattr(routed, _MARK, True)
     return routed
+
+
+def _exclusive_search_options(args: Any) -> str:
+    """Which of fairseq's mutually exclusive search strategies the run asked for."""
+    strategies = {
+        "--sampling": getattr(args, "sampling", False),
+        "--diverse-beam-groups": (getattr(args, "diverse_beam_groups", -1) or -1) > 0,
+        "--match-source-len": getattr(args, "match_source_len", False),
+        "--diversity-rate": (getattr(args, "diversity_rate", -1) or -1) > 0,
+    }
+    chosen = ", ".join(flag for flag, on in strategies.items() if on)
+    return f"This run sets {chosen}; keep one of them (they are different search strategies)."
 
 
 def _with_knob_overrides(override_module_args: Callable) -> Callable:

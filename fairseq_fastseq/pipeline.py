@@ -30,7 +30,7 @@ from fairseq.logging.meters import StopwatchMeter, TimeMeter
 from omegaconf import DictConfig
 
 from .formatting import BatchFormatter, FormattedBatch, GeneratedBatch, map_arrays
-from .loading import clear_load_errors
+from .errors import clear_load_errors, explain_out_of_memory
 from .workers import OrderedWorkers
 
 # fairseq-generate's logger name, so that its log lines read the same.
@@ -131,9 +131,10 @@ def _generate(cfg: DictConfig, output: TextIO) -> Any:
                 continue
             prefix_tokens = sample["target"][:, : cfg.generation.prefix_size] if cfg.generation.prefix_size > 0 else None
             gen_timer.start()
-            hypotheses = task.inference_step(
-                generator, models, sample, prefix_tokens=prefix_tokens, constraints=sample.get("constraints")
-            )
+            with explain_out_of_memory(sample, cfg.generation.beam):
+                hypotheses = task.inference_step(
+                    generator, models, sample, prefix_tokens=prefix_tokens, constraints=sample.get("constraints")
+                )
             generated_tokens = sum(len(nbest[0]["tokens"]) for nbest in hypotheses)
             gen_timer.stop(generated_tokens)
             has_target = sample["target"] is not None

@@ -11,7 +11,6 @@ from fairseq import options
 from fairseq_cli import generate
 
 from fairseq_fastseq import formatting, toy
-from fairseq_fastseq.loading import CheckpointMismatchError
 from fairseq_fastseq.pipeline import INCOMPLETE_SUFFIX
 from fairseq_fastseq.workers import OrderedWorkers, PostProcessingError
 
@@ -182,16 +181,6 @@ def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path)
     assert process.returncode != 0
     assert "KeyboardInterrupt" in stderr and "what was written is in" in stderr
     assert not (tmp_path / "generate-test.txt").exists()
-
-
-@pytest.mark.parametrize("selection", [["--task", "translation_fast"], ["--generator", "fast"]])
-def test_checkpoint_of_other_dictionaries_names_the_problem(toy_models, selection):
-    model, other = toy_models["transformer"], toy_models["transformer_sentencepiece"]
-    run = fairseq("generate", [other.data_bin, "--path", model.checkpoint, "--cpu", *with_plugin(*selection)])
-    assert run.returncode != 0
-    assert CheckpointMismatchError.__name__ in run.stderr
-    assert f"does not match the dictionaries of data-bin {other.data_bin}" in run.stderr
-    assert "--srcdict/--tgtdict" in run.stderr
 
 
 def test_ordered_worker_threads_stop_when_the_run_does():

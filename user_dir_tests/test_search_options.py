@@ -17,6 +17,7 @@ OPTIONS = {
     "min_len": dict(beam=4, min_len=6),
     "lenpen_short": dict(beam=4, lenpen=0.3),
     "lenpen_long": dict(beam=4, lenpen=2.0),
+    "lenpen_negative": dict(beam=4, lenpen=-0.5),  # odd but valid: fairseq divides by length**lenpen
     "unnormalized": dict(beam=4, unnormalized=True),
     "unkpen": dict(beam=4, unkpen=-5.0),
     "temperature": dict(beam=4, temperature=0.6),
@@ -51,6 +52,13 @@ def test_no_repeat_ngram_against_correct_blocker(toy_models, model, n):
     assert_fast_matches_stock(
         toy_models[model], beam=4, no_repeat_ngram_size=n, reference=with_correct_ngram_blocking
     )
+
+
+def test_no_repeat_ngram_longer_than_the_output_bans_nothing(toy_models):
+    assert_fast_matches_stock(
+        toy_models["transformer"], beam=4, max_len_a=0, max_len_b=5, no_repeat_ngram_size=50,
+        reference=with_correct_ngram_blocking,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("model", ["transformer", "transformer_prenorm_2heads"])

@@ -1,0 +1,65 @@
+"""Clear errors: a checkpoint that does not fit the data-bin, a batch too big for memory,
+exclusive search options, a source longer than the model accepts."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fairseq_fastseq import toy
+from fairseq_fastseq.errors import CheckpointMismatchError, GenerationOutOfMemoryError
+
+from .cli import fairseq, generate_results, with_plugin
+from .conftest import REPO
+
+SELECTIONS = {"pipeline": ["--task", "translation_fast"], "fast-generator": ["--generator", "fast"]}
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_checkpoint_of_other_dictionaries_names_the_problem(toy_models, selection):
+    model, other = toy_models["transformer"], toy_models["transformer_sentencepiece"]
+    run = fairseq("generate", [other.data_bin, "--path", model.checkpoint, "--cpu", *with_plugin(*SELECTIONS[selection])])
+    assert run.returncode != 0
+    assert CheckpointMismatchError.__name__ in run.stderr
+    assert f"does not match the dictionaries of data-bin {other.data_bin}" in run.stderr
+    assert "--srcdict/--tgtdict" in run.stderr
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_batch_too_big_for_memory_names_the_flags(toy_models, selection):
+    model = toy_models["transformer"]
+    args = [model.data_bin, "--path", model.checkpoint, "--cpu", "--gen-subset", "train", "--beam", "30"]
+    args += ["--batch-size", "3000", "--max-tokens", "10000000", *with_plugin(*SELECTIONS[selection])]
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "user_dir_tests.memory_limited", "600", *map(str, args)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert time.monotonic() - started < 120
+    assert run.returncode != 0
+    assert GenerationOutOfMemoryError.__name__ in run.stderr, run.stderr[-3000:]
+    assert "lower --max-tokens or --batch-size" in run.stderr
+
+
+def test_exclusive_search_options_are_named(toy_models):
+    model = toy_models["transformer"]
+    args = [model.data_bin, "--path", model.checkpoint, "--cpu", "--beam", "4", "--nbest", "4"]
+    run = fairseq("generate", [*args, "--sampling", "--diverse-beam-groups", "2", *with_plugin("--generator", "fast")])
+    assert run.returncode != 0
+    assert "This run sets --sampling, --diverse-beam-groups; keep one of them" in run.stderr
+
+
+def test_source_longer_than_max_positions_keeps_fairseqs_behaviour(toy_models):
+    """fairseq stops and names --skip-invalid-size-inputs-valid-test; with it, the long line is skipped."""
+    model = toy_models["transformer"]
+    too_short = [model.data_bin, "--path", model.checkpoint, "--cpu", "--max-source-positions", "30"]
+    run = fairseq("generate", [*too_short, *with_plugin("--task", "translation_fast", "--generator", "fast")])
+    assert run.returncode != 0
+    assert "skip this example with --skip-invalid-size-inputs-valid-test" in run.stderr
+    skip = [*too_short[4:], "--skip-invalid-size-inputs-valid-test"]
+    stock = generate_results(model, *skip)
+    fast = generate_results(model, *skip, *with_plugin("--task", "translation_fast", "--generator", "fast"))
+    assert fast == stock
+    sources = [line.split("\t")[0] for line in stock if line.startswith("S-")]
+    assert "S-1" not in sources and len(sources) < toy.SPLIT_SIZES["test"]  # id 1 is the 40-word line
