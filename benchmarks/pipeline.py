@@ -1,0 +1,145 @@
+"""End-to-end fairseq-generate: stock vs the pipelined task, in one process, same threads.
+
+    python -m benchmarks.pipeline [--data-bin DIR --path CKPT --spm-model M] [--threads 1]
+                                  [--repeats 3] [--beam 5] [--batch-size 64]
+
+Each variant is a whole ``fairseq_cli.generate.main`` run (model loading, data loading,
+decoding, sentencepiece decoding, moses detokenization, sacrebleu scoring, writing
+``--results-path``), timed wall-clock; variants alternate within each repeat. The defaults
+use the bundled Spanish-English Bible model (``examples/bible/model``) on its 1,004-verse
+test set. Reported: median seconds per variant, the ratio to stock, whether each output file
+is byte-identical to stock's, and the time post-processing takes (measured inside the
+inline variant), i.e. what overlapping can hide at most.
+"""
+
+import argparse
+import filecmp
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from fairseq import options
+from fairseq_cli import generate
+
+import fairseq_fastseq
+from fairseq_fastseq import formatting
+
+from .search import cpu_name
+
+REPO = Path(__file__).resolve().parents[1]
+BIBLE = REPO / "examples" / "bible" / "model"
+PLUGIN = ["--user-dir", str(Path(fairseq_fastseq.__file__).parent)]
+
+# label -> extra fairseq-generate flags
+VARIANTS: Dict[str, List[str]] = {
+    "stock": [],
+    "pipeline (1 process)": [*PLUGIN, "--task", "translation_fast", "--postprocess-workers", "1"],
+    "pipeline (1 thread)": [*PLUGIN, "--task", "translation_fast", "--postprocess-backend", "thread"],
+    "pipeline, inline": [*PLUGIN, "--task", "translation_fast", "--postprocess-workers", "0"],
+    "fast generator": [*PLUGIN, "--generator", "fast"],
+    "pipeline + fast generator": [*PLUGIN, "--task", "translation_fast", "--generator", "fast"],
+}
+INLINE = "pipeline, inline"
+
+
+def run_variant(common: Sequence[str], extra: Sequence[str], results: Path) -> float:
+    """Wall seconds of one fairseq-generate run writing ``results/generate-test.txt``."""
+    parser = options.get_generation_parser()
+    args = options.parse_args_and_arch(parser, input_args=[*common, *extra, "--results-path", str(results)])
+    started = time.perf_counter()
+    generate.main(args)
+    return time.perf_counter() - started
+
+
+def bench(common: Sequence[str], repeats: int, workdir: Path) -> Dict:
+    seconds: Dict[str, List[float]] = {label: [] for label in VARIANTS}
+    formatting_seconds: List[float] = []
+    for _ in range(repeats):
+        for label, extra in VARIANTS.items():
+            original = formatting.BatchFormatter.__call__
+            spent = [0.0]
+
+            def timed_formatter(self, batch):
+                started = time.perf_counter()
+                try:
+                    return original(self, batch)
+                finally:
+                    spent[0] += time.perf_counter() - started
+
+            if label == INLINE:  # inline, so the formatter's time is this process's
+                formatting.BatchFormatter.__call__ = timed_formatter
+            try:
+                seconds[label].append(run_variant(common, extra, workdir / label.replace(" ", "_")))
+            finally:
+                formatting.BatchFormatter.__call__ = original
+            if label == INLINE:
+                formatting_seconds.append(spent[0])
+    stock_file = workdir / "stock" / "generate-test.txt"
+    median = {label: statistics.median(values) for label, values in seconds.items()}
+    return {
+        "seconds": median,
+        "ratio": {label: median["stock"] / value for label, value in median.items()},
+        "identical": {
+            label: filecmp.cmp(stock_file, workdir / label.replace(" ", "_") / "generate-test.txt", shallow=False)
+            for label in VARIANTS
+        },
+        "postprocess_seconds": statistics.median(formatting_seconds),
+        "score_line": stock_file.read_text(encoding="utf-8").splitlines()[-1],
+    }
+
+
+def markdown(result: Dict, threads: int, repeats: int, description: str) -> str:
+    share = result["postprocess_seconds"] / result["seconds"]["stock"]
+    lines = [
+        f"{description}; torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), "
+        f"{cpu_name()}, median of {repeats}, variants alternating in one process",
+        "",
+        f"Post-processing (string conversion, BPE removal, detokenization, scoring input) measured "
+        f"inline: {result['postprocess_seconds']:.2f} s, {share:.1%} of stock's wall time.",
+        f"Stock's result: `{result['score_line']}`",
+        "",
+        "| variant | wall s | speed-up vs stock | output file identical to stock |",
+        "|---|---|---|---|",
+    ]
+    for label in VARIANTS:
+        same = "yes" if result["identical"][label] else "NO"
+        lines.append(f"| {label} | {result['seconds'][label]:.2f} | {result['ratio'][label]:.2f}x | {same} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-bin", default=str(BIBLE / "data-bin"))
+    parser.add_argument("--path", default=str(BIBLE / "model.pt"))
+    parser.add_argument("--spm-model", default=str(BIBLE / "spm.model"))
+    parser.add_argument("--source-lang", default="es")
+    parser.add_argument("--target-lang", default="en")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq logs its whole config per run
+    common = [
+        args.data_bin, "--path", args.path, "--cpu", "--no-progress-bar",
+        "--source-lang", args.source_lang, "--target-lang", args.target_lang,
+        "--beam", str(args.beam), "--batch-size", str(args.batch_size),
+        "--bpe", "sentencepiece", "--sentencepiece-model", args.spm_model,
+        "--tokenizer", "moses", "--scoring", "sacrebleu",
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as workdir:
+        result = bench(common, args.repeats, Path(workdir))
+    description = (
+        f"`{Path(args.path).name}` on `{args.data_bin}`, beam {args.beam}, batch {args.batch_size}, "
+        "sentencepiece + moses + sacrebleu"
+    )
+    print(markdown(result, torch.get_num_threads(), args.repeats, description))
+
+
+if __name__ == "__main__":
+    main()
