@@ -12,7 +12,7 @@ values (strided views instead of contiguous copies), the same float32 softmax.
 """
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import utils
@@ -173,18 +173,13 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
         )
 
 
-@contextmanager
-def fast_attention(
-    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
-) -> Iterator[bool]:
-    """Within the block, ``models`` use the attention modules above.
+def _swappable(
+    models: Iterable[nn.Module], time_major_self_attn: bool, per_sentence_encoder: bool
+) -> Tuple[List[MultiheadAttention], List[MultiheadAttention]]:
+    """The self-attention and encoder-attention modules whose class ``fast_attention`` swaps.
 
-    Only the classes of fairseq's ``MultiheadAttention`` modules change, and only for the
-    block: parameters, state dict and every other code path stay fairseq's, and other users
-    of the same model objects (a stock generator, training) see them unchanged afterwards.
-    Yields whether the decoders accept the encoder output once per sentence: every model
-    attends to its encoder with fairseq's ``MultiheadAttention``, none of them already
-    beam-aware as BART's are.
+    Encoder attention is swapped only if every model attends to its encoder with fairseq's
+    ``MultiheadAttention``, none of them already beam-aware as BART's are.
     """
     self_attn, encoder_attn, per_sentence = [], [], per_sentence_encoder
     for model in models:
@@ -194,8 +189,34 @@ def fast_attention(
         cross = [m for m in attention if m.encoder_decoder_attention]
         per_sentence &= bool(cross) and all(type(m) is MultiheadAttention and m.beam_size == 1 for m in cross)
         encoder_attn += cross
-    if not per_sentence:
-        encoder_attn = []
+    return self_attn, encoder_attn if per_sentence else []
+
+
+def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True) -> str:
+    """One line for the log: which attention ``fast_attention`` accelerates in ``models``, and why not."""
+    self_attn, encoder_attn = _swappable(models, time_major_self_attn, per_sentence_encoder)
+    if not any(isinstance(m, MultiheadAttention) for model in models for m in model.modules()):
+        names = ", ".join(sorted({type(model).__name__ for model in models}))
+        return f"fairseq's ({names} has no fairseq MultiheadAttention; the fast search still applies)"
+    parts = [
+        f"time-major self-attention cache ({len(self_attn)} modules)" if self_attn else "fairseq's self-attention cache",
+        "encoder keys/values once per sentence" if encoder_attn else "fairseq's (or the model's own) encoder attention",
+    ]
+    return ", ".join(parts)
+
+
+@contextmanager
+def fast_attention(
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
+) -> Iterator[bool]:
+    """Within the block, ``models`` use the attention modules above.
+
+    Only the classes of fairseq's ``MultiheadAttention`` modules change, and only for the
+    block: parameters, state dict and every other code path stay fairseq's, and other users
+    of the same model objects (a stock generator, training) see them unchanged afterwards.
+    Yields whether the decoders take the encoder output once per sentence.
+    """
+    self_attn, encoder_attn = _swappable(models, time_major_self_attn, per_sentence_encoder)
     for module in self_attn:
         module.__class__ = TimeMajorCachedSelfAttention
     for module in encoder_attn:

@@ -11,7 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import fast_attention
+from .attention import describe, fast_attention
 from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
@@ -57,11 +57,16 @@ class FastSequenceGenerator(SequenceGenerator):
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.knobs = FastGeneratorConfig()
 
-    def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
-        with explain_out_of_memory(sample, self.beam_size), fast_attention(
-            self.model.models,
+    def attention_options(self) -> Dict[str, bool]:
+        """The knobs as ``attention.fast_attention`` arguments."""
+        return dict(
             time_major_self_attn=self.knobs.self_attn_cache == "time_major",
             per_sentence_encoder=self.knobs.encoder_projection == "per_sentence",
+        )
+
+    def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
+        with explain_out_of_memory(sample, self.beam_size), fast_attention(
+            self.model.models, **self.attention_options()
         ) as per_sentence_encoder:
             return self._search(sample, per_sentence_encoder=per_sentence_encoder, **kwargs)
 
@@ -320,6 +325,7 @@ def accelerate(
         # its constructor takes them as strings.
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
         fast.knobs = knobs
+        logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":

@@ -47,6 +47,11 @@ TRANSLATION_MODELS: Dict[str, List[str]] = {
         "--arch", "bart_base", *_TINY_TRANSFORMER,
         "--max-source-positions", "64", "--max-target-positions", "64",
     ],
+    # No fairseq MultiheadAttention: the fast search applies, the attention variants do not.
+    "lstm": [
+        "--arch", "lstm", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+        "--encoder-hidden-size", "32", "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
+    ],
 }  # fmt: skip
 LANGUAGE_MODELS: Dict[str, List[str]] = {
     "transformer_lm": [

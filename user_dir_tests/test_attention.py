@@ -9,6 +9,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq_fastseq.attention import (
     SentenceProjectedEncoderAttention,
     TimeMajorCachedSelfAttention,
+    describe,
     fast_attention,
 )
 
@@ -79,6 +80,23 @@ def test_bart_keeps_its_own_beam_shared_attention(toy_models):
     with fast_attention(models, time_major_self_attn=True) as per_sentence:
         assert not per_sentence
         assert not any(isinstance(m, SentenceProjectedEncoderAttention) for m in models[0].modules())
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("transformer", "time-major self-attention cache (4 modules), encoder keys/values once per sentence"),
+        ("bart", "time-major self-attention cache (4 modules), fairseq's (or the model's own) encoder attention"),
+        ("lstm", "fairseq's (LSTMModel has no fairseq MultiheadAttention; the fast search still applies)"),
+    ],
+)
+def test_log_line_says_what_attention_is_accelerated(toy_models, model, expected):
+    from fairseq import checkpoint_utils
+
+    models, _ = checkpoint_utils.load_model_ensemble([str(toy_models[model].checkpoint)])
+    if model == "bart":
+        models[0].set_beam_size(4)  # as fairseq's generator does: BART shares encoder K/V itself
+    assert describe(models) == expected
 
 
 def test_encoder_projection_once_per_sentence_matches_per_beam():
