@@ -1,6 +1,7 @@
 """Stock vs fast generation, side by side in one process: same model, batches and threads.
 
     python -m benchmarks.search [--cases mt-greedy mt-beam5 ...] [--threads 1] [--repeats 3]
+                                [--device {cpu,cuda}] [--dtype {fp32,fp16}]
 
 Models have transformer-base / BART-base dimensions and random weights: realistic per-token
 cost, but they rarely emit EOS, so outputs run to the length limit (each case states it).
@@ -8,6 +9,14 @@ Reported: sentences/s of each generator (median of the repeats, stock and fast t
 alternately), the ratio fast/stock, whether every hypothesis is identical, and a profile:
 the share of wall time inside the model (encoder, decoder, cache and encoder-output
 reorders) versus everything else (search, bookkeeping, n-gram blocking).
+
+On CUDA (``--device cuda``, optionally ``--dtype fp16``) each generator first runs the first
+batch once, untimed (warm-up); wall times are taken between ``torch.cuda.synchronize()``
+calls; time inside the model comes from CUDA events around each model call, so measuring it
+adds no host sync; and the peak GPU memory of each generator's runs is reported. In fp16 a
+hypothesis may legitimately differ (rounding breaks near-ties another way), so "identical"
+is the share of hypotheses with the same tokens. The cases named ``-s<N>`` are sized for a GPU;
+the default ``--cases`` are the CPU cases.
 """
 
 import argparse
@@ -17,7 +26,7 @@ import time
 from argparse import Namespace
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from fairseq.data import Dictionary
@@ -37,6 +46,12 @@ FAST_VARIANTS = {
     "fast": FastGeneratorConfig(on_unsupported="error"),
 }
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+SCORE_TOLERANCE = 1e-4
+NGRAM_NOT_COMPARED = {
+    "cpu": "n/a (stock CPU n-gram blocker is a no-op)",
+    "cuda": "n/a (stock n-gram blocker is a no-op without fairseq's CUDA extension)",
+}
 
 
 @dataclass(frozen=True)
@@ -48,21 +63,32 @@ class Case:
     options: Dict
 
 
+MT = dict(max_len_a=0, max_len_b=40)
+SUM = dict(beam=4, lenpen=2.0, min_len=20, max_len_a=0, max_len_b=60, no_repeat_ngram_size=3)
 CASES: Dict[str, Case] = {
-    "mt-greedy-b1": Case("mt-base", 1, 24, (10, 40), dict(beam=1, max_len_a=0, max_len_b=40)),
-    "mt-greedy-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=1, max_len_a=0, max_len_b=40)),
-    "mt-beam5-b1": Case("mt-base", 1, 16, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
-    "mt-beam5-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
-    "mt-beam5-b128": Case("mt-base", 128, 128, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
-    "mt-beam4-ngram3-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=4, max_len_a=0, max_len_b=40, no_repeat_ngram_size=3)),
-    "sum-beam4-ngram3-b8": Case(
-        "sum-base", 8, 16, (400, 1000),
-        dict(beam=4, lenpen=2.0, min_len=20, max_len_a=0, max_len_b=60, no_repeat_ngram_size=3),
-    ),  # fmt: skip
+    "mt-greedy-b1": Case("mt-base", 1, 24, (10, 40), dict(beam=1, **MT)),
+    "mt-greedy-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=1, **MT)),
+    "mt-beam5-b1": Case("mt-base", 1, 16, (10, 40), dict(beam=5, **MT)),
+    "mt-beam5-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=5, **MT)),
+    "mt-beam5-b128": Case("mt-base", 128, 128, (10, 40), dict(beam=5, **MT)),
+    "mt-beam4-ngram3-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=4, **MT, no_repeat_ngram_size=3)),
+    "sum-beam4-ngram3-b8": Case("sum-base", 8, 16, (400, 1000), SUM),
 }
+DEFAULT_CASES = list(CASES)  # the CPU cases; the GPU-sized ones below run when named
+CASES.update(
+    {
+        "mt-beam5-b128-s256": Case("mt-base", 128, 256, (10, 40), dict(beam=5, **MT)),
+        "mt-beam4-ngram3-b128-s256": Case("mt-base", 128, 256, (10, 40), dict(beam=4, **MT, no_repeat_ngram_size=3)),
+        "mt-greedy-b1-s4": Case("mt-base", 1, 4, (10, 40), dict(beam=1, **MT)),
+        "mt-beam5-b1-s4": Case("mt-base", 1, 4, (10, 40), dict(beam=5, **MT)),
+        "sum-beam4-ngram3-b32-s64": Case("sum-base", 32, 64, (400, 1000), SUM),
+    }
+)
 
 
-def build_model(name: str, seed: int = 0) -> Tuple[TransformerModel, TranslationTask]:
+def build_model(
+    name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Tuple[TransformerModel, TranslationTask]:
     """A random-weight fairseq transformer of the named size, with a joined dictionary."""
     torch.manual_seed(seed)
     dictionary = Dictionary()
@@ -79,10 +105,10 @@ def build_model(name: str, seed: int = 0) -> Tuple[TransformerModel, Translation
         args.encoder_attention_heads = args.decoder_attention_heads = 12
         base_architecture(args)
     model = TransformerModel.build_model(args, task)
-    return model.eval(), task
+    return model.to(device=device, dtype=dtype).eval(), task
 
 
-def make_batches(task: TranslationTask, case: Case, seed: int = 1) -> List[Dict]:
+def make_batches(task: TranslationTask, case: Case, seed: int = 1, device: str = "cpu") -> List[Dict]:
     generator = torch.Generator().manual_seed(seed)
     dictionary = task.source_dictionary
     low, high = case.source_tokens
@@ -95,31 +121,53 @@ def make_batches(task: TranslationTask, case: Case, seed: int = 1) -> List[Dict]
             src[row, -length - 1 : -1] = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
             src[row, -1] = dictionary.eos()
         batches.append(
-            {"id": torch.arange(start, start + size), "net_input": {"src_tokens": src, "src_lengths": lengths + 1}}
+            {
+                "id": torch.arange(start, start + size, device=device),
+                "net_input": {"src_tokens": src.to(device), "src_lengths": (lengths + 1).to(device)},
+            }
         )
     return batches
 
 
-def _timed(function, spent: List[float]):
-    """``function``, adding its run time to ``spent[0]``."""
+class _Spans:
+    """Seconds spent inside wrapped calls: the host clock on CPU; on CUDA, events recorded
+    around each call and read after the run, so that measuring adds no host sync."""
 
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._spans: list = []
 
-    return wrapper
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def wrap(self, function):
+        def wrapper(*args, **kwargs):
+            start = self._mark()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._spans.append((start, self._mark()))
+
+        return wrapper
+
+    def seconds(self) -> float:
+        """The total; on CUDA, call it after the device is synchronized."""
+        if self.cuda:
+            return sum(start.elapsed_time(end) for start, end in self._spans) / 1000
+        return sum(end - start for start, end in self._spans)
 
 
 @contextmanager
-def model_time(generator) -> Iterator[List[float]]:
+def model_time(generator, device: torch.device) -> Iterator[_Spans]:
     """Accumulate the seconds spent inside the generator's model ensemble."""
-    spent = [0.0]
+    spent = _Spans(device)
     ensemble = generator.model
     for name in MODEL_METHODS:
-        setattr(ensemble, name, _timed(getattr(ensemble, name), spent))
+        setattr(ensemble, name, spent.wrap(getattr(ensemble, name)))
     try:
         yield spent
     finally:
@@ -128,57 +176,91 @@ def model_time(generator) -> Iterator[List[float]]:
 
 
 @contextmanager
-def ngram_blocking_time() -> Iterator[List[float]]:
+def ngram_blocking_time(device: torch.device) -> Iterator[_Spans]:
     """Accumulate the seconds the fast generator spends blocking repeated n-grams."""
-    spent = [0.0]
+    spent = _Spans(device)
     original = fast_generator_module.block_repeated_ngrams
-    fast_generator_module.block_repeated_ngrams = _timed(original, spent)
+    fast_generator_module.block_repeated_ngrams = spent.wrap(original)
     try:
         yield spent
     finally:
         fast_generator_module.block_repeated_ngrams = original
 
 
-def run_once(generator, model, batches) -> Tuple[float, float, float, list]:
-    """(wall seconds, seconds inside the model, seconds blocking n-grams, hypotheses)."""
-    with model_time(generator) as in_model, ngram_blocking_time() as blocking, torch.no_grad():
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(generator, model, batches, device: torch.device) -> Tuple[float, float, float, int, list]:
+    """(wall seconds, seconds inside the model, seconds blocking n-grams, peak GPU bytes
+    allocated above what was allocated before (0 on CPU), hypotheses)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with model_time(generator, device) as in_model, ngram_blocking_time(device) as blocking, torch.no_grad():
+        synchronize(device)
         started = time.perf_counter()
         hypotheses = [generator.generate([model], batch) for batch in batches]
+        synchronize(device)
         wall = time.perf_counter() - started
-    return wall, in_model[0], blocking[0], hypotheses
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else 0
+    return wall, in_model.seconds(), blocking.seconds(), peak, hypotheses
 
 
-def identical(stock: list, fast: list) -> bool:
-    pairs = [(s, f) for batch_s, batch_f in zip(stock, fast) for sent_s, sent_f in zip(batch_s, batch_f) for s, f in zip(sent_s, sent_f)]
-    return all(
-        s["tokens"].tolist() == f["tokens"].tolist() and abs(float(s["score"]) - float(f["score"])) <= 1e-4
-        for s, f in pairs
-    )
+def agreement(stock: Sequence, fast: Sequence) -> Tuple[int, int, float]:
+    """(hypotheses with the same tokens, hypotheses, the largest |score difference| among
+    those, final or per token) of two runs given sentence by sentence. A sentence whose
+    batch raised is an ``(error, message)`` tuple; it agrees if both raised the same."""
+    same, total, worst = 0, abs(len(stock) - len(fast)), 0.0
+    for want, got in zip(stock, fast):
+        if isinstance(want, tuple) or isinstance(got, tuple):
+            same, total = same + (want == got), total + 1
+            continue
+        total += max(len(want), len(got))
+        for s, f in zip(want, got):
+            if s["tokens"].tolist() == f["tokens"].tolist():
+                same += 1
+                per_token = (s["positional_scores"].float() - f["positional_scores"].float()).abs().max()
+                worst = max(worst, abs(float(s["score"]) - float(f["score"])), float(per_token))
+    return same, total, worst
 
 
-def bench_case(name: str, case: Case, repeats: int, models: Dict) -> Dict:
+def bench_case(
+    name: str, case: Case, repeats: int, models: Dict, device: str = "cpu", dtype: str = "fp32"
+) -> Dict:
+    device = torch.device(device)
     if case.model not in models:
-        models[case.model] = build_model(case.model)
+        models[case.model] = build_model(case.model, device=device, dtype=DTYPES[dtype])
     model, task = models[case.model]
-    batches = make_batches(task, case)
+    batches = make_batches(task, case, device=device)
     gen_cfg = GenerationConfig(**case.options)
     generators = {"stock": task.build_generator([model], gen_cfg)}
     for label, knobs in FAST_VARIANTS.items():
         generators[label] = accelerate(task.build_generator([model], gen_cfg), knobs)
         assert isinstance(generators[label], FastSequenceGenerator)
+    if device.type == "cuda":  # warm-up: kernels, cuBLAS handles, the caching allocator
+        for generator in generators.values():
+            run_once(generator, model, batches[:1], device)
     times: Dict[str, List[float]] = {label: [] for label in generators}
     model_share: Dict[str, List[float]] = {label: [] for label in generators}
+    peak = dict.fromkeys(generators, 0)
     blocking_share: List[float] = []
     outputs = {}
     for _ in range(repeats):
         for label, generator in generators.items():
-            wall, in_model, blocking, outputs[label] = run_once(generator, model, batches)
+            wall, in_model, blocking, peak_bytes, outputs[label] = run_once(generator, model, batches, device)
             times[label].append(wall)
             model_share[label].append(in_model / wall)
+            peak[label] = max(peak[label], peak_bytes)
             if label == "fast":
                 blocking_share.append(blocking / wall)
     median = {label: statistics.median(t) for label, t in times.items()}
-    blocks = "no_repeat_ngram_size" in case.options  # stock's CPU blocker bans nothing
+    # Stock's n-gram blocker bans nothing unless fairseq's CUDA extension is built and usable.
+    blocks = "no_repeat_ngram_size" in case.options and not generators["stock"].repeat_ngram_blocker.use_extension
+    sentences = {label: [sent for batch in output for sent in batch] for label, output in outputs.items()}
+    agreements = [agreement(sentences["stock"], sentences[label]) for label in FAST_VARIANTS]
     return {
         "case": name,
         "batch": case.batch_size,
@@ -186,9 +268,12 @@ def bench_case(name: str, case: Case, repeats: int, models: Dict) -> Dict:
         "options": " ".join(f"{k}={v}" for k, v in case.options.items()),
         "sent_s": {label: case.sentences / seconds for label, seconds in median.items()},
         "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
-        "identical": None if blocks else all(identical(outputs["stock"], outputs[label]) for label in FAST_VARIANTS),
+        "identical": None if blocks else all(s == n and d <= SCORE_TOLERANCE for s, n, d in agreements),
+        "same_tokens": None if blocks else min(s / n for s, n, _ in agreements),
+        "max_score_diff": None if blocks else max(d for _, _, d in agreements),
         "model_share": {label: statistics.median(shares) for label, shares in model_share.items()},
         "blocking_share": statistics.median(blocking_share) if blocks else None,
+        "peak_mib": {label: bytes_ / 2**20 for label, bytes_ in peak.items()},
     }
 
 
@@ -201,49 +286,77 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def markdown(rows: List[Dict], threads: int, repeats: int) -> str:
+def device_name(device: str) -> str:
+    return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else device
+
+
+def _identical_cell(row: Dict, device: str, dtype: str) -> str:
+    if row["identical"] is None:
+        return NGRAM_NOT_COMPARED[device]
+    share = f"{row['same_tokens']:.1%} (max score diff {row['max_score_diff']:.1e})"
+    if dtype == "fp32":
+        return "yes" if row["identical"] else f"NO: same tokens {share}"
+    return share
+
+
+def markdown(rows: List[Dict], threads: int, repeats: int, device: str = "cpu", dtype: str = "fp32") -> str:
     labels = ["stock", *FAST_VARIANTS]
-    lines = [
-        f"torch {torch.__version__}, threads {threads} (`torch.get_num_threads()`), "
-        f"{cpu_name()}, median of {repeats}, all generators alternating in one process",
-        "",
-        "| case | batch | sentences | options | "
-        + " | ".join(f"{label} sent/s" for label in labels)
-        + " | "
-        + " | ".join(f"{label}/stock" for label in FAST_VARIANTS)
-        + " | identical | "
-        + " | ".join(f"model share {label}" for label in labels)
-        + " | n-gram blocking share (fast) |",
-        "|" + "---|" * (6 + 2 * len(labels) + len(FAST_VARIANTS)),
+    columns = [
+        ("case", lambda r: r["case"]),
+        ("batch", lambda r: r["batch"]),
+        ("sentences", lambda r: r["sentences"]),
+        ("options", lambda r: r["options"]),
+        *[(f"{label} sent/s", lambda r, label=label: f"{r['sent_s'][label]:.2f}") for label in labels],
+        *[(f"{label}/stock", lambda r, label=label: f"{r['ratio'][label]:.2f}x") for label in FAST_VARIANTS],
+        ("identical", lambda r: _identical_cell(r, device, dtype)),
+        *[(f"model share {label}", lambda r, label=label: f"{r['model_share'][label]:.0%}") for label in labels],
+        ("n-gram blocking share (fast)", lambda r: "-" if r["blocking_share"] is None else f"{r['blocking_share']:.1%}"),
     ]
-    for r in rows:
-        same = {True: "yes", False: "NO", None: "n/a (stock CPU n-gram blocker is a no-op)"}[r["identical"]]
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['sentences']} | {r['options']} | "
-            + " | ".join(f"{r['sent_s'][label]:.2f}" for label in labels)
-            + " | "
-            + " | ".join(f"{r['ratio'][label]:.2f}x" for label in FAST_VARIANTS)
-            + f" | {same} | "
-            + " | ".join(f"{r['model_share'][label]:.0%}" for label in labels)
-            + (f" | {r['blocking_share']:.1%} |" if r["blocking_share"] is not None else " | - |")
+    note = ""
+    if device == "cuda":
+        columns += [(f"peak MiB {label}", lambda r, label=label: f"{r['peak_mib'][label]:.0f}") for label in labels]
+        note = (
+            ", warm-up run of the first batch per generator, peak MiB = torch.cuda.max_memory_allocated "
+            "during a run above what was allocated before it (model, inputs)"
         )
+    lines = [
+        f"torch {torch.__version__}, device {device_name(device)}, dtype {dtype}, threads {threads} "
+        f"(`torch.get_num_threads()`), {cpu_name()}, median of {repeats}, all generators alternating "
+        f"in one process{note}",
+        "",
+        "| " + " | ".join(title for title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def check_device(parser: argparse.ArgumentParser, device: str, dtype: str = "fp32") -> None:
+    """Stop with a usage error for a device this machine lacks, or fp16 off the GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available here (torch {torch.__version__}, torch.cuda.is_available() is False)")
+    if dtype != "fp32" and device != "cuda":
+        parser.error(f"--dtype {dtype} needs --device cuda")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16 needs --device cuda")
     args = parser.parse_args(argv)
+    check_device(parser, args.device, args.dtype)
     torch.set_num_threads(args.threads)
     models: Dict = {}
     rows = []
+    table = dict(threads=torch.get_num_threads(), repeats=args.repeats, device=args.device, dtype=args.dtype)
     for name in args.cases:
-        rows.append(bench_case(name, CASES[name], args.repeats, models))
-        print(markdown(rows[-1:], torch.get_num_threads(), args.repeats).splitlines()[-1], flush=True)
+        rows.append(bench_case(name, CASES[name], args.repeats, models, args.device, args.dtype))
+        print(markdown(rows[-1:], **table).splitlines()[-1], flush=True)
     print()
-    print(markdown(rows, torch.get_num_threads(), args.repeats))
+    print(markdown(rows, **table))
 
 
 if __name__ == "__main__":

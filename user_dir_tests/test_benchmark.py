@@ -1,11 +1,20 @@
-"""The benchmark code runs and reports consistent figures (no speed is asserted)."""
+"""The benchmark and GPU-check code runs and reports consistent figures (no speed is asserted)."""
 
+import pytest
+import torch
+
+from benchmarks import gpu_check, search
 from benchmarks.search import FAST_VARIANTS, Case, bench_case, markdown
 
 
-def test_bench_case_reports_every_generator_and_consistent_ratios():
+@pytest.fixture(scope="module")
+def tiny_row():
     case = Case("mt-base", batch_size=2, sentences=3, source_tokens=(3, 6), options=dict(beam=2, max_len_a=0, max_len_b=3))
-    row = bench_case("tiny", case, repeats=1, models={})
+    return bench_case("tiny", case, repeats=1, models={})
+
+
+def test_bench_case_reports_every_generator_and_consistent_ratios(tiny_row):
+    row = tiny_row
     labels = ["stock", *FAST_VARIANTS]
     assert set(row["sent_s"]) == set(labels) == set(row["ratio"]) == set(row["model_share"])
     for label in labels:  # ratio = stock seconds / variant seconds = variant sent/s / stock sent/s
@@ -16,3 +25,51 @@ def test_bench_case_reports_every_generator_and_consistent_ratios():
     table = markdown([row], threads=1, repeats=1)
     assert "| tiny | 2 | 3 |" in table
     assert table.splitlines()[2].count("|") == table.splitlines()[-1].count("|")
+
+
+def test_fp16_table_gives_the_share_of_identical_hypotheses(tiny_row):
+    table = markdown([tiny_row], threads=1, repeats=1, dtype="fp16")
+    assert "device cpu, dtype fp16" in table.splitlines()[0]
+    assert "| 100.0% (max score diff 0.0e+00) |" in table
+
+
+@pytest.fixture
+def two_fixture_checks(monkeypatch):
+    """gpu_check's fixture part cut to one model and two option sets (seconds on CPU)."""
+    monkeypatch.setattr(gpu_check, "FIXTURE_MODELS", ["transformer"])
+    monkeypatch.setattr(gpu_check, "OPTION_SETS", {k: gpu_check.OPTION_SETS[k] for k in ("beam5_nbest2", "beam4_ngram2")})
+
+
+def test_gpu_check_runs_on_cpu(toy_models, tmp_path, capsys, two_fixture_checks):
+    fixtures = toy_models["transformer"].data_bin.parent  # <model>/checkpoint_last.pt and bin/
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--fixtures", str(fixtures), "--parts", "ngram", "fixtures"]
+    status = gpu_check.main(argv)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.count("\nPASS ") == 4 + 2 and "FAIL" not in out
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "| transformer | beam4_ngram2 | 48 | 192/192 | 0.00e+00 |" in report
+    assert "**all checks passed**" in report
+
+
+def test_gpu_check_fails_on_missing_fixtures(tmp_path, capsys, two_fixture_checks):
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--fixtures", str(tmp_path / "missing"), "--parts", "fixtures"]
+    assert gpu_check.main(argv) == 1
+    assert capsys.readouterr().out.count("FAIL fixtures transformer") == 2
+    assert "**2 failed:" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize(
+    "main, argv, message",
+    [
+        (search.main, ["--device", "cuda"], "--device cuda: CUDA is not available here"),
+        (gpu_check.main, ["--device", "cuda", "--out", "unused"], "--device cuda: CUDA is not available here"),
+        (search.main, ["--dtype", "fp16"], "--dtype fp16 needs --device cuda"),
+    ],
+)
+def test_cuda_options_are_refused_with_a_clear_message(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
