@@ -198,11 +198,17 @@ def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, per
     if not any(isinstance(m, MultiheadAttention) for model in models for m in model.modules()):
         names = ", ".join(sorted({type(model).__name__ for model in models}))
         return f"fairseq's ({names} has no fairseq MultiheadAttention; the fast search still applies)"
-    parts = [
-        f"time-major self-attention cache ({len(self_attn)} modules)" if self_attn else "fairseq's self-attention cache",
-        "encoder keys/values once per sentence" if encoder_attn else "fairseq's (or the model's own) encoder attention",
-    ]
-    return ", ".join(parts)
+    has_encoder_attention = any(
+        isinstance(m, MultiheadAttention) and m.encoder_decoder_attention for model in models for m in model.modules()
+    )
+    if encoder_attn:
+        encoder_part = "encoder keys/values once per sentence"
+    elif has_encoder_attention:
+        encoder_part = "fairseq's (or the model's own) encoder attention"
+    else:
+        encoder_part = "no encoder attention (decoder-only)"
+    self_part = f"time-major self-attention cache ({len(self_attn)} modules)" if self_attn else "fairseq's self-attention cache"
+    return f"{self_part}, {encoder_part}"
 
 
 @contextmanager

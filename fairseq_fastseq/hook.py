@@ -58,12 +58,14 @@ def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
     """The generator choice and knobs of the run that ``build_generator`` was called for.
 
     ``gen_args`` is ``cfg.generation``; as a DictConfig it still links to the whole ``cfg``
-    (``_get_root``), which holds ``generator`` and ``fastseq``. Legacy callers pass a flat
+    (``_get_root``), which holds ``generator`` and ``fastseq``. fairseq's hub interface
+    (``hub.translate(..., generator="fast")``) sets its keyword arguments on a copy of
+    ``cfg.generation`` itself, so a ``generator`` there wins. Legacy callers pass a flat
     Namespace instead.
     """
     if isinstance(gen_args, DictConfig):
         root = gen_args._get_root()
-        choice = OmegaConf.select(root, "generator", default=None)
+        choice = gen_args.generator if "generator" in gen_args else OmegaConf.select(root, "generator", default=None)
         knobs = OmegaConf.select(root, "fastseq", default=None)
         knobs = OmegaConf.to_container(knobs, enum_to_str=True) if knobs is not None else {}
     else:

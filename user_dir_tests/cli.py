@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .conftest import PLUGIN_DIR
 
@@ -14,7 +14,9 @@ BIN_DIR = Path(sys.executable).parent
 RESULT_LINE = re.compile(r"^([STHDPAIE]-\d|Generate )")
 
 
-def fairseq(tool: str, args: Sequence[object], timeout: int = 300) -> subprocess.CompletedProcess:
+def fairseq(
+    tool: str, args: Sequence[object], timeout: int = 300, input: Optional[str] = None
+) -> subprocess.CompletedProcess:
     """Run ``fairseq-<tool>`` (the installed console script) and capture its output.
 
     Without the plugin, stock fairseq 0.12 cannot load a checkpoint under torch >= 2.6
@@ -28,6 +30,7 @@ def fairseq(tool: str, args: Sequence[object], timeout: int = 300) -> subprocess
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     return subprocess.run(
         [str(BIN_DIR / f"fairseq-{tool}"), *args],
+        input=input,
         capture_output=True,
         text=True,
         env=env,
