@@ -124,7 +124,8 @@ def check_ngram(report: Report, device: torch.device, args) -> None:
 def check_fixtures(report: Report, device: torch.device, args) -> None:
     report.table(
         "b. fast vs stock on the fixture checkpoints, fp32",
-        f"Test split of the tiny fixture models; PASS: same tokens, scores (final and per token) within {SCORE_TOLERANCE}.",
+        "Test split of the tiny fixture models; PASS: same tokens, scores (final and per token) within "
+        f"{SCORE_TOLERANCE[device.type]}.",
         ["model", "options", "sentences", "same tokens / hypotheses", "max abs score diff", "seconds", "status"],
     )
     fixtures = Path(args.fixtures)
@@ -151,7 +152,7 @@ def check_fixtures(report: Report, device: torch.device, args) -> None:
                 traceback.print_exc()
                 report.check("FAIL", name, f"{type(error).__name__}: {error}", [model_name, option_name, "-", "-", "-", "-"])
                 continue
-            ok = same == total and worst <= SCORE_TOLERANCE
+            ok = same == total and worst <= SCORE_TOLERANCE[device.type]
             detail = f"{same}/{total} same tokens, max |score diff| {worst:.2e}"
             if not ok:
                 try:

@@ -32,6 +32,9 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.models.transformer import TransformerModel, base_architecture, transformer_wmt_en_de
+from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture
+from fairseq.tasks import FairseqTask
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import fairseq_fastseq.generator as fast_generator_module
@@ -47,7 +50,8 @@ FAST_VARIANTS = {
 }
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-SCORE_TOLERANCE = 1e-4
+# Scores must match bitwise on CPU (as in the tests); cuBLAS may pick other kernels per shape.
+SCORE_TOLERANCE = {"cpu": 0.0, "cuda": 1e-4}
 NGRAM_NOT_COMPARED = {
     "cpu": "n/a (stock CPU n-gram blocker is a no-op)",
     "cuda": "n/a (stock n-gram blocker is a no-op without fairseq's CUDA extension)",
@@ -56,10 +60,10 @@ NGRAM_NOT_COMPARED = {
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "mt-base" or "sum-base"
+    model: str  # "mt-base", "sum-base" or "lm-base"
     batch_size: int
     sentences: int
-    source_tokens: Tuple[int, int]
+    source_tokens: Tuple[int, int]  # for lm-base: prompt tokens (one length per batch)
     options: Dict
 
 
@@ -74,6 +78,17 @@ CASES: Dict[str, Case] = {
     "mt-beam4-ngram3-b32": Case("mt-base", 32, 64, (10, 40), dict(beam=4, **MT, no_repeat_ngram_size=3)),
     "sum-beam4-ngram3-b8": Case("sum-base", 8, 16, (400, 1000), SUM),
 }
+# GPT-2-style continuation of 16-128-token prompts; max_len_b counts the prompt too.
+LM = dict(max_len_a=0, max_len_b=168)
+CASES.update(
+    {
+        "lm-greedy-b1": Case("lm-base", 1, 8, (16, 128), dict(beam=1, **LM)),
+        "lm-greedy-b32": Case("lm-base", 32, 32, (16, 128), dict(beam=1, **LM)),
+        "lm-beam4-b1": Case("lm-base", 1, 8, (16, 128), dict(beam=4, **LM)),
+        "lm-beam4-b32": Case("lm-base", 32, 32, (16, 128), dict(beam=4, **LM)),
+        "lm-top-p-b32": Case("lm-base", 32, 32, (16, 128), dict(beam=1, sampling=True, sampling_topp=0.9, **LM)),
+    }
+)
 DEFAULT_CASES = list(CASES)  # the CPU cases; the GPU-sized ones below run when named
 CASES.update(
     {
@@ -88,13 +103,20 @@ CASES.update(
 
 def build_model(
     name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> Tuple[TransformerModel, TranslationTask]:
-    """A random-weight fairseq transformer of the named size, with a joined dictionary."""
+) -> Tuple[torch.nn.Module, FairseqTask]:
+    """A random-weight fairseq model of the named size, with its task and dictionary."""
     torch.manual_seed(seed)
     dictionary = Dictionary()
-    vocab = 32000 if name == "mt-base" else 50000
+    vocab = 50000 if name == "sum-base" else 32000
     for i in range(vocab - len(dictionary)):
         dictionary.add_symbol(f"tok{i}")
+    if name == "lm-base":  # transformer_lm, 6 layers x 512 (GPT-2-style, tied embeddings)
+        task = LanguageModelingTask(LanguageModelingConfig(), dictionary)
+        args = Namespace(decoder_layers=6, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8)
+        args.share_decoder_input_output_embed, args.tokens_per_sample = True, 1024
+        base_lm_architecture(args)
+        model = TransformerLanguageModel.build_model(args, task)
+        return model.to(device=device, dtype=dtype).eval(), task
     task = TranslationTask(TranslationConfig(), dictionary, dictionary)
     args = Namespace(share_all_embeddings=True, max_source_positions=1024, max_target_positions=1024)
     if name == "mt-base":
@@ -108,18 +130,26 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval(), task
 
 
-def make_batches(task: TranslationTask, case: Case, seed: int = 1, device: str = "cpu") -> List[Dict]:
+def make_batches(task: FairseqTask, case: Case, seed: int = 1, device: str = "cpu") -> List[Dict]:
+    """Random sources (left-padded, EOS last, as fairseq collates translation data), or for a
+    language model random prompts after the EOS that fairseq uses as BOS, one length per batch."""
     generator = torch.Generator().manual_seed(seed)
     dictionary = task.source_dictionary
     low, high = case.source_tokens
     batches = []
     for start in range(0, case.sentences, case.batch_size):
         size = min(case.batch_size, case.sentences - start)
-        lengths = torch.randint(low, high + 1, (size,), generator=generator)
+        if case.model == "lm-base":
+            lengths = torch.full((size,), int(torch.randint(low, high + 1, (1,), generator=generator)))
+        else:
+            lengths = torch.randint(low, high + 1, (size,), generator=generator)
         src = torch.full((size, int(lengths.max()) + 1), dictionary.pad())
-        for row, length in enumerate(lengths.tolist()):  # left-padded, EOS last, as fairseq collates
-            src[row, -length - 1 : -1] = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
-            src[row, -1] = dictionary.eos()
+        for row, length in enumerate(lengths.tolist()):
+            words = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
+            if case.model == "lm-base":
+                src[row, 0], src[row, 1:] = dictionary.eos(), words
+            else:
+                src[row, -length - 1 : -1], src[row, -1] = words, dictionary.eos()
         batches.append(
             {
                 "id": torch.arange(start, start + size, device=device),
@@ -192,17 +222,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(generator, model, batches, device: torch.device) -> Tuple[float, float, float, int, list]:
+def run_once(generator, model, task, batches, device: torch.device) -> Tuple[float, float, float, int, list]:
     """(wall seconds, seconds inside the model, seconds blocking n-grams, peak GPU bytes
-    allocated above what was allocated before (0 on CPU), hypotheses)."""
+    allocated above what was allocated before (0 on CPU), hypotheses). Through the task's
+    ``inference_step``, as fairseq-generate: a language model takes its prompt as prefix
+    tokens there. Seeded, so that sampling draws the same for every generator."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     with model_time(generator, device) as in_model, ngram_blocking_time(device) as blocking, torch.no_grad():
+        torch.manual_seed(0)
         synchronize(device)
         started = time.perf_counter()
-        hypotheses = [generator.generate([model], batch) for batch in batches]
+        hypotheses = [task.inference_step(generator, [model], batch) for batch in batches]
         synchronize(device)
         wall = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else 0
@@ -242,7 +275,7 @@ def bench_case(
         assert isinstance(generators[label], FastSequenceGenerator)
     if device.type == "cuda":  # warm-up: kernels, cuBLAS handles, the caching allocator
         for generator in generators.values():
-            run_once(generator, model, batches[:1], device)
+            run_once(generator, model, task, batches[:1], device)
     times: Dict[str, List[float]] = {label: [] for label in generators}
     model_share: Dict[str, List[float]] = {label: [] for label in generators}
     peak = dict.fromkeys(generators, 0)
@@ -250,7 +283,7 @@ def bench_case(
     outputs = {}
     for _ in range(repeats):
         for label, generator in generators.items():
-            wall, in_model, blocking, peak_bytes, outputs[label] = run_once(generator, model, batches, device)
+            wall, in_model, blocking, peak_bytes, outputs[label] = run_once(generator, model, task, batches, device)
             times[label].append(wall)
             model_share[label].append(in_model / wall)
             peak[label] = max(peak[label], peak_bytes)
@@ -268,7 +301,7 @@ def bench_case(
         "options": " ".join(f"{k}={v}" for k, v in case.options.items()),
         "sent_s": {label: case.sentences / seconds for label, seconds in median.items()},
         "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
-        "identical": None if blocks else all(s == n and d <= SCORE_TOLERANCE for s, n, d in agreements),
+        "identical": None if blocks else all(s == n and d <= SCORE_TOLERANCE[device.type] for s, n, d in agreements),
         "same_tokens": None if blocks else min(s / n for s, n, _ in agreements),
         "max_score_diff": None if blocks else max(d for _, _, d in agreements),
         "model_share": {label: statistics.median(shares) for label, shares in model_share.items()},

@@ -128,14 +128,20 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         return self._set_input_buffer(incremental_state, state)
 
 
+# Below this many rows (source tokens x sentences) the encoder output is projected per beam.
+MIN_ROWS_PROJECTED_ONCE = 64
+
+
 class SentenceProjectedEncoderAttention(MultiheadAttention):
     """Encoder-decoder attention fed the encoder output once per sentence, not once per beam.
 
     fairseq's generator copies the encoder output for every beam, and each decoder layer then
     projects every copy to keys and values. Here a layer projects each sentence once and
-    copies the projected rows for its beams: the same values (a row of a matrix product does
-    not depend on the other rows), in the cache layout fairseq uses, so every later step is
-    fairseq's own code.
+    copies the projected rows for its beams, in the cache layout fairseq uses, so every later
+    step is fairseq's own code. The values are bitwise fairseq's as long as the BLAS kernel
+    computes each row the same way whatever the number of rows; for very small products it
+    does not (on x86 CPUs, under about a dozen rows, the last bit can differ), so those, cheap
+    anyway, are projected per beam as fairseq does.
     """
 
     def forward(
@@ -163,8 +169,12 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
     def _project_once_per_sentence(self, key, value, key_padding_mask, beams: int, state) -> None:
         src_len, sentences, _ = key.size()  # (src_len, bsz, embed_dim)
         rows = sentences * beams
+        small = src_len * sentences < MIN_ROWS_PROJECTED_ONCE
         for name, projection, source in (("prev_key", self.k_proj, key), ("prev_value", self.v_proj, value)):
-            projected = projection(source).repeat_interleave(beams, dim=1)  # (src_len, bsz*beams, embed_dim)
+            if small:  # fairseq's way: project every beam's copy
+                projected = projection(source.repeat_interleave(beams, dim=1))
+            else:
+                projected = projection(source).repeat_interleave(beams, dim=1)  # (src_len, bsz*beams, embed_dim)
             # fairseq's layout: (bsz*beams, heads, src_len, head_dim) as a view of the projection
             per_head = projected.view(src_len, rows * self.num_heads, self.head_dim).transpose(0, 1)
             state[name] = per_head.view(rows, self.num_heads, src_len, self.head_dim)

@@ -99,15 +99,18 @@ def test_log_line_says_what_attention_is_accelerated(toy_models, model, expected
     assert describe(models) == expected
 
 
-def test_encoder_projection_once_per_sentence_matches_per_beam():
+@pytest.mark.parametrize(
+    "src_len, sentences, beams",
+    [(7, 3, 4), (1, 1, 5), (3, 1, 4), (7, 1, 5), (11, 1, 2), (64, 1, 5), (200, 2, 4)],
+)  # small products round differently in BLAS (projected per beam); large ones are projected once
+def test_encoder_projection_once_per_sentence_matches_per_beam(src_len, sentences, beams):
     torch.manual_seed(0)
     stock = MultiheadAttention(16, 4, encoder_decoder_attention=True, kdim=16, vdim=16).eval()
     fast = copy.deepcopy(stock)
     fast.__class__ = SentenceProjectedEncoderAttention
-    src_len, sentences, beams = 7, 3, 4
     encoder_out = torch.randn(src_len, sentences, 16)
     padding = torch.zeros(sentences, src_len, dtype=torch.bool)
-    padding[0, :2] = True
+    padding[0, : src_len // 3] = True
     expanded = encoder_out.repeat_interleave(beams, dim=1)
     stock_state, fast_state = {}, {}
     with torch.no_grad():

@@ -27,6 +27,12 @@ def test_bench_case_reports_every_generator_and_consistent_ratios(tiny_row):
     assert table.splitlines()[2].count("|") == table.splitlines()[-1].count("|")
 
 
+def test_language_model_case_continues_prompts_identically():
+    case = Case("lm-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=8))
+    row = bench_case("tiny-lm", case, repeats=1, models={})
+    assert row["identical"] is True and set(row["ratio"]) == {"stock", *FAST_VARIANTS}
+
+
 def test_fp16_table_gives_the_share_of_identical_hypotheses(tiny_row):
     table = markdown([tiny_row], threads=1, repeats=1, dtype="fp16")
     assert "device cpu, dtype fp16" in table.splitlines()[0]

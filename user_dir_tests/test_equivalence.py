@@ -1,4 +1,4 @@
-"""Fast == stock on every fixture model: same hypotheses, same order, scores within 1e-4."""
+"""Fast == stock on every fixture model: same hypotheses, same order, bitwise-equal scores."""
 
 import pytest
 
