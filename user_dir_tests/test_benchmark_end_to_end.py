@@ -1,0 +1,39 @@
+"""The end-to-end benchmarks (pipeline, interactive) run and report consistent figures (no
+speed is asserted)."""
+
+from benchmarks import interactive, pipeline
+
+
+def test_pipeline_benchmark_reports_every_variant(toy_models, tmp_path, capsys):
+    model = toy_models["transformer_sentencepiece"]
+    pipeline.main(
+        [
+            "--data-bin", str(model.data_bin), "--path", str(model.checkpoint), "--spm-model", str(model.bpe_model),
+            "--source-lang", "src", "--target-lang", "tgt", "--batch-size", "16", "--repeats", "1",
+        ]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(pipeline.VARIANTS)
+    assert all(row.endswith("| yes |") for row in rows)  # every variant wrote stock's exact file
+    assert rows[0].split(" | ")[2] == "1.00x"
+    assert "Stock's result: `Generate test with beam=5: BLEU = " in table
+    assert "Post-processing (string conversion" in table
+
+
+def test_interactive_benchmark_reports_latency_and_agreement(toy_models, capsys):
+    model = toy_models["transformer_sentencepiece"]
+    sources = model.data_bin.parent / "corpus" / "test.src"  # raw text; the benchmark applies BPE
+    interactive.main(
+        [
+            "--data-bin", str(model.data_bin), "--path", str(model.checkpoint), "--spm-model", str(model.bpe_model),
+            "--input", str(sources), "--source-lang", "src", "--target-lang", "tgt", "--sentences", "6",
+            "--repeats", "1",
+        ]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert "6 sentences x 1 repeats" in table
+    row = table.splitlines()[-1].split(" | ")
+    assert row[0] == "| interactive, --buffer-size 1" and row[-1] == "yes |"
+    stock_ms, fast_ms, ratio = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
+    assert abs(ratio - stock_ms / fast_ms) < 0.01 + 0.01 * ratio  # rounded cells
