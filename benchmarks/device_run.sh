@@ -10,8 +10,8 @@
 #                   omegaconf, antlr4-python3-runtime, bitarray (its numpy, torch, sacrebleu, ... are used)
 #   .gpu_fixtures/  the tiny fixture checkpoints (<model>/checkpoint_last.pt) and their data-bin (bin/),
 #                   copied from a FASTSEQ_TOY_CACHE folder
-# Writes under $OUT (at most 8 files): summary.txt, env.txt, gpu_check.txt, gpu_check.md,
-# search_fp32.txt, search_fp16.txt. Every step has its own time limit, and a failing step
+# Writes under $OUT (at most 8 files come back): summary.txt (versions, then each step's exit
+# and time), gpu_check.txt, gpu_check.md, search_fp32.txt, search_fp16.txt. Every step has its own time limit, and a failing step
 # does not stop the later ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ step() {
     python3 -c 'import sys, torch, numpy; print("python", sys.version.split()[0], "torch", torch.__version__,
         "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), "numpy", numpy.__version__)'
     git log -1 --oneline 2>/dev/null
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee -a "$OUT/summary.txt"
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step gpu_check 100 python3 -m benchmarks.gpu_check --device cuda --out "$OUT" --fixtures .gpu_fixtures

@@ -8,8 +8,11 @@ exactly fairseq-generate's output. BART summarization checkpoints fine-tuned wit
 ``translation`` task use it unchanged.
 """
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -17,6 +20,8 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .workers import BACKENDS
 
 PIPELINED_TASKS = ("translation_fast",)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,3 +46,30 @@ class TranslationFastConfig(TranslationConfig):
 @register_task("translation_fast", dataclass=TranslationFastConfig)
 class TranslationFastTask(TranslationTask):
     """fairseq's ``translation`` task; generation runs through ``fairseq_fastseq.pipeline``."""
+
+    def get_batch_iterator(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """fairseq's batches, plus the sentences that fairseq's batching drops.
+
+        fairseq 0.12's ``batch_by_size`` drops the last batch when its size is not a multiple
+        of ``--required-batch-size-multiple`` (8 by default), so ``fairseq-generate``
+        silently skips up to 7 of the longest sentences. We keep fairseq's batches as they
+        are and generate the dropped sentences in one more batch at the end.
+        """
+        batch_by_size = dataset.batch_by_size
+
+        def keeping_dropped_sentences(indices, *batch_args, **batch_kwargs):
+            batches = batch_by_size(indices, *batch_args, **batch_kwargs)
+            kept = sum(len(batch) for batch in batches)
+            if kept < len(indices):
+                logger.warning(
+                    f"fairseq's batching drops the last {len(indices) - kept} sentences (batch sizes must be "
+                    "multiples of --required-batch-size-multiple); generating them in one more batch"
+                )
+                batches = [*batches, np.asarray(indices[kept:], dtype=np.int64)]
+            return batches
+
+        dataset.batch_by_size = keeping_dropped_sentences  # this dataset object, this call only
+        try:
+            return super().get_batch_iterator(dataset, *args, **kwargs)
+        finally:
+            del dataset.batch_by_size

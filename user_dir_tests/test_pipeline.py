@@ -5,6 +5,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Tuple
 
 import pytest
 from fairseq import options
@@ -55,11 +56,16 @@ CASES = {
 }
 
 
-def _generate_file(model, results_path, *args) -> str:
+def _generate(model, results_path, *args, subset="test") -> Tuple[str, str]:
+    """fairseq-generate with --results-path: (the results file, stderr)."""
     run = fairseq("generate", [model.data_bin, "--path", model.checkpoint, *COMMON, "--results-path", results_path, *args])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert not (results_path / f"generate-test.txt{INCOMPLETE_SUFFIX}").exists()
-    return (results_path / "generate-test.txt").read_text(encoding="utf-8")
+    assert not (results_path / f"generate-{subset}.txt{INCOMPLETE_SUFFIX}").exists()
+    return (results_path / f"generate-{subset}.txt").read_text(encoding="utf-8"), run.stderr
+
+
+def _generate_file(model, results_path, *args) -> str:
+    return _generate(model, results_path, *args)[0]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -77,6 +83,20 @@ def test_output_file_is_byte_identical_to_fairseq_generate(toy_models, tmp_path,
     if model.bpe_model is not None:  # the data really is BPE-encoded, and really decoded
         assert any(marker in model.data_bin.joinpath("dict.tgt.txt").read_text() for marker in ("@@", "\u2581"))
         assert not [line for line in lines if line.startswith("D-") and ("@@" in line or "\u2581" in line)]
+
+
+def test_sentences_that_fairseqs_batching_drops_are_generated_last(toy_models, tmp_path):
+    """Stock fairseq 0.12 drops a last batch whose size is not a multiple of
+    --required-batch-size-multiple (8): of the 100 valid sentences it writes 96."""
+    model = toy_models["transformer"]
+    valid = ["--gen-subset", "valid", "--batch-size", "16"]
+    stock, _ = _generate(model, tmp_path / "stock", *valid, subset="valid")
+    fast, log = _generate(model, tmp_path / "fast", *valid, *with_plugin("--task", "translation_fast"), subset="valid")
+    assert "fairseq's batching drops the last 4 sentences" in log
+    ids = lambda text: [line.split("\t")[0][2:] for line in text.splitlines() if line.startswith("S-")]  # noqa: E731
+    assert len(ids(stock)) == 96 and sorted(ids(fast), key=int) == [str(i) for i in range(100)]
+    stock_results = stock.splitlines()[:-1]  # all but the BLEU line
+    assert fast.splitlines()[: len(stock_results)] == stock_results  # then the 4 dropped sentences
 
 
 def test_hydra_override_selects_the_pipeline(toy_models, tmp_path):
