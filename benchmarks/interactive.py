@@ -12,6 +12,7 @@ defaults use the bundled Spanish-English Bible model on the first test verses.
 
 import argparse
 import contextlib
+import gzip
 import io
 import logging
 import statistics
@@ -73,30 +74,37 @@ def markdown(result: Dict, threads: int, repeats: int, description: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-bin", default=str(BIBLE / "data-bin"))
+    parser.add_argument("--data-bin", default=str(BIBLE))
     parser.add_argument("--path", default=str(BIBLE / "model.pt"))
     parser.add_argument("--spm-model", default=str(BIBLE / "spm.model"))
-    parser.add_argument("--input", default=str(BIBLE / "test.es"), help="raw source sentences, one per line")
+    parser.add_argument(
+        "--input", default=str(BIBLE.parent / "data" / "test.es.gz"), help="raw source sentences, one per line (.gz too)"
+    )
     parser.add_argument("--source-lang", default="es")
     parser.add_argument("--target-lang", default="en")
     parser.add_argument("--sentences", type=int, default=32)
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.WARNING)
-    lines = Path(args.input).read_text(encoding="utf-8").splitlines()[: args.sentences]
+    opener = gzip.open if args.input.endswith(".gz") else open
+    with opener(args.input, "rt", encoding="utf-8") as source:
+        lines = source.read().splitlines()[: args.sentences]
     with tempfile.TemporaryDirectory() as workdir:
         input_file = Path(workdir) / "input.txt"
         input_file.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         common = [
-            args.data_bin, "--path", args.path, "--cpu", "--input", str(input_file), "--buffer-size", "1",
+            args.data_bin, "--path", args.path, "--input", str(input_file), "--buffer-size", "1",
+            *(["--cpu"] if args.device == "cpu" else []),
             "--source-lang", args.source_lang, "--target-lang", args.target_lang, "--beam", str(args.beam),
             "--bpe", "sentencepiece", "--sentencepiece-model", args.spm_model,
         ]  # fmt: skip
         result = bench(common, args.repeats)
-    description = f"`{Path(args.path).name}`, beam {args.beam}, sentencepiece"
+    device = f"cuda ({torch.cuda.get_device_name()})" if args.device == "cuda" else "cpu"
+    description = f"`{Path(args.path).name}`, beam {args.beam}, sentencepiece, device {device}"
     print(markdown(result, torch.get_num_threads(), args.repeats, description))
 
 

@@ -219,8 +219,8 @@ def export(save_dir: Path, out: Path, average_last: int = AVERAGE_LAST, data_bin
     """Write a small inference checkpoint: the final one (or the mean of the last epochs), fp16 weights.
 
     It stays a normal fairseq checkpoint dict (``cfg``, ``model``, last ``optimizer_history``
-    entry, minimal ``extra_state``), without the optimizer state. Tensors that share storage
-    in training (the tied embeddings) keep sharing it, so they are stored once. fairseq's
+    entry, minimal ``extra_state``), without the optimizer state. Equal tensors (the tied
+    embeddings: fairseq saves a GPU run's copies separately) are stored once. fairseq's
     ``load_state_dict`` copies the fp16 values into the fp32 model. With ``data_bin``, the
     file is loaded back through fairseq to check exactly that.
     """
@@ -233,12 +233,10 @@ def export(save_dir: Path, out: Path, average_last: int = AVERAGE_LAST, data_bin
         for key, tensor in state["model"].items():
             if tensor.is_floating_point():
                 total[key] = total[key] + tensor.float() if key in total else tensor.float().clone()
-    weights, shared = {}, {}
+    weights = {}
     for key, tensor in state["model"].items():  # the last checkpoint fixes layout and non-float values
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if storage not in shared:
-            shared[storage] = (total[key] / len(paths)).half() if tensor.is_floating_point() else tensor
-        weights[key] = shared[storage]
+        weights[key] = (total[key] / len(paths)).half() if tensor.is_floating_point() else tensor
+    weights = share_equal_tensors(weights)
     extra = state["extra_state"]
     exported = {
         "cfg": state["cfg"],
@@ -254,6 +252,21 @@ def export(save_dir: Path, out: Path, average_last: int = AVERAGE_LAST, data_bin
     if data_bin is not None:
         _check_loads_as_fp32(out, data_bin)
     return out
+
+
+def share_equal_tensors(weights: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+    """``weights`` with every tensor equal to an earlier one replaced by that one, so that
+    ``torch.save`` stores it once."""
+    import torch
+
+    kept: List[torch.Tensor] = []
+    shared = {}
+    for key, tensor in weights.items():
+        same = next((k for k in kept if k.shape == tensor.shape and k.dtype == tensor.dtype and torch.equal(k, tensor)), None)
+        if same is None:
+            kept.append(tensor)
+        shared[key] = tensor if same is None else same
+    return shared
 
 
 def _check_loads_as_fp32(checkpoint: Path, data_bin: Path) -> None:
