@@ -1,5 +1,6 @@
 """Clear errors where fairseq and PyTorch report a cause only by its symptom.
 
+- A missing checkpoint is "Model file not found", without the flag that named it.
 - A checkpoint trained with other dictionaries than the data-bin's fails in
   ``load_state_dict`` with a ``size mismatch`` that names tensors, not the cause.
 - A batch too large for memory fails deep in an allocation ("DefaultCPUAllocator: can't
@@ -24,11 +25,23 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint was trained with other dictionaries than the data-bin's."""
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint named by --path does not exist."""
+
+
 @contextmanager
 def clear_load_errors(checkpoint: str, data: str) -> Iterator[None]:
-    """Turn a dictionary-size mismatch raised inside the block into ``CheckpointMismatchError``."""
+    """Turn a missing checkpoint or a dictionary-size mismatch raised inside the block into
+    ``CheckpointNotFoundError`` or ``CheckpointMismatchError``."""
     try:
         yield
+    except OSError as error:
+        if not str(error).startswith("Model file not found: "):
+            raise
+        raise CheckpointNotFoundError(
+            f"{error}. Check --path (checkpoints of an ensemble are separated by ':'; "
+            f"this run has --path {checkpoint})."
+        ) from error
     except RuntimeError as error:
         found = _SIZE_MISMATCH.search(str(error))
         if found is None or not found["param"].endswith(_DICTIONARY_SIZED):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fairseq_fastseq import toy
-from fairseq_fastseq.errors import CheckpointMismatchError, GenerationOutOfMemoryError
+from fairseq_fastseq.errors import CheckpointMismatchError, CheckpointNotFoundError, GenerationOutOfMemoryError
 
 from .cli import fairseq, generate_results, with_plugin
 from .conftest import REPO
@@ -24,6 +24,16 @@ def test_checkpoint_of_other_dictionaries_names_the_problem(toy_models, selectio
     assert CheckpointMismatchError.__name__ in run.stderr
     assert f"does not match the dictionaries of data-bin {other.data_bin}" in run.stderr
     assert "--srcdict/--tgtdict" in run.stderr
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_missing_checkpoint_names_the_flag(toy_models, tmp_path, selection):
+    model = toy_models["transformer"]
+    missing = f"{model.checkpoint}:{tmp_path / 'nowhere.pt'}"
+    run = fairseq("generate", [model.data_bin, "--path", missing, "--cpu", *with_plugin(*SELECTIONS[selection])])
+    assert run.returncode != 0
+    assert CheckpointNotFoundError.__name__ in run.stderr
+    assert f"Model file not found: {tmp_path / 'nowhere.pt'}. Check --path" in run.stderr
 
 
 @pytest.mark.parametrize("selection", list(SELECTIONS))
