@@ -15,11 +15,12 @@ stopped by Ctrl-C, a failing worker or an error leaves no file that looks comple
 """
 
 import ast
+import collections
 import logging
 import os
 import sys
 from argparse import Namespace
-from typing import Any, List, TextIO
+from typing import Any, Deque, Iterable, List, Optional, TextIO, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from fairseq.logging.meters import StopwatchMeter, TimeMeter
 from omegaconf import DictConfig
 
 from .formatting import BatchFormatter, FormattedBatch, GeneratedBatch, map_arrays
+from .distributed import Ranks
 from .errors import clear_load_errors, explain_out_of_memory
 from .workers import OrderedWorkers
 
@@ -40,12 +42,23 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 def main(cfg: Any) -> Any:
-    """Generate ``cfg.dataset.gen_subset`` as fairseq-generate would; return the scorer."""
+    """Generate ``cfg.dataset.gen_subset`` as fairseq-generate would; return the scorer (on
+    rank 0 of a torchrun job; the other ranks return None)."""
     if isinstance(cfg, Namespace):
         cfg = convert_namespace_to_omegaconf(cfg)
     _check_options(cfg)
-    if cfg.common_eval.results_path is None:
-        return _generate(cfg, sys.stdout)
+    ranks = Ranks.from_environment(cfg.task.distributed_timeout_seconds)
+    try:
+        if not ranks.writes_output:
+            return _generate(cfg, None, ranks)
+        if cfg.common_eval.results_path is None:
+            return _generate(cfg, sys.stdout, ranks)
+        return _generate_to_results_file(cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def _generate_to_results_file(cfg: DictConfig, ranks: Ranks) -> Any:
     os.makedirs(cfg.common_eval.results_path, exist_ok=True)
     final = os.path.join(cfg.common_eval.results_path, f"generate-{cfg.dataset.gen_subset}.txt")
     partial = final + INCOMPLETE_SUFFIX
@@ -53,7 +66,7 @@ def main(cfg: Any) -> Any:
         os.remove(final)  # an older run's results must not pass for this run's
     try:
         with open(partial, "w", buffering=1, encoding="utf-8") as output:
-            scorer = _generate(cfg, output)
+            scorer = _generate(cfg, output, ranks)
     except BaseException:
         logger.error("generation stopped before the end; what was written is in %s", partial)
         raise
@@ -70,13 +83,14 @@ def _check_options(cfg: DictConfig) -> None:
         raise ValueError("--replace-unk needs the raw source text: add --dataset-impl raw")
 
 
-def _generate(cfg: DictConfig, output: TextIO) -> Any:
-    # fairseq-generate sends its log lines where its results go (stdout or the results file).
+def _generate(cfg: DictConfig, output: Optional[TextIO], ranks: Ranks) -> Any:
+    # fairseq-generate sends its log lines where its results go (stdout or the results file);
+    # ranks other than 0 write no results and log only warnings, on stderr.
     logging.basicConfig(
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=output,
+        level=os.environ.get("LOGLEVEL", "INFO").upper() if ranks.writes_output else "WARNING",
+        stream=output or sys.stderr,
     )
     utils.import_user_module(cfg.common)
     if cfg.dataset.max_tokens is None and cfg.dataset.batch_size is None:
@@ -98,8 +112,8 @@ def _generate(cfg: DictConfig, output: TextIO) -> Any:
         ignore_invalid_inputs=cfg.dataset.skip_invalid_size_inputs_valid_test,
         required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
         seed=cfg.common.seed,
-        num_shards=cfg.distributed_training.distributed_world_size,
-        shard_id=cfg.distributed_training.distributed_rank,
+        num_shards=ranks.world if ranks.world > 1 else cfg.distributed_training.distributed_world_size,
+        shard_id=ranks.rank if ranks.world > 1 else cfg.distributed_training.distributed_rank,
         num_workers=cfg.dataset.num_workers,
         data_buffer_size=cfg.dataset.data_buffer_size,
     ).next_epoch_itr(shuffle=False)
@@ -124,8 +138,11 @@ def _generate(cfg: DictConfig, output: TextIO) -> Any:
         if workers_count
         else "pipeline: post-processing on the main process, between batches"
     )
+    if ranks.world > 1:
+        logger.info(f"pipeline: rank {ranks.rank} of {ranks.world} generates batches {ranks.rank}, {ranks.rank} + {ranks.world}, ...")
+    shard = _Shard(ranks, writer)
     with OrderedWorkers(formatter, workers_count, backend) as workers:
-        for sample in progress:
+        for position, sample in enumerate(progress):
             sample = utils.move_to_cuda(sample) if use_cuda else sample
             if "net_input" not in sample:
                 continue
@@ -138,16 +155,21 @@ def _generate(cfg: DictConfig, output: TextIO) -> Any:
             generated_tokens = sum(len(nbest[0]["tokens"]) for nbest in hypotheses)
             gen_timer.stop(generated_tokens)
             has_target = sample["target"] is not None
-            writer.write(workers.submit(_to_cpu(sample, hypotheses, cfg.generation.nbest)))
+            shard.submitted(position)
+            shard.add(workers.submit(_to_cpu(sample, hypotheses, cfg.generation.nbest)))
             wps_meter.update(generated_tokens)
             progress.log({"wps": round(wps_meter.avg)})
             sentences += sample["nsentences"] if "nsentences" in sample else sample["id"].numel()
-        writer.write(workers.drain())
+        shard.add(workers.drain())
+    totals = shard.finish(sentences, gen_timer.n, gen_timer.sum, has_target)
+    if totals is None:  # a rank other than 0: rank 0 writes everything
+        return None
+    sentences, tokens, seconds, has_target = totals
 
     logger.info("NOTE: hypothesis and token scores are output in base 2")
     logger.info(
-        f"Translated {sentences:,} sentences ({gen_timer.n:,} tokens) in {gen_timer.sum:.1f}s "
-        f"({sentences / gen_timer.sum:.2f} sentences/s, {1.0 / gen_timer.avg:.2f} tokens/s)"
+        f"Translated {sentences:,} sentences ({tokens:,} tokens) in {seconds:.1f}s "
+        f"({sentences / seconds:.2f} sentences/s, {tokens / seconds:.2f} tokens/s)"
     )
     if has_target:
         _warn_about_bpe_bleu(cfg)
@@ -217,6 +239,44 @@ def _to_cpu(sample: dict, hypotheses: list, nbest: int) -> GeneratedBatch:
         target=map_arrays(sample["target"], torch.Tensor.cpu),
         hypotheses=map_arrays(kept, torch.Tensor.cpu),
     )
+
+
+class _Shard:
+    """Where formatted batches go: straight to the writer in a single process; under torchrun,
+    kept with their global batch index until rank 0 gathers and writes every rank's batches."""
+
+    def __init__(self, ranks: Ranks, writer: "_OrderedWriter") -> None:
+        self.ranks, self.writer = ranks, writer
+        self.positions: Deque[int] = collections.deque()  # of batches handed to the workers
+        self.kept: List[Tuple[int, FormattedBatch]] = []
+
+    def submitted(self, position: int) -> None:
+        self.positions.append(self.ranks.global_batch_index(position))
+
+    def add(self, batches: Iterable[FormattedBatch]) -> None:
+        for batch in batches:  # the workers return batches in submission order
+            index = self.positions.popleft()
+            if self.ranks.world == 1:
+                self.writer.write([batch])
+            else:
+                self.kept.append((index, batch))
+
+    def finish(self, sentences: int, tokens: int, seconds: float, has_target: bool) -> Optional[Tuple]:
+        """(sentences, generated tokens, generation seconds, has_target) over all ranks, on
+        rank 0 after writing the other ranks' batches in order; None on the other ranks."""
+        if self.ranks.world == 1:
+            return sentences, tokens, seconds, has_target
+        shards = self.ranks.gather((self.kept, sentences, tokens, seconds, has_target))
+        if not self.ranks.writes_output:
+            return None
+        merged = sorted((item for kept, *_ in shards for item in kept), key=lambda item: item[0])
+        self.writer.write(batch for _, batch in merged)
+        return (
+            sum(shard[1] for shard in shards),
+            sum(shard[2] for shard in shards),
+            max(shard[3] for shard in shards),  # the ranks ran side by side
+            any(shard[4] for shard in shards),
+        )
 
 
 class _OrderedWriter:

@@ -41,6 +41,13 @@ class TranslationFastConfig(TranslationConfig):
             "detokenizers) or 'thread' (no copies; parallel only while the decoder releases the GIL)"
         },
     )
+    distributed_timeout_seconds: float = field(
+        default=1800.0,
+        metadata={
+            "help": "under torchrun: how long a rank waits for the others in a collective before "
+            "giving up with an error (ranks finish within a few batches of each other)"
+        },
+    )
 
 
 @register_task("translation_fast", dataclass=TranslationFastConfig)

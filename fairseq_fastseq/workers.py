@@ -12,6 +12,8 @@ process that dies (SIGKILL, out of memory), never leaves the caller waiting.
 """
 
 import collections
+import ctypes
+import ctypes.util
 import multiprocessing
 import signal
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -19,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 BACKENDS = ("process", "thread")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _worker_function: Optional[Callable[[Any], Any]] = None
 
@@ -30,9 +33,20 @@ class PostProcessingError(RuntimeError):
 def _start_worker(function: Callable[[Any], Any]) -> None:
     # Forked workers inherit the function (no pickling of tokenizers or dictionaries). Ctrl-C
     # reaches the whole process group: only the parent reacts, and stops the workers itself.
+    # A parent killed outright (SIGKILL, OOM killer, torchrun stopping a rank) cannot stop
+    # them: on Linux the kernel does, so no orphan keeps the run's pipes open.
     global _worker_function
     _worker_function = function
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers end when their queue closes
+        pass
 
 
 def _call_worker_function(item: Any) -> Any:
