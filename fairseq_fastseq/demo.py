@@ -1,6 +1,6 @@
 """Demo: translate Bible verses from Spanish with the bundled model, stock vs fast, offline.
 
-    python -m fairseq_fastseq.demo [--verses 40] [--beam 5] [--model-dir examples/bible/model]
+    python -m fairseq_fastseq.demo [--verses 20] [--beam 5] [--model-dir examples/bible/model]
 
 Runs the real ``fairseq-interactive`` twice on the first test verses of the bundled
 Spanish-English model (``examples/bible``: a small transformer trained on the public-domain
@@ -10,7 +10,6 @@ prints a few translations next to the reference, and how many translations agree
 
 import argparse
 import gzip
-import logging
 import os
 import re
 import subprocess
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-logger = logging.getLogger("fairseq_fastseq.demo")
 PLUGIN_DIR = Path(__file__).resolve().parent
 BIBLE = PLUGIN_DIR.parent / "examples" / "bible"
 HYPOTHESIS_LINE = re.compile(r"^D-(\d+)\t[^\t]*\t(.*)$")
@@ -57,11 +55,10 @@ def translate(model_dir: Path, sources: Path, generator: str, beam: int) -> Tupl
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verses", type=int, default=40, help="how many test verses to translate")
+    parser.add_argument("--verses", type=int, default=20, help="how many test verses to translate")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, default=BIBLE / "model")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if not (args.model_dir / "model.pt").exists():
         parser.error(f"no model.pt in {args.model_dir}: run from a checkout of fairseq_fastseq, or pass --model-dir")
 
@@ -73,12 +70,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         source_file.write_text("".join(line + "\n" for line in sources), encoding="utf-8")
         for generator in ("stock", "fast"):
             outputs[generator], seconds = translate(args.model_dir, source_file, generator, args.beam)
-            logger.info("fairseq-interactive --generator %s: %d verses in %.1f s", generator, len(sources), seconds)
+            print(f"fairseq-interactive --generator {generator}: {len(sources)} verses in {seconds:.1f} s", flush=True)
     for source, translation, reference in list(zip(sources, outputs["fast"], references))[:SHOWN]:
-        logger.info("\nes:        %s\nen (fast): %s\nen (ref.): %s", source, translation, reference)
+        print(f"\nes:        {source}\nen (fast): {translation}\nen (ref.): {reference}")
     same = sum(a == b for a, b in zip(outputs["stock"], outputs["fast"]))
     total = max(len(outputs["stock"]), len(outputs["fast"]))
-    logger.info("\nagreement: %d/%d translations identical, stock vs fast (beam %d)", same, total, args.beam)
+    print(f"\nagreement: {same}/{total} translations identical, stock vs fast (beam {args.beam})")
     return 0 if same == total == len(sources) else 1
 
 

@@ -43,6 +43,7 @@ def test_fp16_table_gives_the_share_of_identical_hypotheses(tiny_row):
 def two_fixture_checks(monkeypatch):
     """gpu_check's fixture part cut to one model and two option sets (seconds on CPU)."""
     monkeypatch.setattr(gpu_check, "FIXTURE_MODELS", ["transformer"])
+    monkeypatch.setattr(gpu_check, "NGRAM_SHAPES", gpu_check.NGRAM_SHAPES[:4])  # the naive reference is slow
     monkeypatch.setattr(gpu_check, "OPTION_SETS", {k: gpu_check.OPTION_SETS[k] for k in ("beam5_nbest2", "beam4_ngram2")})
 
 

@@ -35,7 +35,6 @@ INTERACTIVE_CASES = {
     "transformer-beam5-nbest2": ("transformer", ["--beam", "5", "--nbest", "2"]),
     "bart-beam4": ("bart", ["--beam", "4"]),
     "lm-beam4": ("transformer_lm", ["--beam", "4", "--max-len-b", "20"]),
-    "lm-greedy": ("transformer_lm", ["--beam", "1", "--max-len-b", "20"]),
     "lm-top-p-sampling": ("transformer_lm", ["--beam", "2", "--nbest", "2", "--sampling", "--sampling-topp", "0.9", "--seed", "7", "--max-len-b", "20"]),
 }
 
