@@ -64,7 +64,11 @@ LANGUAGE_MODELS: Dict[str, List[str]] = {
 
 
 def write_corpus(directory: Path, seed: int = 0) -> None:
-    """Write ``{train,valid,test}.{src,tgt}``: random word strings and their reversed relabelling."""
+    """Write ``{train,valid,test}.{src,tgt}``: random word strings and their reversed relabelling.
+
+    An existing corpus is kept as it is (it may be in use by another test process)."""
+    if (directory / f"test.{TARGET_LANG}").exists():
+        return
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for split, size in SPLIT_SIZES.items():
@@ -88,7 +92,13 @@ BPE_KINDS = ("subword_nmt", "sentencepiece")
 
 def write_bpe_corpus(corpus: Path, directory: Path, kind: str) -> Path:
     """A BPE-encoded copy of ``corpus`` (with some target words as punctuation); returns the
-    BPE model file (subword-nmt codes or a sentencepiece model) that decodes it."""
+    BPE model file (subword-nmt codes or a sentencepiece model) that decodes it. An existing
+    one is kept as it is (it may be in use by another test process)."""
+    if kind not in BPE_KINDS:
+        raise ValueError(f"unknown BPE kind {kind!r}; one of {BPE_KINDS}")
+    model = directory / ("codes" if kind == "subword_nmt" else "spm.model")
+    if model.exists() and (directory / f"test.{TARGET_LANG}").exists():
+        return model
     directory.mkdir(parents=True, exist_ok=True)
     texts = {}
     for split in SPLIT_SIZES:
@@ -103,23 +113,19 @@ def write_bpe_corpus(corpus: Path, directory: Path, kind: str) -> Path:
         from subword_nmt.apply_bpe import BPE
         from subword_nmt.learn_bpe import learn_bpe
 
-        model = directory / "codes"
         with open(training_text) as infile, open(model, "w") as outfile:
             learn_bpe(infile, outfile, num_symbols=12)  # few merges: most words stay split
         with open(model) as codes:
             encode = BPE(codes).process_line
-    elif kind == "sentencepiece":
+    else:
         import sentencepiece
 
         sentencepiece.SentencePieceTrainer.train(
             input=str(training_text), model_prefix=str(directory / "spm"), vocab_size=32,
             model_type="bpe", minloglevel=2,
         )  # fmt: skip
-        model = directory / "spm.model"
         processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
         encode = lambda line: " ".join(processor.encode(line, out_type=str))  # noqa: E731
-    else:
-        raise ValueError(f"unknown BPE kind {kind!r}; one of {BPE_KINDS}")
     for (split, lang), lines in texts.items():
         (directory / f"{split}.{lang}").write_text("".join(encode(line) + "\n" for line in lines))
     return model

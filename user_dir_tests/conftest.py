@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
+from filelock import FileLock
 from hypothesis import HealthCheck, settings
 
 from fairseq_fastseq import toy
@@ -39,9 +40,23 @@ class ToyModel:
 
 @pytest.fixture(scope="session")
 def toy_models(tmp_path_factory) -> Dict[str, ToyModel]:
-    """Built fresh in a temp dir; FASTSEQ_TOY_CACHE=DIR reuses a previous build (local runs)."""
+    """Built fresh in a temp dir; FASTSEQ_TOY_CACHE=DIR reuses a previous build (local runs).
+
+    Under pytest-xdist (``-n 2``) the workers share one build: the first builds it under a
+    file lock, the others wait for it and then reuse it (each step skips what exists).
+    """
     cache = os.environ.get("FASTSEQ_TOY_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("toy")
+    if cache:
+        root = Path(cache)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "toy"  # the run's folder, shared by its workers
+    else:
+        root = tmp_path_factory.mktemp("toy")
+    with FileLock(f"{root}.lock"):
+        return _build_toy_models(root)
+
+
+def _build_toy_models(root: Path) -> Dict[str, ToyModel]:
     corpus = root / "corpus"
     toy.write_corpus(corpus)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
