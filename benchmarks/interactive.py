@@ -12,7 +12,6 @@ defaults use the bundled Spanish-English Bible model on the first test verses.
 
 import argparse
 import contextlib
-import gzip
 import io
 import logging
 import statistics
@@ -23,6 +22,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from fairseq import options
 from fairseq_cli import interactive
+
+from fairseq_fastseq.demo import read_lines
 
 from .pipeline import BIBLE, PLUGIN
 from .search import cpu_name
@@ -90,9 +91,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.WARNING)
-    opener = gzip.open if args.input.endswith(".gz") else open
-    with opener(args.input, "rt", encoding="utf-8") as source:
-        lines = source.read().splitlines()[: args.sentences]
+    lines = read_lines(Path(args.input), args.sentences)
     with tempfile.TemporaryDirectory() as workdir:
         input_file = Path(workdir) / "input.txt"
         input_file.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -25,7 +25,6 @@ the reference verses (``test.en.gz``).
 """
 
 import argparse
-import gzip
 import logging
 import statistics
 import sys
@@ -38,6 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import fairseq_fastseq  # noqa: F401  (allow-lists fairseq's checkpoint globals for torch.load)
+
+from fairseq_fastseq.demo import read_lines
 
 from .pipeline import BIBLE
 from .search import cpu_name
@@ -73,11 +74,6 @@ def failure(what: str, error: BaseException) -> str:
     """A one-line table note for an error."""
     text = f"{what}: {type(error).__name__}: {error}".replace("|", "/").replace("\n", " ")
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def read_lines(path: Path, count: int) -> List[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as lines:
-        return lines.read().splitlines()[:count]
 
 
 def batched(items: Sequence, size: int) -> List[List]:

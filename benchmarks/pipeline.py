@@ -27,12 +27,11 @@ from fairseq import options
 from fairseq_cli import generate
 
 import fairseq_fastseq
-from fairseq_fastseq import formatting
+from fairseq_fastseq import demo, formatting
 
 from .search import cpu_name
 
-REPO = Path(__file__).resolve().parents[1]
-BIBLE = REPO / "examples" / "bible" / "model"
+BIBLE = demo.BIBLE / "model"
 PLUGIN = ["--user-dir", str(Path(fairseq_fastseq.__file__).parent)]
 
 # label -> extra fairseq-generate flags

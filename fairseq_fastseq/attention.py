@@ -205,15 +205,13 @@ def _swappable(
 def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True) -> str:
     """One line for the log: which attention ``fast_attention`` accelerates in ``models``, and why not."""
     self_attn, encoder_attn = _swappable(models, time_major_self_attn, per_sentence_encoder)
-    if not any(isinstance(m, MultiheadAttention) for model in models for m in model.modules()):
+    attention = [m for model in models for m in model.modules() if isinstance(m, MultiheadAttention)]
+    if not attention:
         names = ", ".join(sorted({type(model).__name__ for model in models}))
         return f"fairseq's ({names} has no fairseq MultiheadAttention; the fast search still applies)"
-    has_encoder_attention = any(
-        isinstance(m, MultiheadAttention) and m.encoder_decoder_attention for model in models for m in model.modules()
-    )
     if encoder_attn:
         encoder_part = "encoder keys/values once per sentence"
-    elif has_encoder_attention:
+    elif any(m.encoder_decoder_attention for m in attention):
         encoder_part = "fairseq's (or the model's own) encoder attention"
     else:
         encoder_part = "no encoder attention (decoder-only)"

@@ -25,9 +25,11 @@ HYPOTHESIS_LINE = re.compile(r"^D-(\d+)\t[^\t]*\t(.*)$")
 SHOWN = 3
 
 
-def read_verses(data: Path, language: str, count: int) -> List[str]:
-    with gzip.open(data / f"test.{language}.gz", "rt", encoding="utf-8") as verses:
-        return verses.read().splitlines()[:count]
+def read_lines(path: Path, count: int) -> List[str]:
+    """The first ``count`` lines of a text file, gzipped (``.gz``) or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        return lines.read().splitlines()[:count]
 
 
 def translate(model_dir: Path, sources: Path, generator: str, beam: int) -> Tuple[List[str], float]:
@@ -62,8 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not (args.model_dir / "model.pt").exists():
         parser.error(f"no model.pt in {args.model_dir}: run from a checkout of fairseq_fastseq, or pass --model-dir")
 
-    sources = read_verses(BIBLE / "data", "es", args.verses)
-    references = read_verses(BIBLE / "data", "en", args.verses)
+    sources = read_lines(BIBLE / "data" / "test.es.gz", args.verses)
+    references = read_lines(BIBLE / "data" / "test.en.gz", args.verses)
     outputs = {}
     with tempfile.TemporaryDirectory() as scratch:
         source_file = Path(scratch) / "test.es"

@@ -120,14 +120,11 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
 def _route_generate_main(generate_main: Callable) -> Callable:
     @functools.wraps(generate_main)
     def routed(cfg: Any) -> Any:
-        if isinstance(cfg, Namespace):
-            task, choice = getattr(cfg, "task", None), getattr(cfg, "generator", None)
-        else:
-            task, choice = OmegaConf.select(cfg, "task._name"), OmegaConf.select(cfg, "generator", default=None)
+        task, choice, path, data = _run_settings(cfg)
         if task in PIPELINED_TASKS:
             return pipeline.main(cfg)
         if choice == "fast":
-            with clear_load_errors(cfg.path if isinstance(cfg, Namespace) else cfg.common_eval.path, _data(cfg)):
+            with clear_load_errors(path, data):
                 return generate_main(cfg)
         return generate_main(cfg)
 
@@ -135,8 +132,13 @@ def _route_generate_main(generate_main: Callable) -> Callable:
     return routed
 
 
-def _data(cfg: Any) -> Optional[str]:
-    return getattr(cfg, "data", None) if isinstance(cfg, Namespace) else OmegaConf.select(cfg, "task.data")
+def _run_settings(cfg: Any) -> Tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+    """(task, generator, --path, data-bin) of a generate run, from its parsed command line
+    (a flat Namespace) or its Hydra config."""
+    if isinstance(cfg, Namespace):
+        return tuple(getattr(cfg, name, None) for name in ("task", "generator", "path", "data"))
+    keys = ("task._name", "generator", "common_eval.path", "task.data")
+    return tuple(OmegaConf.select(cfg, key, default=None) for key in keys)
 
 
 def _generate_modules() -> List[Any]:

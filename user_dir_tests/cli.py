@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .conftest import PLUGIN_DIR
 
@@ -24,10 +24,7 @@ def fairseq(
     plugin, the safe unpickler stays on.
     """
     args = [str(arg) for arg in args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    if "--user-dir" not in args:
-        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    env = tool_environment(args)
     return subprocess.run(
         [str(BIN_DIR / f"fairseq-{tool}"), *args],
         input=input,
@@ -36,6 +33,15 @@ def fairseq(
         env=env,
         timeout=timeout,
     )
+
+
+def tool_environment(args: Sequence[str]) -> Dict[str, str]:
+    """One intra-op thread; the safe unpickler switched off only for stock runs (no plugin)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    if "--user-dir" not in args:
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    return env
 
 
 def with_plugin(*args: str) -> List[str]:

@@ -13,17 +13,16 @@ from fairseq.models.transformer import TransformerModel
 
 from fairseq_fastseq.library import FastGenerator
 
-from .cli import BIN_DIR, fairseq, with_plugin
+from .cli import BIN_DIR, fairseq, tool_environment, with_plugin
 
 PIPELINE = with_plugin("--task", "translation_fast", "--generator", "fast")
 
 
 def torchrun(*args, processes=2) -> subprocess.Popen:
     command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc-per-node={processes}", str(BIN_DIR / "fairseq-generate")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    args = [str(arg) for arg in args]
     return subprocess.Popen(
-        [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_environment(args),
         start_new_session=True,
     )  # fmt: skip
 
