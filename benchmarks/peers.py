@@ -36,14 +36,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-import fairseq_fastseq  # noqa: F401  (allow-lists fairseq's checkpoint globals for torch.load)
-
 from fairseq_fastseq.demo import read_lines
 
-from .pipeline import BIBLE
+from . import bible
+from .memory import RssPeak, highest, peak_rss
 from .search import cpu_name
 
-DATA = BIBLE.parent / "data"
 STOCK, FAST, CT2_FP32, CT2_INT8 = "fairseq stock", "fairseq fast generator", "CTranslate2 fp32", "CTranslate2 int8"
 ENGINES = (STOCK, FAST, CT2_FP32, CT2_INT8)
 CT2_COMPUTE = {CT2_FP32: ("float32", None), CT2_INT8: ("int8", "int8")}  # compute_type, quantization
@@ -59,6 +57,7 @@ class Row:
     differs: Optional[float] = None  # share of sentences whose decoded output differs from stock's
     bleu: Optional[float] = None
     note: str = ""
+    rss: RssPeak = field(default_factory=RssPeak)  # the process's resident memory while it ran
 
 
 @dataclass
@@ -68,6 +67,7 @@ class Engine:
     note: str = ""  # why it cannot run (then translate is None)
     times: List[float] = field(default_factory=list)
     outputs: List[List[str]] = field(default_factory=list)
+    peaks: List[RssPeak] = field(default_factory=list)
 
 
 def failure(what: str, error: BaseException) -> str:
@@ -89,7 +89,12 @@ def differ_share(reference: Sequence[str], outputs: Sequence[str]) -> float:
 
 
 def summarize(
-    times: Dict[str, List[float]], outputs: Dict[str, List[str]], sentences: int, bleu: Dict[str, float], notes: Dict
+    times: Dict[str, List[float]],
+    outputs: Dict[str, List[str]],
+    sentences: int,
+    bleu: Dict[str, float],
+    notes: Dict,
+    peaks: Optional[Dict[str, RssPeak]] = None,
 ) -> List[Row]:
     """Rows in ``ENGINES`` order: sentences/s from the median time, ratio vs stock's sentences/s,
     the share of outputs that differ from stock's; an engine that did not run keeps its note."""
@@ -108,6 +113,7 @@ def summarize(
                 differs=differ_share(outputs[STOCK], outputs[engine]) if STOCK in outputs else None,
                 bleu=bleu.get(engine),
                 note=notes.get(engine, ""),
+                rss=(peaks or {}).get(engine, RssPeak()),
             )
         )
     return rows
@@ -137,35 +143,24 @@ def markdown(rows: Sequence[Row], header: str) -> str:
 
 
 def fairseq_engines(model_path: str, data_dir: str, beam: int, batches: List[List[List[str]]]) -> List[Engine]:
-    from fairseq import checkpoint_utils
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
     from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [model_path], arg_overrides={"data": data_dir, "source_lang": "es", "target_lang": "en"}
-    )
-    model = models[0].eval()
+    model, task = bible.load(Path(model_path), Path(data_dir))
     # fairseq-generate's defaults: max_len_a 0, max_len_b 200, min_len 1, lenpen 1.
     gen_cfg = GenerationConfig(beam=beam)
     assert (gen_cfg.max_len_a, gen_cfg.max_len_b, gen_cfg.min_len, gen_cfg.lenpen) == (0, MAX_LEN_B, 1, 1)
     stock = task.build_generator([model], gen_cfg)
     fast = accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error"))
     assert isinstance(fast, FastSequenceGenerator)
-    src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
-
-    def collate(batch: List[List[str]]) -> Dict:
-        # The same ids and left-padded layout as fairseq-generate's batches of binarized data.
-        tokens = [src_dict.encode_line(" ".join(pieces), add_if_not_exist=False).long() for pieces in batch]
-        dataset = task.build_dataset_for_inference(tokens, [len(t) for t in tokens])
-        return dataset.collater([dataset[i] for i in range(len(tokens))])
-
-    collated = {id(batch): collate(batch) for batch in batches}  # before any timing
+    tgt_dict = task.target_dictionary
+    collated = {id(batch): bible.collate(task, batch) for batch in batches}  # before any timing
 
     def translator(generator) -> Callable:
         def translate(batch: List[List[str]]) -> List[List[str]]:
-            sample = collated.get(id(batch)) or collate(batch)
+            sample = collated.get(id(batch)) or bible.collate(task, batch)
             with torch.no_grad():
                 hypos = task.inference_step(generator, [model], sample)
             out: List[List[str]] = [[] for _ in batch]
@@ -251,22 +246,57 @@ def run(engines: Sequence[Engine], batches: List[List[List[str]]], repeats: int)
         for engine in engines:
             if engine.translate is None:
                 continue
-            started = time.perf_counter()
             try:
-                outputs = [pieces for batch in batches for pieces in engine.translate(batch)]
+                with peak_rss() as peak:
+                    started = time.perf_counter()
+                    outputs = [pieces for batch in batches for pieces in engine.translate(batch)]
+                    seconds = time.perf_counter() - started
             except Exception as error:  # noqa: BLE001  (a peer failing mid-run goes into the table)
                 engine.translate, engine.note = None, failure("failed", error)
                 engine.times.clear()
                 continue
-            engine.times.append(time.perf_counter() - started)
+            engine.times.append(seconds)
+            engine.peaks.append(peak)
             engine.outputs = outputs
             print(f"{engine.name}: {engine.times[-1]:.2f} s", file=sys.stderr, flush=True)
 
 
-def bleu_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    import sacrebleu
+def compare(
+    path: Path = bible.CHECKPOINT,
+    data_bin: Path = bible.MODEL_DIR,
+    spm_model: Path = bible.SPM_MODEL,
+    source: Path = bible.SOURCES,
+    reference: Path = bible.REFERENCES,
+    sentences: int = 256,
+    batch_size: int = 32,
+    beam: int = 5,
+    threads: int = 1,
+    repeats: int = 3,
+) -> List[Row]:
+    """Every engine on the first ``sentences`` verses, in ``ENGINES`` order."""
+    import sentencepiece
 
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    references = read_lines(reference, sentences)
+    batches = batched(bible.encoded_verses(sentences, spm_model, source), batch_size)
+    with tempfile.TemporaryDirectory() as workdir:
+        engines = fairseq_engines(str(path), str(data_bin), beam, batches)
+        engines += ct2_engines(str(path), str(data_bin), Path(workdir), beam, threads)
+        run(engines, batches, repeats)
+
+    decoded = {e.name: [spm.decode(pieces) for pieces in e.outputs] for e in engines if e.times}
+    by_name = {e.name: e for e in engines}
+    if by_name[STOCK].times and by_name[FAST].times:  # ours must match stock to the subword token
+        same = sum(a == b for a, b in zip(by_name[STOCK].outputs, by_name[FAST].outputs))
+        by_name[FAST].note = f"same subword tokens as stock: {same}/{len(references)}"
+    return summarize(
+        {e.name: e.times for e in engines},
+        decoded,
+        len(references),
+        {name: bible.bleu(text, references) for name, text in decoded.items()},
+        {e.name: e.note for e in engines},
+        {e.name: highest(e.peaks) for e in engines},
+    )
 
 
 def main(argv=None) -> None:
@@ -276,42 +306,23 @@ def main(argv=None) -> None:
     parser.add_argument("--sentences", type=int, default=256, help="the first N test verses")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch, for every engine")
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--path", default=str(BIBLE / "model.pt"))
-    parser.add_argument("--data-bin", default=str(BIBLE), help="holds dict.es.txt and dict.en.txt")
-    parser.add_argument("--spm-model", default=str(BIBLE / "spm.model"))
-    parser.add_argument("--source", default=str(DATA / "test.es.gz"))
-    parser.add_argument("--reference", default=str(DATA / "test.en.gz"))
+    parser.add_argument("--path", type=Path, default=bible.CHECKPOINT)
+    parser.add_argument("--data-bin", type=Path, default=bible.MODEL_DIR, help="holds dict.es.txt and dict.en.txt")
+    parser.add_argument("--spm-model", type=Path, default=bible.SPM_MODEL)
+    parser.add_argument("--source", type=Path, default=bible.SOURCES)
+    parser.add_argument("--reference", type=Path, default=bible.REFERENCES)
     args = parser.parse_args(argv)
-    import sentencepiece
-
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.WARNING)  # fairseq and the converter log their configs
-    spm = sentencepiece.SentencePieceProcessor(model_file=args.spm_model)
-    sources = read_lines(Path(args.source), args.sentences)
-    references = read_lines(Path(args.reference), args.sentences)
-    batches = batched([spm.encode(line, out_type=str) for line in sources], args.batch_size)
-
-    with tempfile.TemporaryDirectory() as workdir:
-        engines = fairseq_engines(args.path, args.data_bin, args.beam, batches)
-        engines += ct2_engines(args.path, args.data_bin, Path(workdir), args.beam, args.threads)
-        run(engines, batches, args.repeats)
-
-    decoded = {e.name: [spm.decode(pieces) for pieces in e.outputs] for e in engines if e.times}
-    by_name = {e.name: e for e in engines}
-    if by_name[STOCK].times and by_name[FAST].times:  # ours must match stock to the subword token
-        same = sum(a == b for a, b in zip(by_name[STOCK].outputs, by_name[FAST].outputs))
-        by_name[FAST].note = f"same subword tokens as stock: {same}/{len(sources)}"
-    rows = summarize(
-        {e.name: e.times for e in engines},
-        decoded,
-        len(sources),
-        {name: bleu_score(text, references) for name, text in decoded.items()},
-        {e.name: e.note for e in engines},
-    )
+    rows = compare(
+        args.path, args.data_bin, args.spm_model, args.source, args.reference,
+        args.sentences, args.batch_size, args.beam, args.threads, args.repeats,
+    )  # fmt: skip
     import fairseq
 
+    sentences = len(read_lines(args.reference, args.sentences))
     header = (
-        f"Bible es-en model (`{Path(args.path).name}`), first {len(sources)} test verses, batch {args.batch_size}, "
+        f"Bible es-en model (`{args.path.name}`), first {sentences} test verses, batch {args.batch_size}, "
         f"beam {args.beam}, max length 200 tokens, lenpen 1; torch {torch.__version__}, fairseq "
         f"{fairseq.__version__}, ctranslate2 {ct2_version()}, threads {args.threads} (torch and CTranslate2 "
         f"intra_threads, inter_threads 1), {cpu_name()}, median of {args.repeats}, engines alternating in one process"

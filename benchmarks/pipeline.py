@@ -20,18 +20,19 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from fairseq import options
 from fairseq_cli import generate
 
 import fairseq_fastseq
-from fairseq_fastseq import demo, formatting
+from fairseq_fastseq import formatting
 
+from .bible import MODEL_DIR as BIBLE
+from .memory import RssPeak, highest, peak_rss
 from .search import cpu_name
 
-BIBLE = demo.BIBLE / "model"
 PLUGIN = ["--user-dir", str(Path(fairseq_fastseq.__file__).parent)]
 
 # label -> extra fairseq-generate flags
@@ -46,6 +47,29 @@ VARIANTS: Dict[str, List[str]] = {
 INLINE = "pipeline, inline"
 
 
+def generate_args(
+    data_bin: str,
+    path: str,
+    spm_model: str,
+    source_lang: str = "es",
+    target_lang: str = "en",
+    beam: int = 5,
+    max_tokens: int = 4096,
+    batch_size: Optional[int] = None,
+    device: str = "cpu",
+    fp16: bool = False,
+) -> List[str]:
+    """The fairseq-generate flags every variant shares: sentencepiece + moses + sacrebleu, and
+    ``--required-batch-size-multiple 1`` so that stock generates every sentence too."""
+    return [
+        data_bin, "--path", path, "--no-progress-bar", "--source-lang", source_lang, "--target-lang", target_lang,
+        "--beam", str(beam), "--max-tokens", str(max_tokens), "--required-batch-size-multiple", "1",
+        "--bpe", "sentencepiece", "--sentencepiece-model", spm_model, "--tokenizer", "moses", "--scoring", "sacrebleu",
+        *(["--batch-size", str(batch_size)] if batch_size else []),
+        *(["--cpu"] if device == "cpu" else ["--fp16"] if fp16 else []),
+    ]  # fmt: skip
+
+
 def run_variant(common: Sequence[str], extra: Sequence[str], results: Path) -> float:
     """Wall seconds of one fairseq-generate run writing ``results/generate-test.txt``."""
     parser = options.get_generation_parser()
@@ -55,11 +79,16 @@ def run_variant(common: Sequence[str], extra: Sequence[str], results: Path) -> f
     return time.perf_counter() - started
 
 
-def bench(common: Sequence[str], repeats: int, workdir: Path) -> Dict:
-    seconds: Dict[str, List[float]] = {label: [] for label in VARIANTS}
+def bench(common: Sequence[str], repeats: int, workdir: Path, variants: Optional[Dict[str, List[str]]] = None) -> Dict:
+    """Each variant (default: all of ``VARIANTS``; the first is the reference) ``repeats``
+    times, alternating; the post-processing time is measured when the inline one runs."""
+    variants = VARIANTS if variants is None else variants
+    reference = next(iter(variants))
+    seconds: Dict[str, List[float]] = {label: [] for label in variants}
+    peaks: Dict[str, List[RssPeak]] = {label: [] for label in variants}
     formatting_seconds: List[float] = []
     for _ in range(repeats):
-        for label, extra in VARIANTS.items():
+        for label, extra in variants.items():
             original = formatting.BatchFormatter.__call__
             spent = [0.0]
 
@@ -73,23 +102,23 @@ def bench(common: Sequence[str], repeats: int, workdir: Path) -> Dict:
             if label == INLINE:  # inline, so the formatter's time is this process's
                 formatting.BatchFormatter.__call__ = timed_formatter
             try:
-                seconds[label].append(run_variant(common, extra, workdir / label.replace(" ", "_")))
+                with peak_rss() as peak:
+                    seconds[label].append(run_variant(common, extra, workdir / label.replace(" ", "_")))
+                peaks[label].append(peak)
             finally:
                 formatting.BatchFormatter.__call__ = original
             print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)  # progress, and a partial result
             if label == INLINE:
                 formatting_seconds.append(spent[0])
-    stock_file = workdir / "stock" / "generate-test.txt"
+    results = {label: workdir / label.replace(" ", "_") / "generate-test.txt" for label in variants}
     median = {label: statistics.median(values) for label, values in seconds.items()}
     return {
         "seconds": median,
-        "ratio": {label: median["stock"] / value for label, value in median.items()},
-        "identical": {
-            label: filecmp.cmp(stock_file, workdir / label.replace(" ", "_") / "generate-test.txt", shallow=False)
-            for label in VARIANTS
-        },
-        "postprocess_seconds": statistics.median(formatting_seconds),
-        "score_line": stock_file.read_text(encoding="utf-8").splitlines()[-1],
+        "ratio": {label: median[reference] / value for label, value in median.items()},
+        "identical": {label: filecmp.cmp(results[reference], path, shallow=False) for label, path in results.items()},
+        "rss": {label: highest(values) for label, values in peaks.items()},
+        "postprocess_seconds": statistics.median(formatting_seconds) if formatting_seconds else None,
+        "score_line": {label: path.read_text(encoding="utf-8").splitlines()[-1] for label, path in results.items()},
     }
 
 
@@ -101,7 +130,7 @@ def markdown(result: Dict, threads: int, repeats: int, description: str) -> str:
         "",
         f"Post-processing (string conversion, BPE removal, detokenization, scoring input) measured "
         f"inline: {result['postprocess_seconds']:.2f} s, {share:.1%} of stock's wall time.",
-        f"Stock's result: `{result['score_line']}`",
+        f"Stock's result: `{result['score_line']['stock']}`",
         "",
         "| variant | wall s | speed-up vs stock | output file identical to stock |",
         "|---|---|---|---|",
@@ -129,15 +158,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.WARNING)  # fairseq logs its whole config per run
-    common = [
-        args.data_bin, "--path", args.path, "--no-progress-bar",
-        "--source-lang", args.source_lang, "--target-lang", args.target_lang,
-        "--beam", str(args.beam), "--max-tokens", str(args.max_tokens), "--required-batch-size-multiple", "1",
-        "--bpe", "sentencepiece", "--sentencepiece-model", args.spm_model,
-        "--tokenizer", "moses", "--scoring", "sacrebleu",
-        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-        *(["--cpu"] if args.device == "cpu" else ["--fp16"] if args.fp16 else []),
-    ]  # fmt: skip
+    common = generate_args(
+        args.data_bin, args.path, args.spm_model, args.source_lang, args.target_lang,
+        args.beam, args.max_tokens, args.batch_size, args.device, args.fp16,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as workdir:
         result = bench(common, args.repeats, Path(workdir))
     batching = f"batch {args.batch_size}" if args.batch_size else f"--max-tokens {args.max_tokens}"

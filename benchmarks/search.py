@@ -26,11 +26,12 @@ import time
 from argparse import Namespace
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import GenerationConfig
+from fairseq.models.bart import BARTModel, bart_base_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture, transformer_wmt_en_de
 from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture
 from fairseq.tasks import FairseqTask
@@ -39,7 +40,11 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import fairseq_fastseq.generator as fast_generator_module
 from fairseq_fastseq.config import FastGeneratorConfig
+from fairseq_fastseq.demo import read_lines
 from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+
+from . import bible
+from .memory import RssPeak, highest, peak_rss
 
 # Ablation: the fast search loop alone (fairseq's attention), + encoder keys/values
 # projected once per sentence, + the time-major self-attention cache (everything: `fast`).
@@ -60,10 +65,12 @@ NGRAM_NOT_COMPARED = {
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "mt-base", "sum-base" or "lm-base"
+    model: str  # "mt-base", "sum-base", "sum-bart", "lm-base" or "real-mt"
     batch_size: int
     sentences: int
-    source_tokens: Tuple[int, int]  # for lm-base: prompt tokens (one length per batch)
+    # Random source tokens per sentence; for lm-base prompt tokens (one length per batch);
+    # None for real-mt, whose sources are the Bible test verses in file order.
+    source_tokens: Optional[Tuple[int, int]]
     options: Dict
 
 
@@ -104,10 +111,13 @@ CASES.update(
 def build_model(
     name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Tuple[torch.nn.Module, FairseqTask]:
-    """A random-weight fairseq model of the named size, with its task and dictionary."""
+    """A random-weight fairseq model of the named size, with its task and dictionary; for
+    ``real-mt`` the bundled Bible checkpoint."""
+    if name == "real-mt":
+        return bible.load(device=device, dtype=dtype)
     torch.manual_seed(seed)
     dictionary = Dictionary()
-    vocab = 50000 if name == "sum-base" else 32000
+    vocab = 50000 if name.startswith("sum-") else 32000
     for i in range(vocab - len(dictionary)):
         dictionary.add_symbol(f"tok{i}")
     if name == "lm-base":  # transformer_lm, 6 layers x 512 (GPT-2-style, tied embeddings)
@@ -119,6 +129,9 @@ def build_model(
         return model.to(device=device, dtype=dtype).eval(), task
     task = TranslationTask(TranslationConfig(), dictionary, dictionary)
     args = Namespace(share_all_embeddings=True, max_source_positions=1024, max_target_positions=1024)
+    if name == "sum-bart":  # a bart_base checkpoint: stock fairseq already shares encoder K/V by beam
+        bart_base_architecture(args)
+        return BARTModel.build_model(args, task).to(device=device, dtype=dtype).eval(), task
     if name == "mt-base":
         transformer_wmt_en_de(args)
     else:  # BART-base dimensions, as a plain `transformer` (stock keeps encoder K/V per beam)
@@ -132,7 +145,12 @@ def build_model(
 
 def make_batches(task: FairseqTask, case: Case, seed: int = 1, device: str = "cpu") -> List[Dict]:
     """Random sources (left-padded, EOS last, as fairseq collates translation data), or for a
-    language model random prompts after the EOS that fairseq uses as BOS, one length per batch."""
+    language model random prompts after the EOS that fairseq uses as BOS, one length per batch;
+    for real-mt the first test verses, in file order."""
+    if case.model == "real-mt":
+        verses = bible.encoded_verses(case.sentences)
+        starts = range(0, len(verses), case.batch_size)
+        return [bible.collate(task, verses[start : start + case.batch_size], str(device)) for start in starts]
     generator = torch.Generator().manual_seed(seed)
     dictionary = task.source_dictionary
     low, high = case.source_tokens
@@ -222,24 +240,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(generator, model, task, batches, device: torch.device) -> Tuple[float, float, float, int, list]:
-    """(wall seconds, seconds inside the model, seconds blocking n-grams, peak GPU bytes
-    allocated above what was allocated before (0 on CPU), hypotheses). Through the task's
-    ``inference_step``, as fairseq-generate: a language model takes its prompt as prefix
-    tokens there. Seeded, so that sampling draws the same for every generator."""
+@dataclass
+class Run:
+    wall: float  # seconds
+    in_model: float  # seconds inside the model ensemble
+    blocking: float  # seconds blocking repeated n-grams (fast generators)
+    peak_gpu_bytes: int  # allocated above what was allocated before the run; 0 on CPU
+    rss: RssPeak  # the process's resident memory during the run
+    hypotheses: list  # per batch, per sentence, fairseq's hypothesis dicts
+
+
+def run_once(generator, model, task, batches, device: torch.device) -> Run:
+    """One timed pass over the batches, through the task's ``inference_step`` as in
+    fairseq-generate: a language model takes its prompt as prefix tokens there. Seeded, so
+    that sampling draws the same for every generator."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     with model_time(generator, device) as in_model, ngram_blocking_time(device) as blocking, torch.no_grad():
-        torch.manual_seed(0)
-        synchronize(device)
-        started = time.perf_counter()
-        hypotheses = [task.inference_step(generator, [model], batch) for batch in batches]
-        synchronize(device)
-        wall = time.perf_counter() - started
+        with peak_rss() as rss:
+            torch.manual_seed(0)
+            synchronize(device)
+            started = time.perf_counter()
+            hypotheses = [task.inference_step(generator, [model], batch) for batch in batches]
+            synchronize(device)
+            wall = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else 0
-    return wall, in_model.seconds(), blocking.seconds(), peak, hypotheses
+    return Run(wall, in_model.seconds(), blocking.seconds(), peak, rss, hypotheses)
 
 
 def agreement(stock: Sequence, fast: Sequence) -> Tuple[int, int, float]:
@@ -260,9 +288,29 @@ def agreement(stock: Sequence, fast: Sequence) -> Tuple[int, int, float]:
     return same, total, worst
 
 
+def detokenized_bleu(task, batches: Sequence[Dict], hypotheses: Sequence) -> float:
+    """BLEU of the best hypotheses of real-mt (sentencepiece removed) against the reference
+    verses of the same ids."""
+    best = {}
+    for batch, sentences in zip(batches, hypotheses):
+        for sample_id, sentence in zip(batch["id"].tolist(), sentences):
+            best[sample_id] = task.target_dictionary.string(sentence[0]["tokens"].cpu(), bpe_symbol="sentencepiece")
+    references = read_lines(bible.REFERENCES, len(best))
+    return bible.bleu([best[i] for i in range(len(best))], references)
+
+
 def bench_case(
-    name: str, case: Case, repeats: int, models: Dict, device: str = "cpu", dtype: str = "fp32"
+    name: str,
+    case: Case,
+    repeats: int,
+    models: Dict,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    variants: Optional[Dict[str, FastGeneratorConfig]] = None,
 ) -> Dict:
+    """Stock and each fast variant (default: the ablation ``FAST_VARIANTS``) on the case,
+    alternating within each repeat; medians, ratios, agreement with stock, shares, peaks."""
+    variants = FAST_VARIANTS if variants is None else variants
     device = torch.device(device)
     if case.model not in models:
         models[case.model] = build_model(case.model, device=device, dtype=DTYPES[dtype])
@@ -270,43 +318,43 @@ def bench_case(
     batches = make_batches(task, case, device=device)
     gen_cfg = GenerationConfig(**case.options)
     generators = {"stock": task.build_generator([model], gen_cfg)}
-    for label, knobs in FAST_VARIANTS.items():
+    for label, knobs in variants.items():
         generators[label] = accelerate(task.build_generator([model], gen_cfg), knobs)
         assert isinstance(generators[label], FastSequenceGenerator)
     if device.type == "cuda":  # warm-up: kernels, cuBLAS handles, the caching allocator
         for generator in generators.values():
             run_once(generator, model, task, batches[:1], device)
-    times: Dict[str, List[float]] = {label: [] for label in generators}
-    model_share: Dict[str, List[float]] = {label: [] for label in generators}
-    peak = dict.fromkeys(generators, 0)
-    blocking_share: List[float] = []
-    outputs = {}
+    runs: Dict[str, List[Run]] = {label: [] for label in generators}
     for _ in range(repeats):
         for label, generator in generators.items():
-            wall, in_model, blocking, peak_bytes, outputs[label] = run_once(generator, model, task, batches, device)
-            times[label].append(wall)
-            model_share[label].append(in_model / wall)
-            peak[label] = max(peak[label], peak_bytes)
-            if label == "fast":
-                blocking_share.append(blocking / wall)
-    median = {label: statistics.median(t) for label, t in times.items()}
+            runs[label].append(run_once(generator, model, task, batches, device))
+    median = {label: statistics.median(run.wall for run in label_runs) for label, label_runs in runs.items()}
     # Stock's n-gram blocker bans nothing unless fairseq's CUDA extension is built and usable.
     blocks = "no_repeat_ngram_size" in case.options and not generators["stock"].repeat_ngram_blocker.use_extension
+    outputs = {label: label_runs[-1].hypotheses for label, label_runs in runs.items()}
     sentences = {label: [sent for batch in output for sent in batch] for label, output in outputs.items()}
-    agreements = [agreement(sentences["stock"], sentences[label]) for label in FAST_VARIANTS]
+    agreements = [agreement(sentences["stock"], sentences[label]) for label in variants]
+    # Target tokens of the best hypotheses, EOS included (for lm-base, the prompt too).
+    tokens = {label: sum(len(sent[0]["tokens"]) for sent in sents) for label, sents in sentences.items()}
     return {
         "case": name,
+        "model": case.model,
         "batch": case.batch_size,
         "sentences": case.sentences,
         "options": " ".join(f"{k}={v}" for k, v in case.options.items()),
         "sent_s": {label: case.sentences / seconds for label, seconds in median.items()},
+        "tokens_s": {label: tokens[label] / seconds for label, seconds in median.items()},
         "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
         "identical": None if blocks else all(s == n and d <= SCORE_TOLERANCE[device.type] for s, n, d in agreements),
         "same_tokens": None if blocks else min(s / n for s, n, _ in agreements),
         "max_score_diff": None if blocks else max(d for _, _, d in agreements),
-        "model_share": {label: statistics.median(shares) for label, shares in model_share.items()},
-        "blocking_share": statistics.median(blocking_share) if blocks else None,
-        "peak_mib": {label: bytes_ / 2**20 for label, bytes_ in peak.items()},
+        "model_share": {label: statistics.median(r.in_model / r.wall for r in label_runs) for label, label_runs in runs.items()},
+        "blocking_share": statistics.median(r.blocking / r.wall for r in runs["fast"]) if blocks and "fast" in runs else None,
+        "peak_mib": {label: max(run.peak_gpu_bytes for run in label_runs) / 2**20 for label, label_runs in runs.items()},
+        "rss": {label: highest([run.rss for run in label_runs]) for label, label_runs in runs.items()},
+        "bleu": {label: detokenized_bleu(task, batches, output) for label, output in outputs.items()}
+        if case.model == "real-mt"
+        else None,
     }
 
 

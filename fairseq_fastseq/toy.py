@@ -131,7 +131,7 @@ def write_bpe_corpus(corpus: Path, directory: Path, kind: str) -> Path:
     return model
 
 
-def _run_fairseq(tool: str, args: Sequence[str], log: Path) -> None:
+def run_fairseq(tool: str, args: Sequence[str], log: Path) -> None:
     """Run a fairseq CLI in a subprocess; on failure raise with the tail of its log."""
     # os._exit skips interpreter teardown, where fairseq-train's leftover worker threads
     # sometimes abort the process ("terminate called without an active exception")
@@ -153,7 +153,7 @@ def preprocess(corpus: Path, destdir: Path) -> Path:
     """Binarize the corpus with one joined dictionary (so --share-all-embeddings works)."""
     if (destdir / "test.src-tgt.src.bin").exists():
         return destdir
-    _run_fairseq(
+    run_fairseq(
         "preprocess",
         [
             "--source-lang", SOURCE_LANG, "--target-lang", TARGET_LANG,
@@ -176,7 +176,7 @@ def preprocess_language_model(corpus: Path, destdir: Path) -> Path:
     """Binarize the target side alone for a ``language_modeling`` task."""
     if (destdir / "test.bin").exists():
         return destdir
-    _run_fairseq(
+    run_fairseq(
         "preprocess",
         [
             "--only-source", "--trainpref", str(corpus / f"train.{TARGET_LANG}"),
@@ -197,7 +197,7 @@ def train(data_bin: Path, save_dir: Path, model_args: Sequence[str], task: str, 
     checkpoint = save_dir / "checkpoint_last.pt"
     if checkpoint.exists():
         return checkpoint
-    _run_fairseq(
+    run_fairseq(
         "train",
         [
             str(data_bin), "--task", task,

@@ -1,0 +1,151 @@
+"""``python -m benchmarks`` (benchmarks/suite.py): rows, ratios, files and the BENCHMARKS.md
+section, on cut-down cases (no speed is asserted)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from benchmarks import suite
+from benchmarks.memory import RssPeak, highest, peak_rss
+from benchmarks.search import Case
+from benchmarks.suite import FAST, STOCK, Job, Row
+
+
+def test_every_case_of_benchmark_md_is_in_the_full_suite():
+    full = suite.jobs()
+    cases = {(job.name, job.case.model, job.case.batch_size) for job in full if job.case}
+    for name in ("mt-greedy", "mt-beam5"):
+        for model in ("real-mt", "mt-base"):
+            assert {(name, model, batch) for batch in (1, 32, 128)} <= cases
+    for model in ("sum-base", "sum-bart"):
+        assert {("sum-beam4-ngram3", model, 8), ("sum-beam4-ngram3", model, 32)} <= cases
+    assert {("lm-greedy", "lm-base", 1), ("lm-beam4", "lm-base", 32), ("lm-top-p", "lm-base", 32)} <= cases
+    assert {job.kind for job in full} == {"search", "e2e", "peers"}
+    assert len(suite.jobs(quick=True)) < len(full)
+
+
+def test_search_rows_take_ratios_and_agreement_from_the_result():
+    job = Job("mt-beam5", "search", Case("mt-base", 4, 8, (1, 2), dict(beam=5)))
+    result = {
+        "sent_s": {"stock": 2.0, "fast": 3.0},
+        "tokens_s": {"stock": 20.0, "fast": 30.0},
+        "ratio": {"stock": 1.0, "fast": 1.5},
+        "identical": False,
+        "same_tokens": 0.875,
+        "bleu": None,
+        "rss": {"stock": RssPeak(100.0, 5.0), "fast": RssPeak(90.0, 1.0)},
+        "options": "beam=5",
+    }
+    stock, fast = suite.search_rows(job, result)
+    assert (stock.engine, stock.ratio, stock.identical) == (STOCK, 1.0, "reference")
+    assert (fast.engine, fast.sent_s, fast.tokens_s, fast.ratio) == (FAST, 3.0, 30.0, 1.5)
+    assert fast.identical == "87.5% (NOT identical)"  # a difference is never reported as a pass
+    assert fast.rss == RssPeak(90.0, 1.0) and fast.batch == "4" and fast.sentences == 8
+    result["identical"] = None  # n-gram blocking: stock bans nothing, so not compared
+    assert suite.search_rows(job, result)[1].identical == suite.NGRAM_NOT_COMPARED
+
+
+def test_e2e_rows_read_bleu_from_each_score_line():
+    job = Job("e2e-pipeline", "e2e")
+    result = {
+        "seconds": {"stock": 10.0, "fast": 8.0},
+        "ratio": {"stock": 1.0, "fast": 1.25},
+        "identical": {"stock": True, "fast": True},
+        "rss": {"stock": RssPeak(), "fast": RssPeak()},
+        "score_line": {"stock": "Generate test with beam=5: BLEU = 36.75 70.1/44.0", "fast": "BLEU = 36.75 x"},
+    }
+    stock, fast = suite.e2e_rows(job, result, 1004, "--max-tokens 4096")
+    assert stock.sent_s == pytest.approx(100.4) and fast.sent_s == pytest.approx(125.5)
+    assert stock.bleu == fast.bleu == 36.75 and fast.identical.startswith("100%")
+
+
+def test_peak_rss_sees_memory_allocated_inside_the_block():
+    with peak_rss() as peak:
+        block = bytearray(64 * 2**20)  # touched: resident
+        block[:: 4096] = b"x" * len(block[:: 4096])
+    del block
+    if peak.mib is None:
+        pytest.skip("no resettable RSS high-water mark on this system")
+    assert peak.growth_mib >= 60 and peak.mib >= peak.growth_mib
+    assert highest([RssPeak(1.0, 0.5), RssPeak(3.0, 0.2)]) == RssPeak(3.0, 0.5)
+    assert highest([RssPeak(1.0, 0.5), RssPeak()]) == RssPeak()
+
+
+def test_replace_section_keeps_the_rest_of_the_document(tmp_path):
+    document = tmp_path / "BENCHMARKS.md"
+    document.write_text("# Benchmarks\n\nolder tables\n")
+    suite.replace_section(document, "first")
+    suite.replace_section(document, "second")
+    text = document.read_text()
+    assert text.count(suite.BEGIN) == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Benchmarks\n") and text.endswith("older tables\n")
+
+
+def test_a_failing_case_becomes_a_row_and_the_others_still_run(caplog):
+    def runner(job):
+        if job.name == "broken":
+            raise RuntimeError("out of disk")
+        return [Row(job.name, "m", "1", 1, STOCK, ratio=1.0), Row(job.name, "m", "1", 1, FAST, ratio=2.0)]
+
+    with caplog.at_level(logging.ERROR):
+        rows = suite.run([Job("broken", "e2e"), Job("fine", "e2e")], runner)
+    assert [(row.case, row.engine) for row in rows] == [("broken", "-"), ("fine", STOCK), ("fine", FAST)]
+    assert rows[0].note == "failed: RuntimeError: out of disk"
+    assert "benchmark case broken failed" in caplog.text
+
+
+@pytest.fixture
+def small_suite(monkeypatch):
+    """Three real cases cut to seconds: real-mt search, the end-to-end pipeline, the peers."""
+    small = [
+        Job("mt-beam5", "search", Case("real-mt", 2, 3, None, dict(beam=2))),
+        Job("e2e-pipeline", "e2e", sentences=4),
+        Job("peers", "peers", sentences=3, batch=2),
+    ]
+    monkeypatch.setattr(suite, "jobs", lambda quick=False: small)
+    level, threads = logging.getLogger().level, torch.get_num_threads()
+    yield small
+    logging.getLogger().setLevel(level)  # main sets these process-wide
+    torch.set_num_threads(threads)
+
+
+def test_suite_writes_table_json_chart_and_benchmarks_section(small_suite, tmp_path, capsys):
+    document = tmp_path / "BENCHMARKS.md"
+    document.write_text("# Benchmarks\n\nearlier figures\n")
+    assert suite.main(["--out", str(tmp_path / "results"), "--benchmarks-md", str(document), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+
+    data = json.loads((tmp_path / "results" / "cpu.json").read_text())
+    assert data["environment"]["threads"] == "1" and data["environment"]["mode"] == "full"
+    rows = data["rows"]
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["engine"]] = row
+    assert set(by_case) == {"mt-beam5", "e2e-pipeline", "peers"}
+    for case, engines in by_case.items():
+        stock, fast = engines[STOCK], engines[FAST]
+        assert stock["ratio"] == 1.0 and stock["identical"] == "reference", case
+        assert fast["ratio"] == pytest.approx(fast["sent_s"] / stock["sent_s"]), case
+        assert fast["identical"].startswith("100"), case
+        assert fast["bleu"] == stock["bleu"] is not None, case
+    assert {"CTranslate2 fp32", "CTranslate2 int8"} <= set(by_case["peers"])  # measured, or why not
+
+    png = tmp_path / "results" / "cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "results" / "cpu.md").read_text()
+    assert table.count("\n| mt-beam5 | real-mt | 2 | 3 |") == 2 and "![speed vs stock](cpu.png)" in table
+    section = document.read_text()
+    assert suite.BEGIN in section and "earlier figures" in section
+    assert "![speed vs stock](results/cpu.png)" in section
+    assert "| e2e-pipeline | real-mt | --max-tokens 4096 | 4 | fairseq fast |" in out
+
+
+def test_quick_run_leaves_benchmarks_md_alone(small_suite, tmp_path):
+    document = tmp_path / "BENCHMARKS.md"
+    document.write_text("# Benchmarks\n")
+    small_suite[:] = small_suite[:1]
+    assert suite.main(["--quick", "--out", str(tmp_path), "--benchmarks-md", str(document)]) == 0
+    assert document.read_text() == "# Benchmarks\n"
+    assert json.loads((tmp_path / "cpu-quick.json").read_text())["environment"]["repeats"] == "1"
