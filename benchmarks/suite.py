@@ -349,7 +349,7 @@ def run(selected: Sequence[Job], runner: Callable[[Job], List[Row]]) -> List[Row
         rows += job_rows
         fast = [row for row in job_rows if row.engine == FAST and row.ratio is not None]
         if fast:
-            progress.write(f"{label}: fast {fast[0].ratio:.2f}x stock, identical {fast[0].identical}")
+            progress.write(f"{label}: fast {fast[0].ratio:.2f}x stock, identical {fast[0].identical}", file=sys.stderr)
     return rows
 
 

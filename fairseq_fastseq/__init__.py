@@ -4,7 +4,7 @@ a run selects ``--generator fast`` (see ``hook.py``), except that fairseq checkp
 under torch's safe unpickler (see ``safe_load.py``).
 """
 
-from . import config, hook, registry, safe_load, tasks  # noqa: F401  (registries: --generator, --task)
+from . import config, hook, models, registry, safe_load, tasks  # noqa: F401  (registries: --generator, --task, --arch)
 
 safe_load.allow_fairseq_checkpoint_globals()
 config.extend_hydra_schema()

@@ -5,7 +5,9 @@ fairseq's incremental self-attention copies its whole cache twice per layer and 
 attention forward grows it with ``torch.cat``. Here the cache is a (capacity, bsz, heads,
 head_dim) buffer: a step writes one time slice in place, and a reorder is one
 ``index_select`` into a spare buffer of the same shape (a slice along time is contiguous,
-so it can be the ``out=`` of the copy). With one beam there is no reorder at all.
+so it can be the ``out=`` of the copy). The buffer it replaces becomes the spare of the next
+copy, so the layers of a model pass one spare along: the memory is the cache plus one
+layer's copy, as in fairseq. With one beam there is no reorder at all.
 
 The arithmetic is fairseq's: the same projections, the same ``bmm`` shapes over the same
 values (strided views instead of contiguous copies), the same float32 softmax.
@@ -19,10 +21,16 @@ from fairseq import utils
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
+from .el_attention import ELEncoderAttention
+
 _KEY, _VALUE = "time_major_key", "time_major_value"
-_SPARE_KEY, _SPARE_VALUE = "spare_key", "spare_value"
+# In the model's incremental state (next to the layers' own entries): the spare buffer.
+_SPARE = "fastseq_spare_cache_buffer"
 _LENGTH = "time_major_length"  # a Python int: how many time slices are filled
-_INITIAL_CAPACITY = 32
+# The cache grows by this many time slices when full: a buffer and its spare hold at most
+# this many unused slices each, so the peak memory stays close to fairseq's (which holds the
+# cache and a copy of it during a reorder or a ``torch.cat``), while growing stays rare.
+_GROWTH = 16
 
 
 class TimeMajorCachedSelfAttention(MultiheadAttention):
@@ -73,7 +81,6 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         keys, values = state.get(_KEY), state.get(_VALUE)
         if keys is None or length == keys.size(0):
             keys, values = (self._grown(buffer, length, k, bsz) for buffer in (keys, values))
-            state[_SPARE_KEY] = state[_SPARE_VALUE] = None
         keys[length] = k.view(bsz, heads, head_dim)
         values[length] = v.view(bsz, heads, head_dim)
         length += 1
@@ -91,8 +98,8 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         return self.out_proj(attn)
 
     def _grown(self, buffer: Optional[Tensor], length: int, like: Tensor, bsz: int) -> Tensor:
-        """A buffer with twice the capacity (or the initial one), holding ``length`` slices."""
-        capacity = max(_INITIAL_CAPACITY, 2 * length)
+        """A buffer with ``_GROWTH`` more slices of capacity, holding the ``length`` filled ones."""
+        capacity = length + _GROWTH
         grown = like.new_empty(capacity, bsz, self.num_heads, self.head_dim)
         if buffer is not None:
             grown[:length] = buffer[:length]
@@ -118,13 +125,14 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         if _KEY not in state:
             return super().reorder_incremental_state(incremental_state, new_order)
         length = state[_LENGTH]
-        for name, spare_name in ((_KEY, _SPARE_KEY), (_VALUE, _SPARE_VALUE)):
-            buffer, spare = state[name], state.get(spare_name)
-            if spare is None or spare.size(1) != new_order.numel():
-                spare = buffer.new_empty(buffer.size(0), new_order.numel(), *buffer.shape[2:])
+        spares = incremental_state.setdefault(_SPARE, {})
+        for name in (_KEY, _VALUE):
+            buffer, spare = state[name], spares.pop("buffer", None)
+            shape = (buffer.size(0), new_order.numel(), *buffer.shape[2:])
+            if spare is None or spare.shape != shape or spare.dtype != buffer.dtype or spare.device != buffer.device:
+                spare = buffer.new_empty(shape)
             torch.index_select(buffer[:length], 1, new_order, out=spare[:length])
-            # The old buffer becomes the spare of the next reorder, if the batch keeps its size.
-            state[name], state[spare_name] = spare, buffer if spare.size(1) == buffer.size(1) else None
+            state[name], spares["buffer"] = spare, buffer  # the next copy (values, next layer) goes there
         return self._set_input_buffer(incremental_state, state)
 
 
@@ -183,33 +191,49 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
         )
 
 
-def _swappable(
-    models: Iterable[nn.Module], time_major_self_attn: bool, per_sentence_encoder: bool
-) -> Tuple[List[MultiheadAttention], List[MultiheadAttention]]:
-    """The self-attention and encoder-attention modules whose class ``fast_attention`` swaps.
+_FAST_CLASSES = (TimeMajorCachedSelfAttention, SentenceProjectedEncoderAttention, ELEncoderAttention)
+_PER_SENTENCE_CLASSES = (SentenceProjectedEncoderAttention, ELEncoderAttention)
 
-    Encoder attention is swapped only if every model attends to its encoder with fairseq's
-    ``MultiheadAttention``, none of them already beam-aware as BART's are.
+
+def _plan(
+    models: Iterable[nn.Module], time_major_self_attn: bool, per_sentence_encoder: bool, el_attention: bool = False
+) -> Dict[MultiheadAttention, type]:
+    """The class each of fairseq's attention modules in ``models`` takes for a fast search.
+
+    Planned are modules that are fairseq's ``MultiheadAttention`` or one of ours (a fast model
+    variant has them installed already), never a subclass of a model's own. Encoder attention
+    is per sentence (projected once, or EL-attention) only if every model attends to its
+    encoder that way, none of them already beam-aware as BART's are.
     """
-    self_attn, encoder_attn, per_sentence = [], [], per_sentence_encoder
+    plan: Dict[MultiheadAttention, type] = {}
+    per_sentence, cross_modules = per_sentence_encoder, []
     for model in models:
-        attention = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
-        if time_major_self_attn:
-            self_attn += [m for m in attention if type(m) is MultiheadAttention and m.self_attention]
-        cross = [m for m in attention if m.encoder_decoder_attention]
-        per_sentence &= bool(cross) and all(type(m) is MultiheadAttention and m.beam_size == 1 for m in cross)
-        encoder_attn += cross
-    return self_attn, encoder_attn if per_sentence else []
+        attention = [m for m in model.modules() if type(m) in (MultiheadAttention, *_FAST_CLASSES)]
+        for module in attention:
+            if module.self_attention:
+                plan[module] = TimeMajorCachedSelfAttention if time_major_self_attn else MultiheadAttention
+        cross = [m for m in model.modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention]
+        per_sentence &= bool(cross) and all(m in attention and m.beam_size == 1 for m in cross)
+        cross_modules += [m for m in cross if m in attention]
+    per_sentence_class = ELEncoderAttention if el_attention else SentenceProjectedEncoderAttention
+    for module in cross_modules:
+        plan[module] = per_sentence_class if per_sentence else MultiheadAttention
+    return plan
 
 
-def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True) -> str:
+def describe(
+    models: Sequence[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True, el_attention: bool = False
+) -> str:
     """One line for the log: which attention ``fast_attention`` accelerates in ``models``, and why not."""
-    self_attn, encoder_attn = _swappable(models, time_major_self_attn, per_sentence_encoder)
+    plan = _plan(models, time_major_self_attn, per_sentence_encoder, el_attention)
+    self_attn = [m for m, cls in plan.items() if cls is TimeMajorCachedSelfAttention]
     attention = [m for model in models for m in model.modules() if isinstance(m, MultiheadAttention)]
     if not attention:
         names = ", ".join(sorted({type(model).__name__ for model in models}))
         return f"fairseq's ({names} has no fairseq MultiheadAttention; the fast search still applies)"
-    if encoder_attn:
+    if ELEncoderAttention in plan.values():
+        encoder_part = "EL-attention (encoder output once per sentence, no encoder keys/values)"
+    elif SentenceProjectedEncoderAttention in plan.values():
         encoder_part = "encoder keys/values once per sentence"
     elif any(m.encoder_decoder_attention for m in attention):
         encoder_part = "fairseq's (or the model's own) encoder attention"
@@ -219,24 +243,55 @@ def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, per
     return f"{self_part}, {encoder_part}"
 
 
+def install_fast_attention(
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
+) -> None:
+    """Give ``models`` the attention modules above for good (the fast model variants).
+
+    Only module classes change: parameters and state dict stay fairseq's, and outside
+    incremental decoding the modules run fairseq's own forward.
+    """
+    for module, cls in _plan(models, time_major_self_attn, per_sentence_encoder).items():
+        module.__class__ = cls
+
+
+@contextmanager
+def decoder_beam_size(models: Iterable[nn.Module], beam_size: int) -> Iterator[None]:
+    """Within the block, beam-aware encoder attention (BART's) is set for ``beam_size``.
+
+    fairseq's generator sets it when built, for beams above 1 only, and never back: a BART
+    model that served a beam search then fails a greedy search (a shape error). Here it is
+    set for every search, 1 included, and restored afterwards for the model's other users.
+    """
+    models = [model for model in models if hasattr(model, "set_beam_size")]
+    modules = [m for model in models for m in model.modules() if isinstance(m, MultiheadAttention)]
+    before = [m.beam_size for m in modules]
+    for model in models:
+        model.set_beam_size(beam_size)
+    try:
+        yield
+    finally:
+        for module, size in zip(modules, before):
+            module.beam_size = size
+
+
 @contextmanager
 def fast_attention(
-    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True, el_attention: bool = False
 ) -> Iterator[bool]:
-    """Within the block, ``models`` use the attention modules above.
+    """Within the block, ``models`` use the attention modules chosen by the arguments.
 
     Only the classes of fairseq's ``MultiheadAttention`` modules change, and only for the
-    block: parameters, state dict and every other code path stay fairseq's, and other users
-    of the same model objects (a stock generator, training) see them unchanged afterwards.
-    Yields whether the decoders take the encoder output once per sentence.
+    block: afterwards every module has its class from before (fairseq's for a stock model),
+    so other users of the same model objects (a stock generator, training) see them
+    unchanged. Yields whether the decoders take the encoder output once per sentence.
     """
-    self_attn, encoder_attn = _swappable(models, time_major_self_attn, per_sentence_encoder)
-    for module in self_attn:
-        module.__class__ = TimeMajorCachedSelfAttention
-    for module in encoder_attn:
-        module.__class__ = SentenceProjectedEncoderAttention
+    plan = _plan(models, time_major_self_attn, per_sentence_encoder, el_attention)
+    before = {module: type(module) for module in plan}
+    for module, cls in plan.items():
+        module.__class__ = cls
     try:
-        yield bool(encoder_attn)
+        yield any(cls in _PER_SENTENCE_CLASSES for cls in plan.values())
     finally:
-        for module in self_attn + encoder_attn:
-            module.__class__ = MultiheadAttention
+        for module, cls in before.items():
+            module.__class__ = cls

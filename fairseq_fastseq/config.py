@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
-ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam"])
+ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "el_attention"])
 
 # Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
 FLAG_PREFIX = "fast"
@@ -44,7 +44,10 @@ class FastGeneratorConfig(FairseqDataclass):
         metadata={
             "help": "encoder-decoder attention: 'per_sentence' projects the encoder output to "
             "keys/values once per sentence and copies them for its beams; 'per_beam' is "
-            "fairseq's way, once per beam (for comparison)"
+            "fairseq's way, once per beam (for comparison); 'el_attention' keeps no keys/values "
+            "and attends to the encoder output with projected queries (EL-attention: less "
+            "memory, more compute; equal to fairseq's up to rounding, so scores differ in the "
+            "last bits and a near-tie may pick another token)"
         },
     )
 

@@ -11,7 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import describe, fast_attention
+from .attention import decoder_beam_size, describe, fast_attention
 from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
@@ -61,12 +61,14 @@ class FastSequenceGenerator(SequenceGenerator):
         """The knobs as ``attention.fast_attention`` arguments."""
         return dict(
             time_major_self_attn=self.knobs.self_attn_cache == "time_major",
-            per_sentence_encoder=self.knobs.encoder_projection == "per_sentence",
+            per_sentence_encoder=self.knobs.encoder_projection in ("per_sentence", "el_attention"),
+            el_attention=self.knobs.encoder_projection == "el_attention",
         )
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
-        with explain_out_of_memory(sample, self.beam_size), fast_attention(
-            self.model.models, **self.attention_options()
+        models = self.model.models
+        with explain_out_of_memory(sample, self.beam_size), decoder_beam_size(models, self.beam_size), fast_attention(
+            models, **self.attention_options()
         ) as per_sentence_encoder:
             return self._search(sample, per_sentence_encoder=per_sentence_encoder, **kwargs)
 
