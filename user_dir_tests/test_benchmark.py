@@ -80,3 +80,18 @@ def test_cuda_options_are_refused_with_a_clear_message(main, argv, message, caps
         main(argv)
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sdpa_comparison_reports_exactness_and_ratio(monkeypatch, capsys):
+    from benchmarks import sdpa
+
+    monkeypatch.setattr(sdpa, "SHAPES", [(3, 2, 5, 8)])
+    threads = torch.get_num_threads()
+    try:
+        sdpa.main(["--repeats", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    row = capsys.readouterr().out.splitlines()[-1].split(" | ")
+    assert row[:5] == ["| 3", "2", "5", "8", "yes"]  # SDPA equals fairseq's arithmetic bitwise here
+    fairseq_ms, sdpa_ms, ratio = float(row[5]), float(row[6]), float(row[7].rstrip(" |").rstrip("x"))
+    assert ratio == pytest.approx(fairseq_ms / sdpa_ms, rel=0.1, abs=0.05)  # of the rounded cells

@@ -129,3 +129,24 @@ def test_bart_serves_greedy_search_after_a_beam_search(toy_models):
     fast = accelerate(task.build_generator([model], GenerationConfig(beam=1)), FastGeneratorConfig(on_unsupported="error"))
     assert_same_hypotheses(fresh, generate_all(fast, task, [model], batches, 0, None, None))
     assert {m.beam_size for m in model.decoder.modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention} == {5}
+
+
+def test_fairseq_train_with_the_fast_arch(toy_models, tmp_path):
+    """``fairseq-train --user-dir fairseq_fastseq --arch transformer_fast``: a checkpoint whose
+    model is the variant, with a stock ``transformer``'s state dict."""
+    from pathlib import Path
+
+    from fairseq import checkpoint_utils
+
+    import fairseq_fastseq
+    from fairseq_fastseq import toy
+
+    plugin = str(Path(fairseq_fastseq.__file__).parent)
+    stock_args = toy.TRANSLATION_MODELS["transformer"]
+    assert stock_args[:2] == ["--arch", "transformer"]
+    model_args = ["--user-dir", plugin, "--arch", "transformer_fast", *stock_args[2:]]
+    checkpoint = toy.train(toy_models["transformer"].data_bin, tmp_path / "fast", model_args, "translation", updates=5)
+    models, _ = checkpoint_utils.load_model_ensemble([str(checkpoint)])
+    stock_models, _ = checkpoint_utils.load_model_ensemble([str(toy_models["transformer"].checkpoint)])
+    assert type(models[0]) is FastTransformerModel
+    assert {k: v.shape for k, v in models[0].state_dict().items()} == {k: v.shape for k, v in stock_models[0].state_dict().items()}
