@@ -100,7 +100,7 @@ CASES.update(
         "lm-top-p-b32": Case("lm-base", 32, 32, (16, 128), dict(beam=1, sampling=True, sampling_topp=0.9, **LM)),
     }
 )
-DEFAULT_CASES = list(CASES)  # the CPU cases; the GPU-sized ones below run when named
+DEFAULT_CASES = list(CASES)  # the CPU cases; the GPU-sized and memory ones below run when named
 CASES.update(
     {
         "mt-beam5-b128-s256": Case("mt-base", 128, 256, (10, 40), dict(beam=5, **MT)),
@@ -108,6 +108,9 @@ CASES.update(
         "mt-greedy-b1-s4": Case("mt-base", 1, 4, (10, 40), dict(beam=1, **MT)),
         "mt-beam5-b1-s4": Case("mt-base", 1, 4, (10, 40), dict(beam=5, **MT)),
         "sum-beam4-ngram3-b32-s64": Case("sum-base", 32, 64, (400, 1000), SUM),
+        "mt-beam5-b16": Case("mt-base", 16, 16, (10, 40), dict(beam=5, **MT)),
+        "real-mt-beam5-b32": Case("real-mt", 32, 64, None, dict(beam=5)),
+        "sum-beam4-ngram3-b8-s8": Case("sum-base", 8, 8, (400, 1000), SUM),
     }
 )
 

@@ -24,8 +24,10 @@ from torch import Tensor, nn
 from .el_attention import ELEncoderAttention
 
 _KEY, _VALUE = "time_major_key", "time_major_value"
-# In the model's incremental state (next to the layers' own entries): the spare buffer.
+# In the model's incremental state (next to the layers' own entries): the spare buffer, and
+# how many decoder steps the search can run (set by the fast generator; caps the capacity).
 _SPARE = "fastseq_spare_cache_buffer"
+_STEPS = "fastseq_decoder_steps"
 _LENGTH = "time_major_length"  # a Python int: how many time slices are filled
 # The cache grows by this many time slices when full: a buffer and its spare hold at most
 # this many unused slices each, so the peak memory stays close to fairseq's (which holds the
@@ -80,7 +82,8 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         length = state.get(_LENGTH, 0)
         keys, values = state.get(_KEY), state.get(_VALUE)
         if keys is None or length == keys.size(0):
-            keys, values = (self._grown(buffer, length, k, bsz) for buffer in (keys, values))
+            limit = incremental_state.get(_STEPS, {}).get("steps")
+            keys, values = (self._grown(buffer, length, k, bsz, limit) for buffer in (keys, values))
         keys[length] = k.view(bsz, heads, head_dim)
         values[length] = v.view(bsz, heads, head_dim)
         length += 1
@@ -97,9 +100,10 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         self._set_input_buffer(incremental_state, state)
         return self.out_proj(attn)
 
-    def _grown(self, buffer: Optional[Tensor], length: int, like: Tensor, bsz: int) -> Tensor:
-        """A buffer with ``_GROWTH`` more slices of capacity, holding the ``length`` filled ones."""
-        capacity = length + _GROWTH
+    def _grown(self, buffer: Optional[Tensor], length: int, like: Tensor, bsz: int, limit: Optional[int]) -> Tensor:
+        """A buffer with ``_GROWTH`` more slices of capacity (at most ``limit``, the steps the
+        search can run, but at least one more), holding the ``length`` filled ones."""
+        capacity = max(length + 1, min(length + _GROWTH, limit or length + _GROWTH))
         grown = like.new_empty(capacity, bsz, self.num_heads, self.head_dim)
         if buffer is not None:
             grown[:length] = buffer[:length]
@@ -134,6 +138,12 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
             torch.index_select(buffer[:length], 1, new_order, out=spare[:length])
             state[name], spares["buffer"] = spare, buffer  # the next copy (values, next layer) goes there
         return self._set_input_buffer(incremental_state, state)
+
+
+def limit_cache_steps(incremental_state: Dict[str, Dict[str, Optional[Tensor]]], steps: int) -> None:
+    """Tell the time-major caches of one model that the search runs at most ``steps`` decoder
+    steps, so that none is allocated beyond them."""
+    incremental_state[_STEPS] = {"steps": steps}
 
 
 # Below this many rows (source tokens x sentences) the encoder output is projected per beam.

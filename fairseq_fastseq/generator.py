@@ -11,7 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import decoder_beam_size, describe, fast_attention
+from .attention import decoder_beam_size, describe, fast_attention, limit_cache_steps
 from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
@@ -97,6 +97,8 @@ class FastSequenceGenerator(SequenceGenerator):
         assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
 
         incremental_states = [{} for _ in range(self.model.models_size)]
+        for state in incremental_states:
+            limit_cache_steps(state, max_len + 1)  # steps 0..max_len
         encoder_outs = self.model.forward_encoder(net_input)
         # One copy of the encoder output per beam, as fairseq does, unless the decoders take
         # it once per sentence (see attention.py), or there is one beam.

@@ -95,3 +95,14 @@ def test_sdpa_comparison_reports_exactness_and_ratio(monkeypatch, capsys):
     assert row[:5] == ["| 3", "2", "5", "8", "yes"]  # SDPA equals fairseq's arithmetic bitwise here
     fairseq_ms, sdpa_ms, ratio = float(row[5]), float(row[6]), float(row[7].rstrip(" |").rstrip("x"))
     assert ratio == pytest.approx(fairseq_ms / sdpa_ms, rel=0.1, abs=0.05)  # of the rounded cells
+
+
+def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, capsys):
+    from benchmarks import peak_rss
+
+    monkeypatch.setitem(peak_rss.CASES, "tiny", Case("mt-base", 2, 2, (3, 5), dict(beam=2, max_len_a=0, max_len_b=3)))
+    peak_rss.main(["--cases", "tiny", "--repeats", "1"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    cells = row.split(" | ")[1:]
+    assert row.startswith("| tiny |") and len(cells) == len(peak_rss.GENERATORS)
+    assert all(cell.rstrip(" |").endswith(")") for cell in cells)  # "<peak> (+<rise>)" for each
