@@ -24,10 +24,8 @@ from torch import Tensor, nn
 from .el_attention import ELEncoderAttention
 
 _KEY, _VALUE = "time_major_key", "time_major_value"
-# In the model's incremental state (next to the layers' own entries): the spare buffer, and
-# how many decoder steps the search can run (set by the fast generator; caps the capacity).
+# In the model's incremental state (next to the layers' own entries): the spare buffer.
 _SPARE = "fastseq_spare_cache_buffer"
-_STEPS = "fastseq_decoder_steps"
 _LENGTH = "time_major_length"  # a Python int: how many time slices are filled
 # The cache grows by this many time slices when full: a buffer and its spare hold at most
 # this many unused slices each, so the peak memory stays close to fairseq's (which holds the
@@ -37,6 +35,10 @@ _GROWTH = 16
 
 class TimeMajorCachedSelfAttention(MultiheadAttention):
     """fairseq's ``MultiheadAttention``; only incremental self-attention takes the new path."""
+
+    # How many decoder steps the running search can take, if known (``cache_steps``): the
+    # capacity never goes beyond it.
+    max_steps: Optional[int] = None
 
     def forward(
         self,
@@ -82,8 +84,7 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         length = state.get(_LENGTH, 0)
         keys, values = state.get(_KEY), state.get(_VALUE)
         if keys is None or length == keys.size(0):
-            limit = incremental_state.get(_STEPS, {}).get("steps")
-            keys, values = (self._grown(buffer, length, k, bsz, limit) for buffer in (keys, values))
+            keys, values = (self._grown(buffer, length, k, bsz, self.max_steps) for buffer in (keys, values))
         keys[length] = k.view(bsz, heads, head_dim)
         values[length] = v.view(bsz, heads, head_dim)
         length += 1
@@ -138,12 +139,6 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
             torch.index_select(buffer[:length], 1, new_order, out=spare[:length])
             state[name], spares["buffer"] = spare, buffer  # the next copy (values, next layer) goes there
         return self._set_input_buffer(incremental_state, state)
-
-
-def limit_cache_steps(incremental_state: Dict[str, Dict[str, Optional[Tensor]]], steps: int) -> None:
-    """Tell the time-major caches of one model that the search runs at most ``steps`` decoder
-    steps, so that none is allocated beyond them."""
-    incremental_state[_STEPS] = {"steps": steps}
 
 
 # Below this many rows (source tokens x sentences) the encoder output is projected per beam.
@@ -202,49 +197,56 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
 
 
 _FAST_CLASSES = (TimeMajorCachedSelfAttention, SentenceProjectedEncoderAttention, ELEncoderAttention)
-_PER_SENTENCE_CLASSES = (SentenceProjectedEncoderAttention, ELEncoderAttention)
 
 
-def _plan(
-    models: Iterable[nn.Module], time_major_self_attn: bool, per_sentence_encoder: bool, el_attention: bool = False
-) -> Dict[MultiheadAttention, type]:
-    """The class each of fairseq's attention modules in ``models`` takes for a fast search.
+# Encoder-decoder attention (the knob ``encoder_projection``) -> the class of its modules.
+ENCODER_ATTENTION = {
+    "per_sentence": SentenceProjectedEncoderAttention,
+    "per_beam": MultiheadAttention,
+    "grouped": MultiheadAttention,  # with its beam size set (``decoder_beam_size``)
+    "el_attention": ELEncoderAttention,
+}
+
+
+def _plan(models: Iterable[nn.Module], time_major_self_attn: bool, encoder: str) -> Tuple[Dict[MultiheadAttention, type], bool]:
+    """The class each of fairseq's attention modules in ``models`` takes for a fast search,
+    and whether the decoders take the encoder output once per sentence.
 
     Planned are modules that are fairseq's ``MultiheadAttention`` or one of ours (a fast model
     variant has them installed already), never a subclass of a model's own. Encoder attention
-    is per sentence (projected once, or EL-attention) only if every model attends to its
-    encoder that way, none of them already beam-aware as BART's are.
+    is per sentence only if every model attends to its encoder that way, and (except for
+    ``grouped``, which is BART's own way) none of them is already beam-aware as BART's are.
     """
     plan: Dict[MultiheadAttention, type] = {}
-    per_sentence, cross_modules = per_sentence_encoder, []
+    per_sentence, cross_modules = encoder != "per_beam", []
     for model in models:
         attention = [m for m in model.modules() if type(m) in (MultiheadAttention, *_FAST_CLASSES)]
         for module in attention:
             if module.self_attention:
                 plan[module] = TimeMajorCachedSelfAttention if time_major_self_attn else MultiheadAttention
         cross = [m for m in model.modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention]
-        per_sentence &= bool(cross) and all(m in attention and m.beam_size == 1 for m in cross)
+        beam_aware = any(m.beam_size != 1 for m in cross) and encoder != "grouped"
+        per_sentence &= bool(cross) and all(m in attention for m in cross) and not beam_aware
         cross_modules += [m for m in cross if m in attention]
-    per_sentence_class = ELEncoderAttention if el_attention else SentenceProjectedEncoderAttention
     for module in cross_modules:
-        plan[module] = per_sentence_class if per_sentence else MultiheadAttention
-    return plan
+        plan[module] = ENCODER_ATTENTION[encoder] if per_sentence else MultiheadAttention
+    return plan, per_sentence
 
 
-def describe(
-    models: Sequence[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True, el_attention: bool = False
-) -> str:
+def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, encoder: str = "per_sentence") -> str:
     """One line for the log: which attention ``fast_attention`` accelerates in ``models``, and why not."""
-    plan = _plan(models, time_major_self_attn, per_sentence_encoder, el_attention)
+    plan, per_sentence = _plan(models, time_major_self_attn, encoder)
     self_attn = [m for m, cls in plan.items() if cls is TimeMajorCachedSelfAttention]
     attention = [m for model in models for m in model.modules() if isinstance(m, MultiheadAttention)]
     if not attention:
         names = ", ".join(sorted({type(model).__name__ for model in models}))
         return f"fairseq's ({names} has no fairseq MultiheadAttention; the fast search still applies)"
-    if ELEncoderAttention in plan.values():
-        encoder_part = "EL-attention (encoder output once per sentence, no encoder keys/values)"
-    elif SentenceProjectedEncoderAttention in plan.values():
-        encoder_part = "encoder keys/values once per sentence"
+    if per_sentence:
+        encoder_part = {
+            "per_sentence": "encoder keys/values once per sentence",
+            "grouped": "encoder keys/values once per sentence, attended by its beams as grouped queries",
+            "el_attention": "EL-attention (encoder output once per sentence, no encoder keys/values)",
+        }[encoder]
     elif any(m.encoder_decoder_attention for m in attention):
         encoder_part = "fairseq's (or the model's own) encoder attention"
     else:
@@ -254,30 +256,48 @@ def describe(
 
 
 def install_fast_attention(
-    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, encoder: str = "per_sentence"
 ) -> None:
     """Give ``models`` the attention modules above for good (the fast model variants).
 
     Only module classes change: parameters and state dict stay fairseq's, and outside
     incremental decoding the modules run fairseq's own forward.
     """
-    for module, cls in _plan(models, time_major_self_attn, per_sentence_encoder).items():
+    for module, cls in _plan(models, time_major_self_attn, encoder)[0].items():
         module.__class__ = cls
 
 
 @contextmanager
-def decoder_beam_size(models: Iterable[nn.Module], beam_size: int) -> Iterator[None]:
-    """Within the block, beam-aware encoder attention (BART's) is set for ``beam_size``.
+def cache_steps(models: Iterable[nn.Module], steps: int) -> Iterator[None]:
+    """Within the block, the time-major caches of ``models`` know that the search runs at most
+    ``steps`` decoder steps, so that none is allocated beyond them."""
+    modules = [m for model in models for m in model.modules() if isinstance(m, TimeMajorCachedSelfAttention)]
+    for module in modules:
+        module.max_steps = steps
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.max_steps  # back to the class default: unknown
+
+
+@contextmanager
+def decoder_beam_size(models: Iterable[nn.Module], beam_size: int, every_model: bool = False) -> Iterator[None]:
+    """Within the block, beam-aware encoder attention (BART's) is set for ``beam_size``; with
+    ``every_model``, every model's fairseq encoder attention is (``grouped``).
 
     fairseq's generator sets it when built, for beams above 1 only, and never back: a BART
     model that served a beam search then fails a greedy search (a shape error). Here it is
     set for every search, 1 included, and restored afterwards for the model's other users.
     """
-    models = [model for model in models if hasattr(model, "set_beam_size")]
-    modules = [m for model in models for m in model.modules() if isinstance(m, MultiheadAttention)]
+    if not every_model:
+        models = [model for model in models if hasattr(model, "set_beam_size")]
+    modules = [
+        m for model in models for m in model.modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention
+    ]
     before = [m.beam_size for m in modules]
-    for model in models:
-        model.set_beam_size(beam_size)
+    for module in modules:
+        module.set_beam_size(beam_size)
     try:
         yield
     finally:
@@ -287,7 +307,7 @@ def decoder_beam_size(models: Iterable[nn.Module], beam_size: int) -> Iterator[N
 
 @contextmanager
 def fast_attention(
-    models: Iterable[nn.Module], time_major_self_attn: bool = True, per_sentence_encoder: bool = True, el_attention: bool = False
+    models: Iterable[nn.Module], time_major_self_attn: bool = True, encoder: str = "per_sentence"
 ) -> Iterator[bool]:
     """Within the block, ``models`` use the attention modules chosen by the arguments.
 
@@ -296,12 +316,12 @@ def fast_attention(
     so other users of the same model objects (a stock generator, training) see them
     unchanged. Yields whether the decoders take the encoder output once per sentence.
     """
-    plan = _plan(models, time_major_self_attn, per_sentence_encoder, el_attention)
+    plan, per_sentence = _plan(models, time_major_self_attn, encoder)
     before = {module: type(module) for module in plan}
     for module, cls in plan.items():
         module.__class__ = cls
     try:
-        yield any(cls in _PER_SENTENCE_CLASSES for cls in plan.values())
+        yield per_sentence
     finally:
         for module, cls in before.items():
             module.__class__ = cls

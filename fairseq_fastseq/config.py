@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
-ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "el_attention"])
+ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "grouped", "el_attention"])
 
 # Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
 FLAG_PREFIX = "fast"
@@ -44,10 +44,12 @@ class FastGeneratorConfig(FairseqDataclass):
         metadata={
             "help": "encoder-decoder attention: 'per_sentence' projects the encoder output to "
             "keys/values once per sentence and copies them for its beams; 'per_beam' is "
-            "fairseq's way, once per beam (for comparison); 'el_attention' keeps no keys/values "
+            "fairseq's way, once per beam (for comparison); 'grouped' projects once per sentence "
+            "and has its beams attend as grouped queries, without per-beam copies (fairseq's BART "
+            "path, for any model); 'el_attention' keeps no keys/values "
             "and attends to the encoder output with projected queries (EL-attention: less "
-            "memory, more compute; equal to fairseq's up to rounding, so scores differ in the "
-            "last bits and a near-tie may pick another token)"
+            "memory, more compute). 'grouped' and 'el_attention' equal fairseq's up to rounding: "
+            "scores differ in the last bits and a near-tie may pick another token"
         },
     )
 

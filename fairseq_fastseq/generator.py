@@ -11,7 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithA
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import decoder_beam_size, describe, fast_attention, limit_cache_steps
+from .attention import cache_steps, decoder_beam_size, describe, fast_attention
 from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
@@ -57,20 +57,27 @@ class FastSequenceGenerator(SequenceGenerator):
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.knobs = FastGeneratorConfig()
 
-    def attention_options(self) -> Dict[str, bool]:
+    def attention_options(self) -> Dict[str, Union[bool, str]]:
         """The knobs as ``attention.fast_attention`` arguments."""
-        return dict(
-            time_major_self_attn=self.knobs.self_attn_cache == "time_major",
-            per_sentence_encoder=self.knobs.encoder_projection in ("per_sentence", "el_attention"),
-            el_attention=self.knobs.encoder_projection == "el_attention",
-        )
+        return dict(time_major_self_attn=self.knobs.self_attn_cache == "time_major", encoder=self.knobs.encoder_projection)
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
         models = self.model.models
-        with explain_out_of_memory(sample, self.beam_size), decoder_beam_size(models, self.beam_size), fast_attention(
+        with explain_out_of_memory(sample, self.beam_size), decoder_beam_size(
+            models, self.beam_size, every_model=self.knobs.encoder_projection == "grouped"
+        ), fast_attention(
             models, **self.attention_options()
-        ) as per_sentence_encoder:
+        ) as per_sentence_encoder, cache_steps(
+            models, self._max_len(sample["net_input"]) + 1  # steps 0..max_len
+        ):
             return self._search(sample, per_sentence_encoder=per_sentence_encoder, **kwargs)
+
+    def _max_len(self, net_input: Dict[str, Tensor]) -> int:
+        """The most tokens a hypothesis can have before EOS, as fairseq computes it."""
+        src_tokens, src_lengths = self._source(net_input)
+        if self.match_source_len:
+            return int(src_lengths.max().item())
+        return min(int(self.max_len_a * src_tokens.size(1) + self.max_len_b), self.max_len - 1)
 
     def _search(
         self,
@@ -90,15 +97,10 @@ class FastSequenceGenerator(SequenceGenerator):
                 "Target-side constraints were provided, but search method doesn't support them"
             )
         self.search.init_constraints(constraints, beam_size)
-        if self.match_source_len:
-            max_len = int(src_lengths.max().item())
-        else:
-            max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+        max_len = self._max_len(net_input)
         assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
 
         incremental_states = [{} for _ in range(self.model.models_size)]
-        for state in incremental_states:
-            limit_cache_steps(state, max_len + 1)  # steps 0..max_len
         encoder_outs = self.model.forward_encoder(net_input)
         # One copy of the encoder output per beam, as fairseq does, unless the decoders take
         # it once per sentence (see attention.py), or there is one beam.

@@ -20,8 +20,8 @@ from torch import nn
 from .attention import install_fast_attention
 
 
-def _fast(model: nn.Module, per_sentence_encoder: bool = True) -> nn.Module:
-    install_fast_attention([model], per_sentence_encoder=per_sentence_encoder)
+def _fast(model: nn.Module, encoder: str = "per_sentence") -> nn.Module:
+    install_fast_attention([model], encoder=encoder)
     return model
 
 
@@ -41,7 +41,7 @@ class FastBARTModel(BARTModel):
 
     @classmethod
     def build_model(cls, args, task):
-        return _fast(super().build_model(args, task), per_sentence_encoder=False)
+        return _fast(super().build_model(args, task), encoder="per_beam")
 
 
 @register_model("transformer_lm_fast", dataclass=TransformerLanguageModelConfig)
@@ -82,4 +82,4 @@ def as_fast_variant(model: nn.Module) -> nn.Module:
             "use --generator fast, which accelerates any fairseq model's search"
         )
     model.__class__ = fast_class
-    return _fast(model, per_sentence_encoder=fast_class is not FastBARTModel)
+    return _fast(model, encoder="per_beam" if fast_class is FastBARTModel else "per_sentence")

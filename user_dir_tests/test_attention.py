@@ -150,14 +150,14 @@ def test_fast_generator_uses_each_optimization_per_knob(toy_models, monkeypatch,
 
 
 def test_cache_is_never_allocated_beyond_the_searchs_steps():
-    from fairseq_fastseq.attention import limit_cache_steps
+    from fairseq_fastseq.attention import cache_steps
 
     stock, fast = _pair()
     stock_state, fast_state = {}, {}
-    limit_cache_steps(fast_state, 20)
-    with torch.no_grad():
+    with torch.no_grad(), cache_steps([fast], 20):
         for step in range(22):  # two steps past the limit: the cache still grows, one at a time
             x = torch.randn(1, 3, 16)
             assert torch.equal(_step(fast, x, fast_state), _step(stock, x, stock_state)), f"step {step}"
             keys = fast._get_input_buffer(fast_state)["time_major_key"]
             assert keys.size(0) == (16 if step < 16 else 20 if step < 20 else step + 1)
+    assert fast.max_steps is None  # the limit ends with the block

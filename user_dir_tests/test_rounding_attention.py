@@ -1,5 +1,6 @@
-"""EL-attention (``--fast-encoder-projection el_attention``): fairseq's encoder attention up
-to rounding, step by step and through the generator (same tokens, scores within 1e-4)."""
+"""The encoder-attention choices equal to fairseq's up to rounding (not bitwise):
+EL-attention (``--fast-encoder-projection el_attention``) and grouped queries
+(``grouped``). Step by step, and through the generator: same tokens, scores within 1e-4."""
 
 import copy
 
@@ -15,8 +16,7 @@ from fairseq_fastseq.el_attention import ELEncoderAttention
 from .equivalence import assert_fast_matches_stock
 from .naive import with_correct_ngram_blocking
 
-EL = FastGeneratorConfig(on_unsupported="error", encoder_projection="el_attention")
-ROUNDING = 1e-4  # the product's tolerance; EL-attention sums in another order
+ROUNDING = 1e-4  # the product's tolerance; these choices sum in another order than fairseq
 
 
 @pytest.mark.parametrize("need_head_weights", [False, True])
@@ -55,30 +55,65 @@ def test_steps_match_fairseqs_per_beam_attention(need_head_weights):
 
 @pytest.mark.parametrize("search", [dict(beam=1), dict(beam=5, nbest=3), dict(beam=4, no_repeat_ngram_size=2, lenpen=1.5)])
 @pytest.mark.parametrize("model", [*toy.TRANSLATION_MODELS, *toy.LANGUAGE_MODELS])
-def test_generator_with_el_attention_gives_stocks_tokens(toy_models, model, search):
+@pytest.mark.parametrize("encoder", ["el_attention", "grouped"])
+def test_generator_gives_stocks_tokens(toy_models, encoder, model, search):
     # stock's CPU n-gram blocker bans nothing: the reference is stock with a correct one
     reference = with_correct_ngram_blocking if search.get("no_repeat_ngram_size") else None
-    assert_fast_matches_stock(toy_models[model], knobs=EL, atol=ROUNDING, reference=reference, **search)
+    knobs = FastGeneratorConfig(on_unsupported="error", encoder_projection=encoder)
+    assert_fast_matches_stock(toy_models[model], knobs=knobs, atol=ROUNDING, reference=reference, **search)
 
 
 @pytest.mark.parametrize(
-    "model, expected",
+    "encoder, model, expected",
     [
-        ("transformer", "EL-attention (encoder output once per sentence, no encoder keys/values)"),
-        ("bart", "fairseq's (or the model's own) encoder attention"),  # BART shares K/V by beam itself
-        ("transformer_lm", "no encoder attention (decoder-only)"),
+        ("el_attention", "transformer", "EL-attention (encoder output once per sentence, no encoder keys/values)"),
+        ("el_attention", "bart", "fairseq's (or the model's own) encoder attention"),  # BART shares K/V itself
+        ("el_attention", "transformer_lm", "no encoder attention (decoder-only)"),
+        ("grouped", "transformer", "encoder keys/values once per sentence, attended by its beams as grouped queries"),
+        ("grouped", "bart", "encoder keys/values once per sentence, attended by its beams as grouped queries"),
     ],
 )
-def test_log_line_names_el_attention_where_it_applies(toy_models, model, expected):
+def test_log_line_names_the_encoder_attention_where_it_applies(toy_models, encoder, model, expected):
     from fairseq import checkpoint_utils
 
     models, _ = checkpoint_utils.load_model_ensemble([str(toy_models[model].checkpoint)])
     if model == "bart":
-        models[0].set_beam_size(4)
-    assert describe(models, per_sentence_encoder=True, el_attention=True).endswith(expected)
+        models[0].set_beam_size(4)  # as fairseq's generator leaves it
+    assert describe(models, encoder=encoder).endswith(expected)
 
 
-def test_command_line_and_hydra_select_el_attention(toy_models):
+def test_grouped_attends_without_per_beam_copies_and_restores_beam_sizes(toy_models):
+    """Under ``grouped`` the encoder attention of a plain transformer runs fairseq's beam-aware
+    path, fed one copy of the encoder output per sentence."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    from fairseq_fastseq.generator import accelerate
+
+    from .equivalence import load
+
+    toy = toy_models["transformer"]
+    models, task, batches = load((str(toy.checkpoint),), str(toy.data_bin), 8)
+    attention = models[0].decoder.layers[0].encoder_attn
+    seen = []
+    original = attention.forward
+
+    def spy(query, key, *args, **kwargs):
+        seen.append((query.size(1), key.size(1), attention.beam_size))
+        return original(query, key, *args, **kwargs)
+
+    attention.forward = spy
+    try:
+        knobs = FastGeneratorConfig(on_unsupported="error", encoder_projection="grouped")
+        generator = accelerate(task.build_generator(models, GenerationConfig(beam=4)), knobs)
+        task.inference_step(generator, models, batches[0])
+    finally:
+        del attention.forward
+    rows, sentences, beam_size = seen[0]
+    assert (rows, sentences, beam_size) == (4 * batches[0]["nsentences"], batches[0]["nsentences"], 4)
+    assert attention.beam_size == 1 and type(attention) is MultiheadAttention  # as before the search
+
+
+def test_command_line_and_hydra_select_el_attention(toy_models):  # grouped: the same flag
     """``--fast-encoder-projection el_attention`` and ``attention=el``: stock's hypotheses."""
     from .cli import generate_results
     from .test_hydra import _model_keys, hydra_generate, results
