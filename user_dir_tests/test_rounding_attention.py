@@ -113,8 +113,9 @@ def test_grouped_attends_without_per_beam_copies_and_restores_beam_sizes(toy_mod
     assert attention.beam_size == 1 and type(attention) is MultiheadAttention  # as before the search
 
 
-def test_command_line_and_hydra_select_el_attention(toy_models):  # grouped: the same flag
-    """``--fast-encoder-projection el_attention`` and ``attention=el``: stock's hypotheses."""
+@pytest.mark.parametrize("encoder, config", [("el_attention", "el"), ("grouped", "grouped")])
+def test_command_line_and_hydra_select_the_choice(toy_models, encoder, config):
+    """``--fast-encoder-projection <choice>`` and ``attention=<config>``: stock's hypotheses."""
     from .cli import generate_results
     from .test_hydra import _model_keys, hydra_generate, results
 
@@ -126,9 +127,10 @@ def test_command_line_and_hydra_select_el_attention(toy_models):  # grouped: the
     stock = hypotheses(generate_results(model, "--beam", "4"))
     flags = generate_results(
         model, "--beam", "4", "--user-dir", "fairseq_fastseq", "--generator", "fast",
-        "--fast-encoder-projection", "el_attention",
+        "--fast-encoder-projection", encoder,
     )  # fmt: skip
-    hydra = hydra_generate(*_model_keys(model), "generator=fast", "attention=el", "generation.beam=4")
+    hydra = hydra_generate(*_model_keys(model), "generator=fast", f"attention={config}", "generation.beam=4")
     assert hydra.returncode == 0, hydra.stderr[-3000:]
     assert stock and hypotheses(flags) == stock == hypotheses(results(hydra.stdout))
-    assert "attention: time-major self-attention cache (4 modules), EL-attention" in hydra.stderr
+    expected = {"el": "EL-attention", "grouped": "encoder keys/values once per sentence, attended"}[config]
+    assert f"attention: time-major self-attention cache (4 modules), {expected}" in hydra.stderr
