@@ -1,4 +1,6 @@
-"""Decoder self-attention with a preallocated, time-major key/value cache.
+"""The fast generator's attention: which module takes which path for a search (``_plan``,
+``fast_attention``), a time-major self-attention cache, and encoder keys/values projected
+once per sentence (EL-attention is in ``el_attention.py``).
 
 fairseq's incremental self-attention copies its whole cache twice per layer and step:
 ``reorder_incremental_state`` index-selects it into a new tensor (beam reorder), then the
@@ -14,7 +16,7 @@ values (strided views instead of contiguous copies), the same float32 softmax.
 """
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from fairseq import utils
