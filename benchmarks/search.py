@@ -369,6 +369,12 @@ def bench_case(
         "bleu": {label: detokenized_bleu(task, batches, output) for label, output in outputs.items()}
         if case.model == "real-mt"
         else None,
+        # Where stock bans nothing, the rounding variants are compared with the bitwise ``fast``.
+        "same_as_fast": {
+            label: agreement(sentences["fast"], sentences[label])
+            for label in variants
+            if blocks and label in ROUNDING_TOLERANCE and "fast" in variants
+        },
     }
 
 
@@ -387,7 +393,11 @@ def device_name(device: str) -> str:
 
 def _identical_cell(row: Dict, device: str, dtype: str) -> str:
     if row["identical"] is None:
-        return NGRAM_NOT_COMPARED[device]
+        versus_fast = "".join(
+            f"; {label}: {same}/{total} same tokens as fast (max score diff {diff:.1e})"
+            for label, (same, total, diff) in row["same_as_fast"].items()
+        )
+        return NGRAM_NOT_COMPARED[device] + versus_fast
     share = f"{row['same_tokens']:.1%} (max score diff {row['max_score_diff']:.1e})"
     if dtype == "fp32":
         return "yes" if row["identical"] else f"NO: same tokens {share}"

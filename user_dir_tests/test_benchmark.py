@@ -106,3 +106,13 @@ def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, caps
     cells = row.split(" | ")[1:]
     assert row.startswith("| tiny |") and len(cells) == len(peak_rss.GENERATORS)
     assert all(cell.rstrip(" |").endswith(")") for cell in cells)  # "<peak> (+<rise>)" for each
+
+
+def test_ngram_case_compares_the_rounding_variants_with_fast():
+    """Stock bans nothing on the CPU, so grouped/EL are checked against the bitwise fast."""
+    case = Case("mt-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=4, no_repeat_ngram_size=2))
+    row = bench_case("tiny-ngram", case, repeats=1, models={})
+    assert row["identical"] is None and set(row["same_as_fast"]) == {"grouped", "el"}
+    assert all(same == total == 2 * 2 for same, total, _ in row["same_as_fast"].values())  # 2 sentences x 2 beams
+    cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
+    assert "grouped: 4/4 same tokens as fast" in cell and "el: 4/4 same tokens as fast" in cell
