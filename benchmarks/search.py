@@ -342,7 +342,9 @@ def bench_case(
     blocks = "no_repeat_ngram_size" in case.options and not generators["stock"].repeat_ngram_blocker.use_extension
     outputs = {label: label_runs[-1].hypotheses for label, label_runs in runs.items()}
     sentences = {label: [sent for batch in output for sent in batch] for label, output in outputs.items()}
-    agreements = [agreement(sentences["stock"], sentences[label]) for label in variants]
+    agreements = {label: agreement(sentences["stock"], sentences[label]) for label in variants}
+    tolerance = {label: max(SCORE_TOLERANCE[device.type], ROUNDING_TOLERANCE.get(label, 0.0)) for label in variants}
+    agrees = {label: same == total and diff <= tolerance[label] for label, (same, total, diff) in agreements.items()}
     # Target tokens of the best hypotheses, EOS included (for lm-base, the prompt too).
     tokens = {label: sum(len(sent[0]["tokens"]) for sent in sents) for label, sents in sentences.items()}
     return {
@@ -354,14 +356,10 @@ def bench_case(
         "sent_s": {label: case.sentences / seconds for label, seconds in median.items()},
         "tokens_s": {label: tokens[label] / seconds for label, seconds in median.items()},
         "ratio": {label: median["stock"] / seconds for label, seconds in median.items()},
-        "identical": None
-        if blocks
-        else all(
-            same == total and diff <= max(SCORE_TOLERANCE[device.type], ROUNDING_TOLERANCE.get(label, 0.0))
-            for label, (same, total, diff) in zip(variants, agreements)
-        ),
-        "same_tokens": None if blocks else min(s / n for s, n, _ in agreements),
-        "max_score_diff": None if blocks else max(d for _, _, d in agreements),
+        "identical": None if blocks else all(agrees.values()),
+        "same_tokens": None if blocks else min(s / n for s, n, _ in agreements.values()),
+        "max_score_diff": None if blocks else max(d for _, _, d in agreements.values()),
+        "differing": {} if blocks else {label: agreements[label] for label, ok in agrees.items() if not ok},
         "model_share": {label: statistics.median(r.in_model / r.wall for r in label_runs) for label, label_runs in runs.items()},
         "blocking_share": statistics.median(r.blocking / r.wall for r in runs["fast"]) if blocks and "fast" in runs else None,
         "peak_mib": {label: max(run.peak_gpu_bytes for run in label_runs) / 2**20 for label, label_runs in runs.items()},
@@ -400,7 +398,10 @@ def _identical_cell(row: Dict, device: str, dtype: str) -> str:
         return NGRAM_NOT_COMPARED[device] + versus_fast
     share = f"{row['same_tokens']:.1%} (max score diff {row['max_score_diff']:.1e})"
     if dtype == "fp32":
-        return "yes" if row["identical"] else f"NO: same tokens {share}"
+        if row["identical"]:
+            return "yes"
+        which = ", ".join(f"{label} {same}/{total} same tokens" for label, (same, total, _) in row["differing"].items())
+        return f"NO: {which}; max score diff {row['max_score_diff']:.1e}"
     return share
 
 

@@ -116,3 +116,9 @@ def test_ngram_case_compares_the_rounding_variants_with_fast():
     assert all(same == total == 2 * 2 for same, total, _ in row["same_as_fast"].values())  # 2 sentences x 2 beams
     cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
     assert "grouped: 4/4 same tokens as fast" in cell and "el: 4/4 same tokens as fast" in cell
+
+
+def test_a_variant_that_differs_is_named_in_the_table(tiny_row):
+    row = dict(tiny_row, identical=False, differing={"el": (5, 6, 2e-5)}, max_score_diff=2e-5)
+    cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
+    assert "| NO: el 5/6 same tokens; max score diff 2.0e-05 |" in cell
