@@ -158,8 +158,12 @@ def make_batches(task: FairseqTask, case: Case, seed: int = 1, device: str = "cp
     for real-mt the first test verses, in file order."""
     if case.model == "real-mt":
         verses = bible.encoded_verses(case.sentences)
-        starts = range(0, len(verses), case.batch_size)
-        return [bible.collate(task, verses[start : start + case.batch_size], str(device)) for start in starts]
+        batches = []
+        for start in range(0, len(verses), case.batch_size):
+            batch = bible.collate(task, verses[start : start + case.batch_size], str(device))
+            batch["id"] = batch["id"] + start  # the verse's line in the test set (collate counts from 0)
+            batches.append(batch)
+        return batches
     generator = torch.Generator().manual_seed(seed)
     dictionary = task.source_dictionary
     low, high = case.source_tokens
