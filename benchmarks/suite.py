@@ -332,6 +332,26 @@ def replace_section(document: Path, section: str) -> None:
     document.write_text(text, encoding="utf-8")
 
 
+def job_label(job: Job) -> str:
+    return f"{job.name} {job.case.model} b{job.case.batch_size}" if job.case else job.name
+
+
+def merged(previous: Sequence[Row], rerun: Sequence[Row]) -> List[Row]:
+    """``previous`` with the rows of every rerun case replaced by the rerun's, in place."""
+    key = lambda row: (row.case, row.model, row.batch)  # noqa: E731
+    fresh: Dict = {}
+    for row in rerun:
+        fresh.setdefault(key(row), []).append(row)
+    out: List[Row] = []
+    for row in previous:
+        if key(row) not in fresh:
+            out.append(row)
+        elif fresh[key(row)]:
+            out += fresh.pop(key(row))
+            fresh[key(row)] = []
+    return out + [row for rows in fresh.values() for row in rows]
+
+
 def run(selected: Sequence[Job], runner: Callable[[Job], List[Row]]) -> List[Row]:
     """Every job, with a progress bar; a job that fails becomes a row that says so."""
     from tqdm import tqdm
@@ -339,7 +359,7 @@ def run(selected: Sequence[Job], runner: Callable[[Job], List[Row]]) -> List[Row
     rows: List[Row] = []
     progress = tqdm(selected, desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True)
     for job in progress:
-        label = f"{job.name} {job.case.model} b{job.case.batch_size}" if job.case else job.name
+        label = job_label(job)
         progress.set_postfix_str(label)
         try:
             job_rows = runner(job)
@@ -366,6 +386,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--benchmarks-md", default=str(ROOT / "BENCHMARKS.md"), help="full runs replace the suite's section here ('' to skip)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="rerun only the cases whose label ('mt-beam5 real-mt b32', 'e2e-pipeline', ...) contains TEXT "
+        "(repeatable); their rows replace those of the previous run's <out>/<name>.json",
+    )
     args = parser.parse_args(argv)
     search.check_device(parser, args.device, args.dtype)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -373,9 +400,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # fairseq logs its whole config per model and run
     env = environment(torch.get_num_threads(), repeats, args.device, args.dtype, args.quick)
 
-    rows = run(jobs(args.quick), Runner(repeats, torch.get_num_threads(), args.device, args.dtype))
+    selected = [job for job in jobs(args.quick) if not args.only or any(text in job_label(job) for text in args.only)]
+    if not selected:
+        parser.error(f"--only {args.only}: no case matches; labels: {', '.join(job_label(job) for job in jobs(args.quick))}")
+    rows = run(selected, Runner(repeats, torch.get_num_threads(), args.device, args.dtype))
 
     name = args.device + ("" if args.dtype == "fp32" else f"-{args.dtype}") + ("-quick" if args.quick else "")
+    previous = args.out / f"{name}.json"
+    if args.only and previous.exists():
+        earlier = json.loads(previous.read_text())
+        rerun_note = f"{', '.join(repr(text) for text in args.only)} at commit {env['commit']}"
+        env = dict(earlier["environment"], rerun=rerun_note)
+        old_rows = [Row(**{**row, "rss": RssPeak(**row["rss"])}) for row in earlier["rows"]]
+        rows = merged(old_rows, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{env['device']} {env['dtype']}, {env['threads']} thread(s), {env['cpu']}, commit {env['commit']}"
     png = chart(rows, args.out / f"{name}.png", title)

@@ -152,3 +152,23 @@ def test_quick_run_leaves_benchmarks_md_alone(small_suite, tmp_path):
     assert suite.main(["--quick", "--out", str(tmp_path), "--benchmarks-md", str(document)]) == 0
     assert document.read_text() == "# Benchmarks\n"
     assert json.loads((tmp_path / "cpu-quick.json").read_text())["environment"]["repeats"] == "1"
+
+
+def test_rerun_rows_replace_the_previous_runs_rows_in_place():
+    old = [Row("a", "m", "1", 1, STOCK, ratio=1.0), Row("a", "m", "1", 1, FAST, ratio=1.1), Row("b", "m", "1", 1, STOCK)]
+    new = [Row("a", "m", "1", 1, STOCK, ratio=1.0), Row("a", "m", "1", 1, FAST, ratio=1.3)]
+    out = suite.merged(old, new)
+    assert [(row.case, row.engine, row.ratio) for row in out] == [("a", STOCK, 1.0), ("a", FAST, 1.3), ("b", STOCK, None)]
+
+
+def test_only_reruns_matching_cases_and_merges_them(small_suite, tmp_path):
+    results = tmp_path / "results"
+    assert suite.main(["--out", str(results), "--benchmarks-md", "", "--repeats", "1"]) == 0
+    first = json.loads((results / "cpu.json").read_text())
+    assert suite.main(["--out", str(results), "--benchmarks-md", "", "--repeats", "1", "--only", "real-mt b2"]) == 0
+    second = json.loads((results / "cpu.json").read_text())
+    assert [(r["case"], r["engine"]) for r in second["rows"]] == [(r["case"], r["engine"]) for r in first["rows"]]
+    assert second["rows"][2:] == first["rows"][2:]  # e2e and peers rows kept from the first run
+    assert second["environment"]["rerun"].startswith("'real-mt b2' at commit ")
+    with pytest.raises(SystemExit):
+        suite.main(["--out", str(results), "--only", "no such case"])
