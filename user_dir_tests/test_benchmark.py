@@ -101,6 +101,7 @@ def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, caps
     from benchmarks import peak_rss
 
     monkeypatch.setitem(peak_rss.CASES, "tiny", Case("mt-base", 2, 2, (3, 5), dict(beam=2, max_len_a=0, max_len_b=3)))
+    monkeypatch.setattr(peak_rss, "GENERATORS", ["stock", "fast"])  # each child builds a 60M-parameter model
     peak_rss.main(["--cases", "tiny", "--repeats", "1"])
     row = capsys.readouterr().out.splitlines()[-1]
     cells = row.split(" | ")[1:]

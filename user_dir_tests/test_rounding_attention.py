@@ -8,7 +8,6 @@ import pytest
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 
-from fairseq_fastseq import toy
 from fairseq_fastseq.attention import describe
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.el_attention import ELEncoderAttention
@@ -53,8 +52,18 @@ def test_steps_match_fairseqs_per_beam_attention(need_head_weights):
     assert not any(key.endswith("prev_key") for state in fast_state.values() for key in state)  # no K/V cache
 
 
-@pytest.mark.parametrize("search", [dict(beam=1), dict(beam=5, nbest=3), dict(beam=4, no_repeat_ngram_size=2, lenpen=1.5)])
-@pytest.mark.parametrize("model", [*toy.TRANSLATION_MODELS, *toy.LANGUAGE_MODELS])
+SEARCHES = [dict(beam=1), dict(beam=5, nbest=3), dict(beam=4, no_repeat_ngram_size=2, lenpen=1.5)]
+# Models whose encoder attention the choices change get every search; the others (no fairseq
+# encoder attention: the choice must leave them alone) one. The plain transformer is in the
+# CLI test below.
+CASES = [
+    *[(model, search) for model in ("transformer_prenorm_2heads", "transformer_shared_8heads", "bart") for search in SEARCHES],
+    ("lstm", SEARCHES[1]),
+    ("transformer_lm", SEARCHES[1]),
+]
+
+
+@pytest.mark.parametrize("model, search", CASES)
 @pytest.mark.parametrize("encoder", ["el_attention", "grouped"])
 def test_generator_gives_stocks_tokens(toy_models, encoder, model, search):
     # stock's CPU n-gram blocker bans nothing: the reference is stock with a correct one
