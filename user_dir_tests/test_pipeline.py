@@ -184,7 +184,7 @@ def test_failing_worker_stops_the_run_and_leaves_no_complete_file(toy_models, tm
 def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path):
     model = toy_models["transformer"]
     args = [model.data_bin, "--path", model.checkpoint, "--cpu", "--batch-size", "1", "--beam", "8"]
-    args += ["--min-len", "150", "--max-len-b", "150", "--results-path", tmp_path]  # long enough to interrupt
+    args += ["--min-len", "400", "--max-len-b", "400", "--results-path", tmp_path]  # long enough to interrupt (~40 s)
     process = subprocess.Popen(
         [str(BIN_DIR / "fairseq-generate"), *map(str, args), *with_plugin("--task", "translation_fast")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
