@@ -63,14 +63,15 @@ class FastSequenceGenerator(SequenceGenerator):
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
         models = self.model.models
+        max_len = self._max_len(sample["net_input"])
         with explain_out_of_memory(sample, self.beam_size), decoder_beam_size(
             models, self.beam_size, every_model=self.knobs.encoder_projection == "grouped"
         ), fast_attention(
             models, **self.attention_options()
         ) as per_sentence_encoder, cache_steps(
-            models, self._max_len(sample["net_input"]) + 1  # steps 0..max_len
+            models, max_len + 1  # steps 0..max_len
         ):
-            return self._search(sample, per_sentence_encoder=per_sentence_encoder, **kwargs)
+            return self._search(sample, max_len, per_sentence_encoder=per_sentence_encoder, **kwargs)
 
     def _max_len(self, net_input: Dict[str, Tensor]) -> int:
         """The most tokens a hypothesis can have before EOS, as fairseq computes it."""
@@ -82,6 +83,7 @@ class FastSequenceGenerator(SequenceGenerator):
     def _search(
         self,
         sample: Dict[str, Dict[str, Tensor]],
+        max_len: int,
         prefix_tokens: Optional[Tensor] = None,
         constraints: Optional[Tensor] = None,
         bos_token: Optional[int] = None,
@@ -89,7 +91,7 @@ class FastSequenceGenerator(SequenceGenerator):
     ) -> List[List[Dict[str, Tensor]]]:
         net_input = sample["net_input"]
         src_tokens, src_lengths = self._source(net_input)
-        bsz, src_len = src_tokens.size()[:2]
+        bsz = src_tokens.size(0)
         beam_size = self.beam_size
         device = src_tokens.device
         if constraints is not None and not self.search.supports_constraints:
@@ -97,7 +99,6 @@ class FastSequenceGenerator(SequenceGenerator):
                 "Target-side constraints were provided, but search method doesn't support them"
             )
         self.search.init_constraints(constraints, beam_size)
-        max_len = self._max_len(net_input)
         assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
 
         incremental_states = [{} for _ in range(self.model.models_size)]
