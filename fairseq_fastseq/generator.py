@@ -2,16 +2,19 @@
 
 import logging
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from contextlib import nullcontext
+from typing import ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 from fairseq import utils
 from fairseq.search import DiverseBeamSearch
-from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator, SequenceGeneratorWithAlignment
 from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
 from .attention import cache_steps, decoder_beam_size, describe, fast_attention
+from .beam_step import adds_in_place, beam_step_in_place
+from .ensemble import BufferedEnsembleModel
 from .errors import explain_out_of_memory
 from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
@@ -54,6 +57,8 @@ class FastSequenceGenerator(SequenceGenerator):
 
     def __init__(self, *args, no_repeat_ngram_size: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if type(self.model) is EnsembleModel:  # not a subclass, such as the alignment generator's
+            self.model = BufferedEnsembleModel(list(self.model.models))
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.knobs = FastGeneratorConfig()
 
@@ -70,8 +75,12 @@ class FastSequenceGenerator(SequenceGenerator):
             models, **self.attention_options()
         ) as per_sentence_encoder, cache_steps(
             models, max_len + 1  # steps 0..max_len
-        ):
+        ), self._step_buffers():
             return self._search(sample, max_len, per_sentence_encoder=per_sentence_encoder, **kwargs)
+
+    def _step_buffers(self) -> ContextManager[None]:
+        """The ensemble's per-batch output buffers (``ensemble.py``), where it has them."""
+        return self.model.step_buffers() if isinstance(self.model, BufferedEnsembleModel) else nullcontext()
 
     def _max_len(self, net_input: Dict[str, Tensor]) -> int:
         """The most tokens a hypothesis can have before EOS, as fairseq computes it."""
@@ -170,13 +179,18 @@ class FastSequenceGenerator(SequenceGenerator):
             if self.should_set_src_lengths:
                 self.search.set_src_lengths(src_lengths)
 
-            cand_scores, cand_indices, cand_beams = self.search.step(
-                step,
-                lprobs.view(bsz, -1, self.vocab_size),
-                scores.view(bsz, beam_size, -1)[:, :, :step],
-                tokens[:, : step + 1],
-                search_batch_idxs,
-            )  # each (bsz, cand_size)
+            if adds_in_place(self.search, step):
+                cand_scores, cand_indices, cand_beams = beam_step_in_place(
+                    lprobs.view(bsz, -1, self.vocab_size), scores.view(bsz, beam_size, -1), step
+                )
+            else:
+                cand_scores, cand_indices, cand_beams = self.search.step(
+                    step,
+                    lprobs.view(bsz, -1, self.vocab_size),
+                    scores.view(bsz, beam_size, -1)[:, :, :step],
+                    tokens[:, : step + 1],
+                    search_batch_idxs,
+                )  # each (bsz, cand_size)
             cand_bbsz_idx = cand_beams.add(bbsz_offsets)
             eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
             eos_mask[:, :beam_size] &= ~cands_to_ignore
