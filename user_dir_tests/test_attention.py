@@ -119,6 +119,8 @@ def test_encoder_projection_once_per_sentence_matches_per_beam(src_len, sentence
             want, _ = stock(query, expanded, expanded, padding.repeat_interleave(beams, 0), stock_state, static_kv=True)
             got, _ = fast(query, encoder_out, encoder_out, padding, fast_state, static_kv=True)
             assert torch.equal(got, want)
+    cache = fast._get_input_buffer(fast_state)
+    assert cache["prev_key"].is_contiguous() and cache["prev_value"].is_contiguous()  # read faster than fairseq's view
 
 
 @pytest.mark.parametrize(

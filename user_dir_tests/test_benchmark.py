@@ -97,6 +97,21 @@ def test_sdpa_comparison_reports_exactness_and_ratio(monkeypatch, capsys):
     assert ratio == pytest.approx(fairseq_ms / sdpa_ms, rel=0.1, abs=0.05)  # of the rounded cells
 
 
+def test_layout_comparison_reports_same_bits_and_ratio(monkeypatch, capsys):
+    from benchmarks import layout
+
+    monkeypatch.setattr(layout, "SHAPES", [(2, 3, 2, 7)])
+    threads = torch.get_num_threads()
+    try:
+        layout.main([])
+    finally:
+        torch.set_num_threads(threads)
+    row = capsys.readouterr().out.splitlines()[-1].split(" | ")
+    assert row[0] == "| 2 x 3 x 2, 7" and row[4] == "yes |"
+    fairseq_ms, contiguous_ms, ratio = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
+    assert ratio == pytest.approx(fairseq_ms / contiguous_ms, rel=0.1, abs=0.05)
+
+
 def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, capsys):
     from benchmarks import peak_rss
 
