@@ -410,7 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only and previous.exists():
         earlier = json.loads(previous.read_text())
         rerun_note = f"{', '.join(repr(text) for text in args.only)} at commit {env['commit']}"
-        env = dict(earlier["environment"], rerun=rerun_note)
+        reruns = [earlier["environment"]["rerun"]] if "rerun" in earlier["environment"] else []
+        env = dict(earlier["environment"], rerun="; ".join([*reruns, rerun_note]))  # every rerun, oldest first
         old_rows = [Row(**{**row, "rss": RssPeak(**row["rss"])}) for row in earlier["rows"]]
         rows = merged(old_rows, rows)
     args.out.mkdir(parents=True, exist_ok=True)

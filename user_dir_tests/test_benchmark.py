@@ -112,6 +112,23 @@ def test_layout_comparison_reports_same_bits_and_ratio(monkeypatch, capsys):
     assert ratio == pytest.approx(fairseq_ms / contiguous_ms, rel=0.1, abs=0.05)
 
 
+def test_page_fault_table_gives_each_generator_and_the_ratio(monkeypatch, capsys):
+    from benchmarks import page_faults
+
+    tiny = Case("mt-base", batch_size=2, sentences=2, source_tokens=(3, 6), options=dict(beam=2, max_len_a=0, max_len_b=3))
+    monkeypatch.setattr(page_faults, "CASES", {"tiny": tiny})
+    threads = torch.get_num_threads()
+    try:
+        page_faults.main(["--cases", "tiny", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [row[1] for row in rows] == ["stock", "fast"]
+    (stock_wall, fast_wall), ratio = (float(row[2]) for row in rows), float(rows[1][5].rstrip("x |"))
+    assert all(int(row[3]) >= 0 for row in rows)
+    assert ratio == pytest.approx(stock_wall / fast_wall, rel=0.1, abs=0.05)
+
+
 def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, capsys):
     from benchmarks import peak_rss
 

@@ -171,5 +171,8 @@ def test_only_reruns_matching_cases_and_merges_them(small_suite, tmp_path):
     assert [(r["case"], r["engine"]) for r in second["rows"]] == [(r["case"], r["engine"]) for r in first["rows"]]
     assert second["rows"][2:] == first["rows"][2:]  # the other case's rows kept from the first run
     assert second["environment"]["rerun"].startswith("'real-mt b2' at commit ")
+    assert suite.main(["--out", str(results), "--benchmarks-md", "", "--repeats", "1", "--only", "other"]) == 0
+    third = json.loads((results / "cpu.json").read_text())["environment"]["rerun"]
+    assert third.startswith(second["environment"]["rerun"] + "; 'other' at commit ")  # the earlier rerun is kept
     with pytest.raises(SystemExit):
         suite.main(["--out", str(results), "--only", "no such case"])
