@@ -203,43 +203,7 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
         )
 
 
-class ContiguousCachedEncoderAttention(MultiheadAttention):
-    """fairseq's encoder-decoder attention, BART's beam-aware one included, whose cached keys
-    and values are made contiguous once, right after the step that projects them: fairseq
-    keeps a strided view of the time-major projection, which every later step reads 2-3x
-    slower than the same values laid out contiguously (``benchmarks/layout.py``)."""
-
-    def forward(
-        self,
-        query: Tensor,
-        key: Optional[Tensor],
-        value: Optional[Tensor],
-        key_padding_mask: Optional[Tensor] = None,
-        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-        need_weights: bool = True,
-        static_kv: bool = False,
-        *args,
-        **kwargs,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """fairseq's forward; then, on the step that filled the cache, the contiguous copy."""
-        result = super().forward(
-            query, key, value, key_padding_mask, incremental_state, need_weights, static_kv, *args, **kwargs
-        )
-        if incremental_state is not None and static_kv:
-            state = self._get_input_buffer(incremental_state)
-            if state.get("prev_key") is not None and not state["prev_key"].is_contiguous():
-                for name in ("prev_key", "prev_value"):
-                    state[name] = state[name].contiguous()
-                self._set_input_buffer(incremental_state, state)
-        return result
-
-
-_FAST_CLASSES = (
-    TimeMajorCachedSelfAttention,
-    SentenceProjectedEncoderAttention,
-    ContiguousCachedEncoderAttention,
-    ELEncoderAttention,
-)
+_FAST_CLASSES = (TimeMajorCachedSelfAttention, SentenceProjectedEncoderAttention, ELEncoderAttention)
 
 
 # Encoder-decoder attention (the knob ``encoder_projection``) -> the class of its modules.
@@ -271,11 +235,8 @@ def _plan(models: Iterable[nn.Module], time_major_self_attn: bool, encoder: str)
         beam_aware = any(m.beam_size != 1 for m in cross) and encoder != "grouped"
         per_sentence &= bool(cross) and all(m in attention for m in cross) and not beam_aware
         cross_modules += [m for m in cross if m in attention]
-    # Without keys/values once per sentence, fairseq's attention, with a contiguous cache
-    # unless fairseq's own way was asked for.
-    per_beam = MultiheadAttention if encoder == "per_beam" else ContiguousCachedEncoderAttention
     for module in cross_modules:
-        plan[module] = ENCODER_ATTENTION[encoder] if per_sentence else per_beam
+        plan[module] = ENCODER_ATTENTION[encoder] if per_sentence else MultiheadAttention
     return plan, per_sentence
 
 
@@ -293,8 +254,6 @@ def describe(models: Sequence[nn.Module], time_major_self_attn: bool = True, enc
             "grouped": "encoder keys/values once per sentence, attended by its beams as grouped queries",
             "el_attention": "EL-attention (encoder output once per sentence, no encoder keys/values)",
         }[encoder]
-    elif ContiguousCachedEncoderAttention in plan.values():
-        encoder_part = "fairseq's encoder attention (or the model's own), with a contiguous key/value cache"
     elif any(m.encoder_decoder_attention for m in attention):
         encoder_part = "fairseq's (or the model's own) encoder attention"
     else:

@@ -7,7 +7,6 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 
 from fairseq_fastseq.attention import (
-    ContiguousCachedEncoderAttention,
     SentenceProjectedEncoderAttention,
     TimeMajorCachedSelfAttention,
     describe,
@@ -81,42 +80,13 @@ def test_bart_keeps_its_own_beam_shared_attention(toy_models):
     with fast_attention(models, time_major_self_attn=True) as per_sentence:
         assert not per_sentence
         assert not any(isinstance(m, SentenceProjectedEncoderAttention) for m in models[0].modules())
-        cross = [m for m in models[0].modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention]
-        assert cross and all(type(m) is ContiguousCachedEncoderAttention for m in cross)
-
-
-@pytest.mark.parametrize("beams", [1, 4])
-def test_contiguous_encoder_cache_matches_fairseqs_and_is_contiguous(beams):
-    """BART's beam-aware encoder attention (beams > 1) and the plain one: the same bits."""
-    torch.manual_seed(0)
-    stock = MultiheadAttention(16, 4, encoder_decoder_attention=True, kdim=16, vdim=16).eval()
-    stock.set_beam_size(beams)
-    fast = copy.deepcopy(stock)
-    fast.__class__ = ContiguousCachedEncoderAttention
-    encoder_out = torch.randn(30, 2, 16).repeat_interleave(beams, dim=1)  # as the generator expands it
-    padding = torch.zeros(2 * beams, 30, dtype=torch.bool)
-    padding[:beams, :7] = True
-    stock_state, fast_state = {}, {}
-    with torch.no_grad():
-        for _ in range(3):
-            query = torch.randn(1, 2 * beams, 16)
-            want, _ = stock(query, encoder_out, encoder_out, padding, stock_state, static_kv=True)
-            got, _ = fast(query, encoder_out, encoder_out, padding, fast_state, static_kv=True)
-            assert torch.equal(got, want)
-    assert not stock._get_input_buffer(stock_state)["prev_key"].is_contiguous()  # what fairseq keeps
-    cache = fast._get_input_buffer(fast_state)
-    assert cache["prev_key"].is_contiguous() and cache["prev_value"].is_contiguous()
 
 
 @pytest.mark.parametrize(
     "model, expected",
     [
         ("transformer", "time-major self-attention cache (4 modules), encoder keys/values once per sentence"),
-        (
-            "bart",
-            "time-major self-attention cache (4 modules), "
-            "fairseq's encoder attention (or the model's own), with a contiguous key/value cache",
-        ),
+        ("bart", "time-major self-attention cache (4 modules), fairseq's (or the model's own) encoder attention"),
         ("lstm", "fairseq's (LSTMModel has no fairseq MultiheadAttention; the fast search still applies)"),
     ],
 )
