@@ -9,9 +9,11 @@ glibc serves allocations above its mmap threshold (at most 32 MB by default) wit
 large tensor allocated per decoder step is then paid for again in page faults. The fast
 generator writes its largest per-step tensors into buffers made once per batch
 (``fairseq_fastseq/ensemble.py``, ``beam_step.py``). ``--keep-freed-memory`` calls
-``mallopt`` (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB), as the environment variables
-``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would at start-up; both
+``mallopt`` (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB) before anything runs; both
 generators profit from it, which gives the like-for-like comparison under that setting.
+(glibc 2.36's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables
+with the same values did not do the same here: an 82 MB tensor still took ~9,000 page
+faults on average, against ~20,000 by default and none after ``mallopt``.)
 """
 
 import argparse
