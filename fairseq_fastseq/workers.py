@@ -118,9 +118,15 @@ class OrderedWorkers:
                 f"post-processing of batch {index} failed: {type(error).__name__}: {error}"
             ) from error
 
-    def close(self) -> None:
-        """Stop the workers; queued items that have not started are dropped."""
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers; queued items that have not started are dropped. With ``abort``
+        (the run failed or was interrupted, so no result is wanted) worker processes are
+        terminated rather than waited for: Ctrl-C never waits on a busy worker."""
         if self._executor is not None:
+            # CPython's ProcessPoolExecutor has no public way to stop its processes before 3.14.
+            processes = (getattr(self._executor, "_processes", None) or {}).values() if abort else ()
+            for process in list(processes):
+                process.terminate()  # the pool sees them die and winds down: the wait below is short
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self._pending.clear()
@@ -128,5 +134,5 @@ class OrderedWorkers:
     def __enter__(self) -> "OrderedWorkers":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        self.close(abort=exc_type is not None)

@@ -203,6 +203,16 @@ def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path)
     assert not (tmp_path / "generate-test.txt").exists()
 
 
+def test_an_interrupted_run_terminates_busy_worker_processes_instead_of_waiting():
+    with pytest.raises(KeyboardInterrupt):
+        with OrderedWorkers(time.sleep, workers=1, backend="process") as workers:
+            workers.submit(60)  # a worker busy for a minute
+            time.sleep(0.5)
+            interrupted = time.monotonic()
+            raise KeyboardInterrupt
+    assert time.monotonic() - interrupted < 10
+
+
 def test_ordered_worker_threads_stop_when_the_run_does():
     before = threading.active_count()
     with pytest.raises(PostProcessingError):
