@@ -188,6 +188,7 @@ def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path)
     process = subprocess.Popen(
         [str(BIN_DIR / "fairseq-generate"), *map(str, args), *with_plugin("--task", "translation_fast")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT then dumps every thread's stack
     )  # fmt: skip
     partial = tmp_path / f"generate-test.txt{INCOMPLETE_SUFFIX}"
     deadline = time.monotonic() + 120
@@ -196,7 +197,12 @@ def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path)
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
     interrupted = time.monotonic()
-    _, stderr = process.communicate(timeout=30)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # It has happened (rarely, under pytest -n 2) with no stack to show why: take one.
+        os.killpg(process.pid, signal.SIGABRT)
+        pytest.fail("no exit within 30 s of SIGINT; the stacks at that moment:\n" + process.communicate()[1][-6000:])
     assert time.monotonic() - interrupted < 30
     assert process.returncode != 0
     assert "KeyboardInterrupt" in stderr and "what was written is in" in stderr
