@@ -196,8 +196,8 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
             per_head = projected.view(src_len, -1, 1, self.num_heads, self.head_dim).permute(1, 2, 3, 0, 4)
             # The copy per beam is also the copy into a contiguous (rows, heads, src_len, head_dim)
             # cache; fairseq keeps the strided view, which the decoder steps read 2-3x slower.
-            per_beam = per_head.expand(-1, copies, -1, -1, -1).reshape(rows, self.num_heads, src_len, self.head_dim)
-            state[name] = per_beam.contiguous()  # a copy already, unless reshape found a view (one sentence)
+            per_beam = per_head.expand(-1, copies, -1, -1, -1).contiguous()
+            state[name] = per_beam.view(rows, self.num_heads, src_len, self.head_dim)
         state["prev_key_padding_mask"] = (
             key_padding_mask.repeat_interleave(beams, dim=0) if key_padding_mask is not None else None
         )

@@ -72,24 +72,32 @@ class BufferedEnsembleModel(EnsembleModel):
 
     def __init__(self, models: List[nn.Module]) -> None:
         super().__init__(models)
-        self._step_outputs: Optional[Dict[str, Tensor]] = None
+        self._step_outputs: Dict[str, Tensor] = {}
+        # Within ``step_buffers()``, the output projection's weight if this ensemble's steps
+        # write into the buffers (decided once per batch), else None.
+        self._projection: Optional[Tensor] = None
 
     @contextmanager
     def step_buffers(self) -> Iterator[None]:
         """Within the block, decoder steps reuse buffers; they are freed when it ends."""
-        self._step_outputs = {}
+        self._projection = self._bufferable_projection()
         try:
             yield
         finally:
-            self._step_outputs = None
+            self._projection = None
+            self._step_outputs = {}
+
+    def _bufferable_projection(self) -> Optional[Tensor]:
+        if self.models_size != 1 or not self.has_incremental_states():
+            return None
+        decoder = _plain_transformer_decoder(self.single_model)
+        weight = decoder.output_projection.weight if decoder is not None else None
+        cpu_fp32 = weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+        return weight if cpu_fp32 else None
 
     def reuses_buffers(self) -> bool:
         """Whether a decoder step now writes into the step buffers (else it is fairseq's)."""
-        if self._step_outputs is None or self.models_size != 1 or not self.has_incremental_states():
-            return False
-        decoder = _plain_transformer_decoder(self.single_model)
-        weight = decoder.output_projection.weight if decoder is not None else None
-        return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+        return self._projection is not None
 
     def forward_decoder(
         self,
@@ -98,11 +106,10 @@ class BufferedEnsembleModel(EnsembleModel):
         incremental_states: List[Dict[str, Dict[str, Optional[Tensor]]]],
         temperature: float = 1.0,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if not self.reuses_buffers():
+        weight = self._projection
+        if weight is None:
             return super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
-        decoder = self.single_model.decoder
-        weight = decoder.output_projection.weight
-        features, extra = decoder(
+        features, extra = self.single_model.decoder(
             tokens,
             encoder_out=encoder_outs[0] if self.has_encoder() else None,
             incremental_state=incremental_states[0],

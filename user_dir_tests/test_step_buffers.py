@@ -62,11 +62,13 @@ def test_a_decoder_that_changes_its_output_layer_keeps_fairseqs_path(toy_models)
     decoder_class = type(model.decoder)
     model.decoder.__class__ = type("ScaledOutputDecoder", (decoder_class,), {"output_layer": lambda self, x: 2 * x})
     ensemble = BufferedEnsembleModel([model])
-    with ensemble.step_buffers():
+    with ensemble.step_buffers():  # decided once per batch, when the block starts
         assert not ensemble.reuses_buffers()
-        model.decoder.__class__ = decoder_class
+    model.decoder.__class__ = decoder_class
+    with ensemble.step_buffers():
         assert ensemble.reuses_buffers()
-        model.decoder.output_projection.bias = torch.nn.Parameter(torch.zeros(model.decoder.output_projection.out_features))
+    model.decoder.output_projection.bias = torch.nn.Parameter(torch.zeros(model.decoder.output_projection.out_features))
+    with ensemble.step_buffers():
         assert not ensemble.reuses_buffers()
     two = BufferedEnsembleModel([models[0], model])
     with two.step_buffers():
