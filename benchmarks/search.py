@@ -38,7 +38,7 @@ from fairseq.tasks import FairseqTask
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-import fairseq_fastseq.generator as fast_generator_module
+from fairseq_fastseq import logit_edits, model_steps
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.demo import read_lines
 from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
@@ -46,11 +46,14 @@ from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
 from . import bible
 from .memory import RssPeak, highest, peak_rss
 
-# Ablation: the fast search loop alone (fairseq's attention), + encoder keys/values
-# projected once per sentence, + the time-major self-attention cache (everything: `fast`).
+# Ablation: the fast search loop alone (fairseq's modules and attention), + encoder
+# keys/values projected once per sentence, + the time-major self-attention cache (fairseq's
+# modules with both cache paths), and the lean decoder step (everything: `fast`).
+_MODULES = dict(on_unsupported="error", decoder_step="fairseq")
 FAST_VARIANTS = {
-    "search": FastGeneratorConfig(on_unsupported="error", self_attn_cache="stock", encoder_projection="per_beam"),
-    "+enc-kv": FastGeneratorConfig(on_unsupported="error", self_attn_cache="stock", encoder_projection="per_sentence"),
+    "search": FastGeneratorConfig(**_MODULES, self_attn_cache="stock", encoder_projection="per_beam"),
+    "+enc-kv": FastGeneratorConfig(**_MODULES, self_attn_cache="stock", encoder_projection="per_sentence"),
+    "+cache": FastGeneratorConfig(**_MODULES),
     "fast": FastGeneratorConfig(on_unsupported="error"),
     # Choices equal to fairseq's up to rounding only (not the default): grouped queries over
     # encoder keys/values once per sentence, and EL-attention (no encoder keys/values).
@@ -59,7 +62,9 @@ FAST_VARIANTS = {
 }
 # Their scores are compared within this.
 ROUNDING_TOLERANCE = {"grouped": 1e-4, "el": 1e-4}
+# What counts as time in the model: fairseq's ensemble calls (stock), the fast loop's model steps.
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
+STEP_METHODS = ("start", "decode", "reorder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Scores must match bitwise on CPU (as in the tests); cuBLAS may pick other kernels per shape.
 SCORE_TOLERANCE = {"cpu": 0.0, "cuda": 1e-4}
@@ -223,29 +228,40 @@ class _Spans:
 
 
 @contextmanager
-def model_time(generator, device: torch.device) -> Iterator[_Spans]:
-    """Accumulate the seconds spent inside the generator's model ensemble."""
-    spent = _Spans(device)
-    ensemble = generator.model
-    for name in MODEL_METHODS:
-        setattr(ensemble, name, spent.wrap(getattr(ensemble, name)))
+def _wrapped(owner, names: Sequence[str], spent: _Spans) -> Iterator[None]:
+    """``owner``'s methods ``names`` timed into ``spent`` within the block."""
+    originals = {name: owner.__dict__.get(name) for name in names}
+    for name in names:
+        setattr(owner, name, spent.wrap(getattr(owner, name)))
     try:
-        yield spent
+        yield
     finally:
-        for name in MODEL_METHODS:
-            delattr(ensemble, name)
+        for name, original in originals.items():
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+@contextmanager
+def model_time(generator, device: torch.device) -> Iterator[_Spans]:
+    """Accumulate the seconds spent inside the model: the fast loop's model steps (encoder,
+    decoder steps, cache reorders), or stock's calls of its model ensemble."""
+    spent = _Spans(device)
+    if isinstance(generator, FastSequenceGenerator):
+        with _wrapped(model_steps.LeanSteps, STEP_METHODS, spent), _wrapped(model_steps.ModuleSteps, STEP_METHODS, spent):
+            yield spent
+    else:
+        with _wrapped(generator.model, MODEL_METHODS, spent):
+            yield spent
 
 
 @contextmanager
 def ngram_blocking_time(device: torch.device) -> Iterator[_Spans]:
     """Accumulate the seconds the fast generator spends blocking repeated n-grams."""
     spent = _Spans(device)
-    original = fast_generator_module.block_repeated_ngrams
-    fast_generator_module.block_repeated_ngrams = spent.wrap(original)
-    try:
+    with _wrapped(logit_edits, ["block_repeated_ngrams"], spent):
         yield spent
-    finally:
-        fast_generator_module.block_repeated_ngrams = original
 
 
 def synchronize(device: torch.device) -> None:

@@ -24,6 +24,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from .el_attention import ELEncoderAttention
+from .step.layer import encoder_keys_values_per_beam
 
 _KEY, _VALUE = "time_major_key", "time_major_value"
 # In the model's incremental state (next to the layers' own entries): the spare buffer.
@@ -143,10 +144,6 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         return self._set_input_buffer(incremental_state, state)
 
 
-# Below this many rows (source tokens x sentences) the encoder output is projected per beam.
-MIN_ROWS_PROJECTED_ONCE = 64
-
-
 class SentenceProjectedEncoderAttention(MultiheadAttention):
     """Encoder-decoder attention fed the encoder output once per sentence, not once per beam.
 
@@ -185,25 +182,15 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
 
     def _project_once_per_sentence(self, key, value, key_padding_mask, beams: int, state) -> None:
         src_len, sentences, _ = key.size()  # (src_len, bsz, embed_dim)
-        rows = sentences * beams
-        small = src_len * sentences < MIN_ROWS_PROJECTED_ONCE
         for name, projection, source in (("prev_key", self.k_proj, key), ("prev_value", self.v_proj, value)):
-            if small:  # fairseq's way: project every beam's copy
-                projected, copies = projection(source.repeat_interleave(beams, dim=1)), 1
-            else:
-                projected, copies = projection(source), beams  # (src_len, bsz, embed_dim)
-            # (bsz, 1, heads, src_len, head_dim): a strided view of the time-major projection
-            per_head = projected.view(src_len, -1, 1, self.num_heads, self.head_dim).permute(1, 2, 3, 0, 4)
-            # The copy per beam is also the copy into a contiguous (rows, heads, src_len, head_dim)
-            # cache; fairseq keeps the strided view, which the decoder steps read 2-3x slower.
-            per_beam = per_head.expand(-1, copies, -1, -1, -1).contiguous()
-            state[name] = per_beam.view(rows, self.num_heads, src_len, self.head_dim)
+            per_beam = encoder_keys_values_per_beam(projection, source, beams, self.num_heads, self.head_dim)
+            state[name] = per_beam.view(sentences * beams, self.num_heads, src_len, self.head_dim)
         state["prev_key_padding_mask"] = (
             key_padding_mask.repeat_interleave(beams, dim=0) if key_padding_mask is not None else None
         )
 
 
-_FAST_CLASSES = (TimeMajorCachedSelfAttention, SentenceProjectedEncoderAttention, ELEncoderAttention)
+FAST_CLASSES = (TimeMajorCachedSelfAttention, SentenceProjectedEncoderAttention, ELEncoderAttention)
 
 
 # Encoder-decoder attention (the knob ``encoder_projection``) -> the class of its modules.
@@ -227,7 +214,7 @@ def _plan(models: Iterable[nn.Module], time_major_self_attn: bool, encoder: str)
     plan: Dict[MultiheadAttention, type] = {}
     per_sentence, cross_modules = encoder != "per_beam", []
     for model in models:
-        attention = [m for m in model.modules() if type(m) in (MultiheadAttention, *_FAST_CLASSES)]
+        attention = [m for m in model.modules() if type(m) in (MultiheadAttention, *FAST_CLASSES)]
         for module in attention:
             if module.self_attention:
                 plan[module] = TimeMajorCachedSelfAttention if time_major_self_attn else MultiheadAttention

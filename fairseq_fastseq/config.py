@@ -15,6 +15,7 @@ from fairseq.dataclass.configs import FairseqConfig
 from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
+DECODER_STEP_CHOICES = ChoiceEnum(["lean", "fairseq"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
 ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "grouped", "el_attention"])
 
@@ -30,6 +31,15 @@ class FastGeneratorConfig(FairseqDataclass):
             "help": "what --generator fast does with an option or model it cannot "
             "accelerate: 'fallback' runs fairseq's stock generator for it (and logs "
             "which option caused that), 'error' stops with an error naming it"
+        },
+    )
+    decoder_step: DECODER_STEP_CHOICES = field(
+        default="lean",
+        metadata={
+            "help": "the decoder's incremental step: 'lean' is ours (typed caches, no per-call "
+            "module bookkeeping; the same kernels, so the same bits) for fairseq's transformer "
+            "decoders, with a logged fallback to fairseq's modules for anything it does not "
+            "cover; 'fairseq' runs fairseq's modules with the cache paths below (for comparison)"
         },
     )
     self_attn_cache: SELF_ATTN_CACHE_CHOICES = field(

@@ -1,9 +1,8 @@
 """The fast sequence generator and the decision to use it or fall back to stock."""
 
 import logging
-import math
-from contextlib import nullcontext
-from typing import ContextManager, Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from fairseq import utils
@@ -14,11 +13,14 @@ from torch import Tensor
 
 from .attention import cache_steps, decoder_beam_size, describe, fast_attention
 from .beam_step import adds_in_place, beam_step_in_place
+from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
 from .errors import explain_out_of_memory
-from .config import FastGeneratorConfig
 from .finished import FinishedHypotheses
-from .ngram import block_repeated_ngrams
+from .logit_edits import edits_for_batch
+from .model_steps import LeanSteps, ModuleSteps
+from .search_state import Candidates, SearchState
+from .step.coverage import why_not_lean
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +29,34 @@ class UnsupportedByFastGenerator(ValueError):
     """Raised for an option the fast generator cannot honour under ``on_unsupported=error``."""
 
 
+# The knobs' values that the lean decoder step implements (the bitwise defaults).
+_LEAN_KNOBS = {"decoder_step": "lean", "self_attn_cache": "time_major", "encoder_projection": "per_sentence"}
+
+
 class FastSequenceGenerator(SequenceGenerator):
     """Beam search and sampling with the results of fairseq's ``SequenceGenerator``.
 
-    It reuses fairseq's model ensemble and search strategies (``fairseq.search``), which are
-    already batched tensor code, and replaces the decoding loop around them:
+    It reuses fairseq's search strategies (``fairseq.search``), which are already batched
+    tensor code, and replaces the decoding loop around them and the model step:
 
+    - the model step (``model_steps.py``) is the lean decoder step of ``step/`` wherever it
+      covers the models (typed caches, the encoder output once per sentence, no cache copy
+      but the beam reorder), else fairseq's modules with the cache paths of ``attention.py``;
+    - the per-hypothesis tensors live in one ``SearchState`` (one drop, one advance), and the
+      edits of the log-probabilities are a list built once per batch (``logit_edits.py``);
     - finished hypotheses are collected for the whole batch at once (``finished.py``), with
       no Python loop over hypotheses or sentences inside the loop;
-    - the beam-expanded encoder output is reordered only when sentences leave the batch:
-      every beam of a sentence holds the same copy, so reordering within a sentence
-      changes nothing; with one beam the decoder caches are left alone too;
     - ``--no-repeat-ngram-size`` is vectorized and blocks on CPU too (``ngram.py``);
     - ``--diverse-beam-groups`` gets each sentence's row in the batch, not its dataset
       id (fairseq 0.12 indexes its per-sentence buffer with the id: an IndexError or
-      wrong penalties on real data);
-    - for the duration of ``generate()``, the models' attention modules take the faster,
-      bitwise-equal cache paths of ``attention.py`` (knobs ``self_attn_cache`` and
-      ``encoder_projection``).
+      wrong penalties on real data).
 
     The one host sync per step is the number of sentences that finished: it sets the
-    shape of the next step's batch.
+    shape of the next step's batch. ``need_attention``: whether the hypotheses carry the
+    attention over the source, as fairseq's do (a caller that reads none can save it).
     """
+
+    need_attention: bool = True
 
     @classmethod
     def from_stock(cls, stock: SequenceGenerator) -> "FastSequenceGenerator":
@@ -66,17 +74,42 @@ class FastSequenceGenerator(SequenceGenerator):
         """The knobs as ``attention.fast_attention`` arguments."""
         return dict(time_major_self_attn=self.knobs.self_attn_cache == "time_major", encoder=self.knobs.encoder_projection)
 
-    def _generate(self, sample: Dict[str, Dict[str, Tensor]], **kwargs) -> List[List[Dict[str, Tensor]]]:
-        models = self.model.models
+    def why_not_lean(self) -> Optional[str]:
+        """None if the lean decoder step runs the search, else why fairseq's modules do."""
+        for knob, lean_value in _LEAN_KNOBS.items():
+            value = getattr(self.knobs, knob)
+            if value != lean_value:
+                return f"--fast-{knob.replace('_', '-')} {value}"
+        if not self.model.has_incremental_states():
+            return "a decoder without incremental state"
+        return next(filter(None, (why_not_lean(model) for model in self.model.models)), None)
+
+    def _generate(
+        self,
+        sample: Dict[str, Dict[str, Tensor]],
+        prefix_tokens: Optional[Tensor] = None,
+        constraints: Optional[Tensor] = None,
+        bos_token: Optional[int] = None,
+    ) -> List[List[Dict[str, Tensor]]]:
         max_len = self._max_len(sample["net_input"])
-        with explain_out_of_memory(sample, self.beam_size), decoder_beam_size(
-            models, self.beam_size, every_model=self.knobs.encoder_projection == "grouped"
-        ), fast_attention(
+        with explain_out_of_memory(sample, self.beam_size), self._model_steps(max_len) as steps:
+            return self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
+
+    @contextmanager
+    def _model_steps(self, max_len: int) -> Iterator[Union[LeanSteps, ModuleSteps]]:
+        """The model side of one search, and everything it switches on for the search only:
+        nothing for the lean step; for fairseq's modules, BART's beam size, the attention
+        classes, their cache limit and the output buffers."""
+        steps = max_len + 1  # steps 0..max_len
+        if self.why_not_lean() is None:
+            yield LeanSteps(self.model, self.beam_size, steps, self.need_attention, self.temperature)
+            return
+        models = self.model.models
+        every_model = self.knobs.encoder_projection == "grouped"
+        with decoder_beam_size(models, self.beam_size, every_model=every_model), fast_attention(
             models, **self.attention_options()
-        ) as per_sentence_encoder, cache_steps(
-            models, max_len + 1  # steps 0..max_len
-        ), self._step_buffers():
-            return self._search(sample, max_len, per_sentence_encoder=per_sentence_encoder, **kwargs)
+        ) as per_sentence_encoder, cache_steps(models, steps), self._step_buffers():
+            yield ModuleSteps(self.model, self.beam_size, per_sentence_encoder, self.temperature)
 
     def _step_buffers(self) -> ContextManager[None]:
         """The ensemble's per-batch output buffers (``ensemble.py``), where it has them."""
@@ -93,175 +126,103 @@ class FastSequenceGenerator(SequenceGenerator):
         self,
         sample: Dict[str, Dict[str, Tensor]],
         max_len: int,
-        prefix_tokens: Optional[Tensor] = None,
-        constraints: Optional[Tensor] = None,
-        bos_token: Optional[int] = None,
-        per_sentence_encoder: bool = False,
+        steps: Union[LeanSteps, ModuleSteps],
+        prefix_tokens: Optional[Tensor],
+        constraints: Optional[Tensor],
+        bos_token: Optional[int],
     ) -> List[List[Dict[str, Tensor]]]:
-        net_input = sample["net_input"]
-        src_tokens, src_lengths = self._source(net_input)
+        src_tokens, src_lengths = self._source(sample["net_input"])
         bsz = src_tokens.size(0)
-        beam_size = self.beam_size
-        device = src_tokens.device
-        if constraints is not None and not self.search.supports_constraints:
-            raise NotImplementedError(
-                "Target-side constraints were provided, but search method doesn't support them"
-            )
-        self.search.init_constraints(constraints, beam_size)
-        assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
-
-        incremental_states = [{} for _ in range(self.model.models_size)]
-        encoder_outs = self.model.forward_encoder(net_input)
-        # One copy of the encoder output per beam, as fairseq does, unless the decoders take
-        # it once per sentence (see attention.py), or there is one beam.
-        expanded = beam_size > 1 and not per_sentence_encoder
-        if expanded:
-            expand = torch.arange(bsz, device=device).repeat_interleave(beam_size)
-            encoder_outs = self.model.reorder_encoder_out(encoder_outs, expand)
-
-        scores = torch.zeros(bsz * beam_size, max_len + 1, device=device)  # (bsz*beam, max_len+1)
-        tokens = torch.full((bsz * beam_size, max_len + 2), self.pad, dtype=torch.long, device=device)
-        tokens[:, 0] = self.eos if bos_token is None else bos_token
-        attn: Optional[Tensor] = None
-        cands_to_ignore = torch.zeros(bsz, beam_size, dtype=torch.bool, device=device)
-        finished = FinishedHypotheses(bsz, beam_size, device)
-        sentences = torch.arange(bsz, device=device)  # active row -> original batch row
-        # DiverseBeamSearch indexes a buffer made at step 0 with these: batch rows, not ids.
-        if "id" in sample and isinstance(sample["id"], Tensor) and not isinstance(self.search, DiverseBeamSearch):
-            search_batch_idxs = sample["id"]
-        else:
-            search_batch_idxs = sentences
-        num_remaining = bsz
-        cand_size = 2 * beam_size
-        bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
-        cand_offsets = torch.arange(cand_size, device=device)
-        normalize = None
-        reorder_state: Optional[Tensor] = None
-        batch_idxs: Optional[Tensor] = None
+        self._start_constraints(constraints, max_len)
+        state = SearchState.start(
+            bsz, self.beam_size, max_len, self.eos if bos_token is None else bos_token, self.pad,
+            src_lengths, prefix_tokens, self._search_batch_ids(sample),
+        )  # fmt: skip
+        finished = FinishedHypotheses(bsz, self.beam_size, src_tokens.device)
+        edits = edits_for_batch(self, max_len, prefix_tokens is not None)
+        steps.start(sample["net_input"], bsz)
 
         for step in range(max_len + 1):  # one extra step for EOS
-            if reorder_state is not None:
-                if batch_idxs is not None:
-                    corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
-                    reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
-                    search_batch_idxs = search_batch_idxs[batch_idxs]
-                    encoder_outs = self.model.reorder_encoder_out(
-                        encoder_outs, reorder_state if expanded else batch_idxs
-                    )
-                if beam_size > 1 or batch_idxs is not None:
-                    self.model.reorder_incremental_state(incremental_states, reorder_state)
-            lprobs, avg_attn_scores = self.model.forward_decoder(
-                tokens[:, : step + 1], encoder_outs, incremental_states, self.temperature
-            )  # (bsz*beam, vocab)
-            if self.lm_model is not None:
-                lm_out = self.lm_model(tokens[:, : step + 1])
-                lm_lprobs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
-                lprobs += lm_lprobs[:, -1, :] * self.lm_weight
-            lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN -> -inf, one pass
-            lprobs[:, self.pad] = -math.inf
-            lprobs[:, self.unk] -= self.unk_penalty
-            if step >= max_len:  # only EOS is left
-                lprobs[:, : self.eos] = -math.inf
-                lprobs[:, self.eos + 1 :] = -math.inf
-            if prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len:
-                lprobs, tokens, scores = self._prefix_tokens(step, lprobs, scores, tokens, prefix_tokens, beam_size)
-            else:
-                if step < self.min_len:
-                    lprobs[:, self.eos] = -math.inf
-                if self.token_indices_to_suppress is not None:
-                    lprobs[:, self.token_indices_to_suppress] = -math.inf
-            if avg_attn_scores is not None:
-                if attn is None:
-                    attn = torch.empty(bsz * beam_size, avg_attn_scores.size(1), max_len + 2).to(scores)
-                attn[:, :, step + 1].copy_(avg_attn_scores)
-            if self.no_repeat_ngram_size > 0:
-                block_repeated_ngrams(tokens, lprobs, step, self.no_repeat_ngram_size, self.pad)
-            if self.should_set_src_lengths:
-                self.search.set_src_lengths(src_lengths)
-
-            if adds_in_place(self.search, step):
-                cand_scores, cand_indices, cand_beams = beam_step_in_place(
-                    lprobs.view(bsz, -1, self.vocab_size), scores.view(bsz, beam_size, -1), step
-                )
-            else:
-                cand_scores, cand_indices, cand_beams = self.search.step(
-                    step,
-                    lprobs.view(bsz, -1, self.vocab_size),
-                    scores.view(bsz, beam_size, -1)[:, :, :step],
-                    tokens[:, : step + 1],
-                    search_batch_idxs,
-                )  # each (bsz, cand_size)
-            cand_bbsz_idx = cand_beams.add(bbsz_offsets)
-            eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
-            eos_mask[:, :beam_size] &= ~cands_to_ignore
-
-            if self.normalize_scores:
-                normalize = (step + 1) ** self.len_penalty
-            too_long = step > src_lengths if self.match_source_len else None
-            counts, ended_one = finished.add(
-                step,
-                eos_mask[:, :beam_size],
-                cand_bbsz_idx[:, :beam_size],
-                cand_scores[:, :beam_size],
-                sentences,
-                tokens,
-                scores,
-                attn,
-                normalize,
-                too_long,
-                self.eos,
-            )
-            done = ended_one & ((counts == beam_size) | (step == max_len))
+            lprobs, attention = steps.decode(state.tokens[:, : step + 1], step)  # (bsz * beam, vocab)
+            for edit in edits:
+                lprobs = edit(step, lprobs, state)
+            state.record_attention(step, attention, max_len)
+            candidates = self._candidates(step, lprobs, state)
+            done = self._finish(step, candidates, state, finished, max_len)
             num_done = int(done.sum())  # the step's one host sync: it sets the next batch shape
-            num_remaining -= num_done
-            if num_remaining == 0:
-                break
-            if self.search.stop_on_max_len and step >= max_len:
+            if num_done == state.bsz or (self.search.stop_on_max_len and step >= max_len):
                 break
             assert step < max_len, f"{step} < {max_len}"
-
+            kept = None
             if num_done > 0:
-                batch_idxs = (~done).nonzero().squeeze(1)
-                new_bsz = bsz - num_done
-                self.search.prune_sentences(batch_idxs)
-                eos_mask = eos_mask[batch_idxs]
-                cand_beams = cand_beams[batch_idxs]
-                bbsz_offsets = bbsz_offsets[:new_bsz]
-                cand_bbsz_idx = cand_beams.add(bbsz_offsets)
-                cand_scores = cand_scores[batch_idxs]
-                cand_indices = cand_indices[batch_idxs]
-                if prefix_tokens is not None:
-                    prefix_tokens = prefix_tokens[batch_idxs]
-                src_lengths = src_lengths[batch_idxs]
-                cands_to_ignore = cands_to_ignore[batch_idxs]
-                sentences = sentences[batch_idxs]
-                scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
-                tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
-                if attn is not None:
-                    attn = attn.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, attn.size(1), -1)
-                bsz = new_bsz
-            else:
-                batch_idxs = None
-
-            # Candidates that ended in EOS (or are ignored) sort after the live ones; the
-            # first beam_size live candidates continue.
-            eos_mask[:, :beam_size] |= cands_to_ignore
-            active_mask = eos_mask.long() * cand_size + cand_offsets[: eos_mask.size(1)]
-            new_cands_to_ignore, active_hypos = torch.topk(active_mask, k=beam_size, dim=1, largest=False)
-            cands_to_ignore = new_cands_to_ignore.ge(cand_size)[:, :beam_size]
-            active_bbsz_idx = torch.gather(cand_bbsz_idx, dim=1, index=active_hypos).view(-1)
-
-            tokens[:, : step + 1] = tokens[:, : step + 1].index_select(0, active_bbsz_idx)
-            tokens.view(bsz, beam_size, -1)[:, :, step + 1] = torch.gather(cand_indices, dim=1, index=active_hypos)
-            if step > 0:
-                scores[:, :step] = scores[:, :step].index_select(0, active_bbsz_idx)
-            scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(cand_scores, dim=1, index=active_hypos)
+                kept, candidates = state.drop(done, candidates)
+                self.search.prune_sentences(kept)
+            active_hypos, parents = state.advance(step, candidates)
             self.search.update_constraints(active_hypos)
-            if attn is not None:
-                attn[:, :, : step + 2] = attn[:, :, : step + 2].index_select(0, active_bbsz_idx)
-            reorder_state = active_bbsz_idx
-
+            steps.reorder(self._rows_before_drop(parents, kept), kept)
         return finished.to_hypotheses()
+
+    def _start_constraints(self, constraints: Optional[Tensor], max_len: int) -> None:
+        """fairseq's checks and set-up before a search, in its order (and with its errors)."""
+        if constraints is not None and not self.search.supports_constraints:
+            raise NotImplementedError("Target-side constraints were provided, but search method doesn't support them")
+        self.search.init_constraints(constraints, self.beam_size)
+        assert self.min_len <= max_len, "min_len cannot be larger than max_len, please adjust these!"
+
+    def _search_batch_ids(self, sample: Dict) -> Optional[Tensor]:
+        """What the search strategy gets as batch ids: fairseq passes dataset ids, except that
+        DiverseBeamSearch indexes a buffer made at step 0 with them (batch rows, the default)."""
+        ids = sample.get("id")
+        if isinstance(ids, Tensor) and not isinstance(self.search, DiverseBeamSearch):
+            return ids
+        return None
+
+    def _candidates(self, step: int, lprobs: Tensor, state: SearchState) -> Candidates:
+        """The search strategy's ``2 * beam`` candidates per sentence."""
+        bsz, beam_size = state.bsz, self.beam_size
+        if self.should_set_src_lengths:
+            self.search.set_src_lengths(state.src_lengths)
+        if adds_in_place(self.search, step):
+            scores, indices, beams = beam_step_in_place(
+                lprobs.view(bsz, -1, self.vocab_size), state.scores.view(bsz, beam_size, -1), step
+            )
+        else:
+            scores, indices, beams = self.search.step(
+                step,
+                lprobs.view(bsz, -1, self.vocab_size),
+                state.scores.view(bsz, beam_size, -1)[:, :, :step],
+                state.tokens[:, : step + 1],
+                state.search_batch_idxs,
+            )
+        return state.candidates(scores, indices, beams, self.eos)
+
+    def _finish(
+        self, step: int, candidates: Candidates, state: SearchState, finished: FinishedHypotheses, max_len: int
+    ) -> Tensor:
+        """Store the hypotheses that end in EOS among the top ``beam`` candidates; return which
+        sentences are done (bsz,) bool: ``beam`` finished hypotheses, or the last step."""
+        beam_size = self.beam_size
+        counts, ended_one = finished.add(
+            step,
+            candidates.eos_mask[:, :beam_size],
+            candidates.bbsz_idx[:, :beam_size],
+            candidates.scores[:, :beam_size],
+            state.sentences,
+            state.tokens,
+            state.scores,
+            state.attn,
+            (step + 1) ** self.len_penalty if self.normalize_scores else None,
+            step > state.src_lengths if self.match_source_len else None,
+            self.eos,
+        )
+        return ended_one & ((counts == beam_size) | (step == max_len))
+
+    def _rows_before_drop(self, parents: Tensor, kept: Optional[Tensor]) -> Tensor:
+        """Each new row's parent as a row of the caches, which still hold the dropped sentences."""
+        if kept is None:
+            return parents
+        shift = kept - torch.arange(kept.numel(), device=kept.device)
+        return parents.view(-1, self.beam_size).add(shift.unsqueeze(-1) * self.beam_size).view(-1)
 
     def _source(self, net_input: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         """Source tokens (or features) and lengths, as fairseq's generator reads them."""
@@ -346,7 +307,12 @@ def accelerate(
         # its constructor takes them as strings.
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
         fast.knobs = knobs
-        logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
+        reason = fast.why_not_lean()
+        if reason is None:
+            logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")
+        else:
+            logger.info("decoder step: fairseq's modules (%s is not covered by the lean step)", reason)
+            logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":

@@ -145,7 +145,8 @@ def test_fast_generator_uses_each_optimization_per_knob(toy_models, monkeypatch,
     owner = TimeMajorCachedSelfAttention if knob == "self_attn_cache" else SentenceProjectedEncoderAttention
     monkeypatch.setattr(owner, method.__name__, lambda self, *args: calls.append(1) or method(self, *args))
     off = {"self_attn_cache": "stock", "encoder_projection": "per_beam"}[knob]
-    knobs = FastGeneratorConfig() if enabled else FastGeneratorConfig(**{knob: off})
+    modules = dict(decoder_step="fairseq")  # the lean step has caches of its own
+    knobs = FastGeneratorConfig(**modules) if enabled else FastGeneratorConfig(**modules, **{knob: off})
     generator = accelerate(task.build_generator(models, GenerationConfig(beam=3)), knobs)
     task.inference_step(generator, models, batches[0])
     assert bool(calls) == enabled

@@ -1,0 +1,187 @@
+"""Typed caches of the lean decoder step: one object per layer instead of string keys in
+fairseq's dict of dicts.
+
+Self-attention: keys and values time-major, ``(capacity, rows, heads, head_dim)``. A step
+writes one time slice in place; a beam reorder is one ``index_select`` into a spare buffer
+of the same shape (a slice along time is contiguous, so it can be the copy's ``out=``), and
+the buffer it replaces becomes the spare of the next copy: the layers pass one spare along,
+so the memory is the cache plus one layer's copy, as in fairseq (which copies the whole
+cache twice per layer and step: a reorder, then ``torch.cat``). The attention reads
+``(rows * heads, length, head_dim)`` strided views: the same ``bmm`` values as fairseq's
+contiguous cache.
+
+Encoder-decoder attention: keys and values projected at the first step, per beam and
+contiguous (``(rows * heads, src_len, head_dim)``, read 2-3x faster than fairseq's strided
+view), or once per sentence in fairseq's layout for BART's beam-shared attention. The
+beams of a sentence hold the same keys and values, so a beam reorder leaves them alone;
+they are copied only when sentences leave the batch, and then only once finished sentences
+make up a quarter of them.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# The cache grows by this many time slices when full: a buffer and the spare hold at most
+# this many unused slices each, so the peak memory stays close to fairseq's, while growing
+# (one copy of the filled slices) stays rare.
+GROWTH = 16
+
+
+class SelfAttentionCache:
+    """One layer's self-attention keys and values, time-major, filled up to ``length``."""
+
+    def __init__(self, heads: int, head_dim: int, max_steps: int) -> None:
+        self.heads, self.head_dim, self.max_steps = heads, head_dim, max_steps
+        self.length = 0
+        self.keys: Optional[Tensor] = None  # (capacity, rows, heads, head_dim)
+        self.values: Optional[Tensor] = None
+        # (capacity, rows) bool, True where a row's input token was padding; made the first
+        # time padding enters a step (fairseq then masks those positions from then on).
+        self.padding: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Write this step's ``k``/``v`` (rows, heads * head_dim) and ``pad`` (rows,) bool or None;
+        return all keys and values so far as (rows * heads, length, head_dim) views."""
+        rows = k.size(0)
+        if self.keys is None or self.length == self.keys.size(0):
+            self._grow(k, rows)
+        t = self.length
+        self.keys[t].copy_(k.view(rows, self.heads, self.head_dim))
+        self.values[t].copy_(v.view(rows, self.heads, self.head_dim))
+        if pad is not None and self.padding is None:
+            self.padding = torch.zeros(self.keys.size(0), rows, dtype=torch.bool, device=k.device)
+        if self.padding is not None:
+            self.padding[t] = False if pad is None else pad
+        self.length = t + 1
+        length, merged = self.length, rows * self.heads
+        keys = self.keys[:length].view(length, merged, self.head_dim).transpose(0, 1)
+        values = self.values[:length].view(length, merged, self.head_dim).transpose(0, 1)
+        return keys, values
+
+    def padding_so_far(self) -> Optional[Tensor]:
+        """(rows, length) bool: the positions to mask, or None while no padding came in."""
+        return None if self.padding is None else self.padding[: self.length].t()
+
+    def _grow(self, like: Tensor, rows: int) -> None:
+        """``GROWTH`` more slices of capacity (at most the search's steps, but at least one more)."""
+        length = self.length
+        capacity = max(length + 1, min(length + GROWTH, self.max_steps))
+        grown = [like.new_empty(capacity, rows, self.heads, self.head_dim) for _ in range(2)]
+        if self.keys is not None:
+            grown[0][:length] = self.keys[:length]
+            grown[1][:length] = self.values[:length]
+        self.keys, self.values = grown
+        if self.padding is not None:
+            padding = torch.zeros(capacity, rows, dtype=torch.bool, device=like.device)
+            padding[:length] = self.padding[:length]
+            self.padding = padding
+
+    def reorder(self, order: Tensor, spare: Optional[Tensor]) -> Optional[Tensor]:
+        """Row ``i`` takes old row ``order[i]``; copies go into ``spare`` (made if it does not
+        fit) and the replaced buffers are handed on: returns the spare for the next copy."""
+        length = self.length
+        if self.keys is None:
+            return spare
+        reordered = []
+        for buffer in (self.keys, self.values):
+            shape = (buffer.size(0), order.numel(), self.heads, self.head_dim)
+            if spare is None or spare.shape != shape or spare.dtype != buffer.dtype or spare.device != buffer.device:
+                spare = buffer.new_empty(shape)
+            torch.index_select(buffer[:length], 1, order, out=spare[:length])
+            reordered.append(spare)
+            spare = buffer
+        self.keys, self.values = reordered
+        if self.padding is not None:
+            self.padding = self.padding.index_select(1, order)
+        return spare
+
+
+# Per-beam encoder keys/values of finished sentences stay in the cache (their rows are
+# computed and discarded) until fewer than this share of the cached sentences is live: then
+# one copy compacts the cache. Dropping them at once would copy the whole cache each time a
+# sentence finishes, about once a step (``BENCHMARKS.md``: "Lean decoder step").
+MIN_LIVE_SHARE = 0.75
+
+
+class CrossAttentionCache:
+    """One layer's encoder keys and values for the whole search.
+
+    Per beam: ``keys``/``values`` (cached rows * heads, src_len, head_dim) contiguous and
+    ``padding`` (cached rows, 1, 1, src_len) bool, where the cached sentences may include
+    finished ones (``live``: which cached sentences the search still has, None for all).
+    Beam-shared (BART): fairseq's per-sentence layout, (sentences * heads, src_len, head_dim)
+    strided views, ``padding`` (sentences, 1, 1, 1, src_len), always compact. ``padding``
+    is None when no source has padding.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, beam_shared: bool) -> None:
+        self.keys, self.values, self.padding = keys, values, padding
+        self.beams, self.heads, self.beam_shared = beams, heads, beam_shared
+        self.live: Optional[Tensor] = None  # (live sentences,) indices of cached sentences
+        self._live_rows: Optional[Tensor] = None  # (live rows,) indices of cached rows
+        self._queries: Optional[Tensor] = None  # (cached rows * heads, 1, head_dim)
+
+    @property
+    def cached_sentences(self) -> int:
+        return self.keys.size(0) // (self.heads * (1 if self.beam_shared else self.beams))
+
+    def keep_sentences(self, kept: Tensor) -> None:
+        """Only the live sentences ``kept`` (indices among the live ones) stay live."""
+        live = kept if self.live is None else self.live[kept]
+        if self.beam_shared or live.numel() < MIN_LIVE_SHARE * self.cached_sentences:
+            self._compact(live)
+            return
+        self.live = live
+        self._live_rows = (live.unsqueeze(1) * self.beams + torch.arange(self.beams, device=live.device)).view(-1)
+
+    def _compact(self, live: Tensor) -> None:
+        sentences = self.cached_sentences
+
+        def select(cache: Tensor) -> Tensor:
+            per_sentence = cache.reshape(sentences, -1, *cache.shape[1:])  # a view, or one copy
+            return per_sentence.index_select(0, live).view(-1, *cache.shape[1:])
+
+        self.keys, self.values = select(self.keys), select(self.values)
+        if self.padding is not None:
+            self.padding = select(self.padding)
+        self.live = self._live_rows = self._queries = None
+
+    def all_queries(self, queries: Tensor) -> Tensor:
+        """The live rows' queries (live rows * heads, 1, head_dim) among the cached rows'
+        (the finished rows' are left over from earlier steps)."""
+        if self._live_rows is None:
+            return queries
+        if self._queries is None:
+            self._queries = queries.new_zeros(self.keys.size(0), *queries.shape[1:])
+        per_row = self._queries.view(-1, self.heads, *queries.shape[1:])
+        per_row.index_copy_(0, self._live_rows, queries.view(-1, self.heads, *queries.shape[1:]))
+        return self._queries
+
+    def live_part(self, per_item: Tensor) -> Tensor:
+        """The live rows of a (cached rows * heads, 1, n) result."""
+        if self._live_rows is None:
+            return per_item
+        per_row = per_item.view(-1, self.heads, *per_item.shape[1:])
+        return per_row.index_select(0, self._live_rows).view(-1, *per_item.shape[1:])
+
+
+class LayerCaches:
+    """The caches of every layer of one decoder, and the spare buffer their reorders share."""
+
+    def __init__(self, self_attention: List[SelfAttentionCache], cross_attention: List[Optional[CrossAttentionCache]]) -> None:
+        self.self_attention = self_attention
+        self.cross_attention = cross_attention
+        self._spare: Optional[Tensor] = None
+
+    def reorder_beams(self, order: Tensor) -> None:
+        """Hypothesis row ``i`` continues old row ``order[i]`` (a beam reorder; after sentences
+        left the batch, ``keep_sentences`` has run first)."""
+        for cache in self.self_attention:
+            self._spare = cache.reorder(order, self._spare)
+
+    def keep_sentences(self, kept: Tensor) -> None:
+        for cache in self.cross_attention:
+            if cache is not None:
+                cache.keep_sentences(kept)

@@ -1,0 +1,125 @@
+"""One model's lean decoder for a search: embeddings, layers, final norm and output.
+
+``TransformerDecoderBase.extract_features_scriptable`` for one position, followed by the
+output stage of fairseq's ``EnsembleModel.forward_decoder``: the output projection, the
+division by the temperature and the log-softmax, into per-batch buffers for a plain output
+layer on CPU float32 (``output.py``), else through the model's own ``output_layer`` and
+``get_normalized_probs`` (adaptive softmax, GPU, half precision).
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules.layer_drop import LayerDropModuleList
+from torch import Tensor, nn
+
+from .caches import LayerCaches, SelfAttentionCache
+from .layer import LayerStep, _layer_norm, _linear
+from .output import BufferedOutput, bufferable_projection
+
+
+class LeanDecoder:
+    """The decoder of ``model`` (covered by ``coverage.why_not_lean``), stepped one position
+    at a time on typed caches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        decoder = model.decoder
+        self.model = model
+        self.padding_idx = decoder.padding_idx
+        self.embed_tokens = decoder.embed_tokens.weight
+        self.embed_scale = decoder.embed_scale
+        self.project_in = _linear(decoder.project_in_dim) if decoder.project_in_dim is not None else None
+        self.embed_positions = decoder.embed_positions
+        self.embedding_norm = _layer_norm(decoder.layernorm_embedding) if decoder.layernorm_embedding is not None else None
+        self.layers = [LayerStep(layer) for layer in decoder.layers]
+        # fairseq's LayerDropModuleList draws one random number per layer each time the decoder
+        # iterates its layers, in inference too: sampling after it sees that draw.
+        self.layerdrop_draws = len(decoder.layers) if isinstance(decoder.layers, LayerDropModuleList) else 0
+        self.final_norm = _layer_norm(decoder.layer_norm) if decoder.layer_norm is not None else None
+        self.project_out = _linear(decoder.project_out_dim) if decoder.project_out_dim is not None else None
+        self._buffered_output: Optional[BufferedOutput] = None
+        self._positions: Optional[Tensor] = None  # (steps, embed_dim): the embedding of each step's position
+
+    def start(self, encoder_out: Optional[Dict[str, List[Tensor]]], beams: int, max_steps: int, beam_shared: bool) -> LayerCaches:
+        """Fresh caches for a batch, the encoder keys/values of every layer projected."""
+        weight = bufferable_projection(self.model)
+        self._buffered_output = BufferedOutput(weight) if weight is not None else None
+        self._positions = self._position_table(max_steps)
+        memory, padding = None, None
+        if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+            memory = encoder_out["encoder_out"][0]  # (src_len, sentences, dim)
+        if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+            padding = encoder_out["encoder_padding_mask"][0]  # (sentences, src_len)
+            padding = padding if bool(padding.any()) else None  # masking nothing changes nothing
+        self_caches, cross_caches = [], []
+        for layer in self.layers:
+            attention = layer.self_attention
+            self_caches.append(SelfAttentionCache(attention.heads, attention.head_dim, max_steps))
+            cross = layer.cross_attention if memory is not None else None
+            cross_caches.append(cross.start(memory, padding, beams, beam_shared) if cross is not None else None)
+        return LayerCaches(self_caches, cross_caches)
+
+    def step(
+        self, tokens: Tensor, step: int, caches: LayerCaches, need_attention: bool, temperature: float
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Log-probabilities (rows, vocab) after ``tokens`` (rows,), the newest token of each
+        hypothesis, at position ``step``; and the last layer's attention over the source
+        (rows, src_len) if ``need_attention`` and the model attends to a source."""
+        x = self._embed(tokens, step)
+        # fairseq masks the self-attention positions whose input was padding (never emitted
+        # by the search, but a prefix or BOS could be).
+        pad = tokens.eq(self.padding_idx)
+        pad = pad if bool(pad.any()) else None
+        if self.layerdrop_draws:
+            torch.empty(self.layerdrop_draws).uniform_()
+        attention = None
+        last = len(self.layers) - 1
+        for index, (layer, self_cache, cross_cache) in enumerate(zip(self.layers, caches.self_attention, caches.cross_attention)):
+            x, layer_attention = layer(x, self_cache, cross_cache, pad, need_attention and index == last)
+            if index == last:
+                attention = layer_attention
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return self._log_probabilities(x, attention, temperature), attention
+
+    def _embed(self, tokens: Tensor, step: int) -> Tensor:
+        x = F.embedding(tokens, self.embed_tokens, self.padding_idx)  # (rows, dim)
+        if self.embed_scale != 1.0:  # x * 1.0 == x exactly
+            x = self.embed_scale * x
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.embed_positions is not None:
+            x += self._position(step, tokens)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        return x
+
+    def _position_table(self, steps: int) -> Optional[Tensor]:
+        """The position embeddings of steps 0..steps-1 (the rows fairseq's incremental call
+        reads), from one call of the module, as far as it has positions."""
+        module = self.embed_positions
+        if module is None:
+            return None
+        limit = getattr(module, "max_positions", steps)
+        steps = min(steps, limit)
+        probe = torch.full((1, steps), self.padding_idx + 1, dtype=torch.long, device=self.embed_tokens.device)
+        return module(probe)[0]
+
+    def _position(self, step: int, tokens: Tensor) -> Tensor:
+        if step < self._positions.size(0):
+            return self._positions[step]
+        # Beyond the table: fairseq's own incremental call (and its error, if any).
+        history = tokens.new_full((tokens.size(0), step + 1), self.padding_idx + 1)
+        return self.embed_positions(history, incremental_state={})[:, -1, :]
+
+    def _log_probabilities(self, features: Tensor, attention: Optional[Tensor], temperature: float) -> Tensor:
+        if self._buffered_output is not None:
+            return self._buffered_output(features, temperature)
+        # fairseq's output layer and normalizer
+        logits = self.model.decoder.output_layer(features.unsqueeze(1))
+        logits.div_(temperature)
+        lprobs = self.model.get_normalized_probs((logits, {"attn": [attention]}), log_probs=True, sample=None)
+        return lprobs[:, -1, :]

@@ -1,0 +1,193 @@
+"""One decoder layer's incremental step, on the typed caches of ``caches.py``.
+
+The arithmetic is fairseq's ``TransformerDecoderLayerBase.forward`` with
+``MultiheadAttention`` for one query position: the same linear layers (``F.linear`` on the
+same rows), the same ``bmm``/``einsum`` shapes, float32 softmax and layer norms, and the
+residual added in place (``a + b`` and ``b + a`` are the same float). Dropout is left out:
+the coverage check (``coverage.py``) only lets models through whose dropout is off in
+inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
+``(1, rows, embed_dim)`` holds the same values in the same memory order.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules.multihead_attention import MultiheadAttention
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from torch import Tensor, nn
+
+from .caches import CrossAttentionCache, SelfAttentionCache
+
+# Below this many rows (source tokens x sentences) the encoder output is projected per beam,
+# as fairseq does: for very small products the BLAS kernel's last bit can depend on the
+# number of rows (seen on x86 CPUs under about a dozen), above this it does not.
+MIN_ROWS_PROJECTED_ONCE = 64
+
+
+def encoder_keys_values_per_beam(
+    projection: Callable[[Tensor], Tensor], encoder_out: Tensor, beams: int, heads: int, head_dim: int
+) -> Tensor:
+    """``projection`` of the encoder output (src_len, sentences, dim) for every beam, as a
+    contiguous (sentences * beams * heads, src_len, head_dim) cache: the values of fairseq's
+    per-beam projection, projected once per sentence where the product is large enough."""
+    src_len, sentences, _ = encoder_out.size()
+    if src_len * sentences < MIN_ROWS_PROJECTED_ONCE:  # fairseq's way: every beam's copy
+        projected, copies = projection(encoder_out.repeat_interleave(beams, dim=1)), 1
+    else:
+        projected, copies = projection(encoder_out.contiguous()), beams
+    # (sentences, 1, heads, src_len, head_dim): the time-major projection made contiguous per
+    # head (fairseq keeps a strided view, which the steps read slower), then copied per beam
+    # (a copy from a contiguous source: 2x faster than expanding the strided view).
+    per_head = projected.view(src_len, -1, 1, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+    return per_head.expand(-1, copies, -1, -1, -1).reshape(-1, src_len, head_dim)
+
+
+def _layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
+    shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+
+
+def _linear(module: nn.Linear) -> Callable[[Tensor], Tensor]:
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _softmax(weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """fairseq's ``utils.softmax`` in float32, and its result in the weights' type."""
+    probs_float = F.softmax(weights.float(), dim=-1, dtype=torch.float32)
+    return probs_float, probs_float.type_as(weights)
+
+
+class _Attention:
+    """The projections and head geometry of a fairseq ``MultiheadAttention``."""
+
+    def __init__(self, module: MultiheadAttention) -> None:
+        self.q, self.k, self.v, self.out = (_linear(m) for m in (module.q_proj, module.k_proj, module.v_proj, module.out_proj))
+        self.heads, self.head_dim, self.scaling = module.num_heads, module.head_dim, module.scaling
+        self.embed_dim = module.embed_dim
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(rows, embed_dim) -> scaled (rows * heads, 1, head_dim), fairseq's view of it."""
+        q = self.q(x)
+        q *= self.scaling
+        return q.view(1, x.size(0) * self.heads, self.head_dim).transpose(0, 1)
+
+    def output(self, context: Tensor, rows: int) -> Tensor:
+        """(rows * heads, 1, head_dim) -> the output projection, (rows, embed_dim)."""
+        return self.out(context.transpose(0, 1).contiguous().view(rows, self.embed_dim))
+
+
+class SelfAttentionStep(_Attention):
+    def __call__(self, x: Tensor, cache: SelfAttentionCache, pad: Optional[Tensor]) -> Tensor:
+        rows = x.size(0)
+        q = self.queries(x)
+        keys, values = cache.append(self.k(x), self.v(x), pad)
+        weights = torch.bmm(q, keys.transpose(1, 2))  # (rows * heads, 1, length)
+        padding = cache.padding_so_far()
+        if padding is not None:
+            weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
+        _, probs = _softmax(weights)
+        return self.output(torch.bmm(probs, values), rows)
+
+
+class CrossAttentionStep(_Attention):
+    def start(
+        self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, beam_shared: bool
+    ) -> CrossAttentionCache:
+        """Project the encoder output (src_len, sentences, dim) to this layer's keys and values.
+
+        Per beam (``encoder_keys_values_per_beam``); beam-shared (BART), exactly fairseq's:
+        the first beam's copy of the beam-expanded output.
+        """
+        src_len, sentences, _ = encoder_out.size()
+        if beam_shared:
+            expanded = encoder_out.repeat_interleave(beams, dim=1)  # fairseq's beam expansion
+            source = expanded.view(src_len, -1, beams, expanded.size(2))[:, :, 0, :]
+            keys, values = (
+                p(source).contiguous().view(src_len, sentences * self.heads, self.head_dim).transpose(0, 1)
+                for p in (self.k, self.v)
+            )
+            mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
+            return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=True)
+        keys, values = (encoder_keys_values_per_beam(p, encoder_out, beams, self.heads, self.head_dim) for p in (self.k, self.v))
+        mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
+        return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=False)
+
+    def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """The attention output (rows, embed_dim) and, with ``need_weights``, the weights
+        averaged over heads (rows, src_len), as fairseq's decoder reports them."""
+        rows = x.size(0)
+        q = self.queries(x)
+        if cache.beam_shared:
+            sentences = cache.keys.size(0) // self.heads
+            weights = torch.einsum(
+                "bxhtd,bhsd->bxhts",
+                q.view(sentences, -1, self.heads, *q.shape[1:]),
+                cache.keys.view(sentences, self.heads, *cache.keys.shape[1:]),
+            ).reshape(rows * self.heads, 1, -1)
+            masked = weights.view(sentences, -1, self.heads, 1, weights.size(-1))
+        else:  # the cached rows, finished ones included (``CrossAttentionCache``)
+            weights = torch.bmm(cache.all_queries(q), cache.keys.transpose(1, 2))  # (rows * heads, 1, src_len)
+            masked = weights.view(-1, self.heads, 1, weights.size(-1))
+        if cache.padding is not None:
+            masked.masked_fill_(cache.padding, float("-inf"))
+        probs_float, probs = _softmax(weights)
+        if cache.beam_shared:
+            context = torch.einsum(
+                "bxhts,bhsd->bxhtd",
+                probs.view(sentences, -1, self.heads, *probs.shape[1:]),
+                cache.values.view(sentences, self.heads, *cache.values.shape[1:]),
+            ).reshape(rows * self.heads, 1, self.head_dim)
+        else:
+            context = cache.live_part(torch.bmm(probs, cache.values))
+        averaged = None
+        if need_weights:  # fairseq: per-head weights, then the decoder's mean over heads
+            per_head = cache.live_part(probs_float).view(rows, self.heads, 1, -1).transpose(1, 0)
+            averaged = per_head.float().to(x).mean(dim=0)[:, -1, :]
+        return self.output(context, rows), averaged
+
+
+class LayerStep:
+    """``TransformerDecoderLayerBase.forward`` for one position, pre- or post-norm."""
+
+    def __init__(self, layer: TransformerDecoderLayerBase) -> None:
+        self.normalize_before = layer.normalize_before
+        self.self_attention = SelfAttentionStep(layer.self_attn)
+        self.self_attention_norm = _layer_norm(layer.self_attn_layer_norm)
+        self.cross_attention = CrossAttentionStep(layer.encoder_attn) if layer.encoder_attn is not None else None
+        self.cross_attention_norm = _layer_norm(layer.encoder_attn_layer_norm) if layer.encoder_attn is not None else None
+        self.fc1, self.fc2 = _linear(layer.fc1), _linear(layer.fc2)
+        self.activation = layer.activation_fn
+        self.final_norm = _layer_norm(layer.final_layer_norm)
+        self.relu_in_place = layer.activation_fn is F.relu
+
+    def __call__(
+        self,
+        x: Tensor,
+        self_cache: SelfAttentionCache,
+        cross_cache: Optional[CrossAttentionCache],
+        pad: Optional[Tensor],
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        x = self._residual(x, self.self_attention_norm, lambda h: self.self_attention(h, self_cache, pad))
+        attention = None
+        if self.cross_attention is not None and cross_cache is not None:
+            def cross(h: Tensor) -> Tensor:
+                nonlocal attention
+                out, attention = self.cross_attention(h, cross_cache, need_weights)
+                return out
+
+            x = self._residual(x, self.cross_attention_norm, cross)
+        return self._residual(x, self.final_norm, self._feed_forward), attention
+
+    def _feed_forward(self, h: Tensor) -> Tensor:
+        h = self.fc1(h)
+        h = torch.relu_(h) if self.relu_in_place else self.activation(h)
+        return self.fc2(h)
+
+    def _residual(self, x: Tensor, norm: Callable[[Tensor], Tensor], block: Callable[[Tensor], Tensor]) -> Tensor:
+        """fairseq's sublayer: (norm before) -> block -> + residual -> (norm after)."""
+        out = block(norm(x) if self.normalize_before else x)
+        out += x
+        return out if self.normalize_before else norm(out)
