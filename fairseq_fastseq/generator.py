@@ -2,6 +2,7 @@
 
 import logging
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -27,6 +28,23 @@ logger = logging.getLogger(__name__)
 
 class UnsupportedByFastGenerator(ValueError):
     """Raised for an option the fast generator cannot honour under ``on_unsupported=error``."""
+
+
+# Whether a caller may read the hypotheses' attention (set by ``attention_unread``).
+_ATTENTION_READ: ContextVar[bool] = ContextVar("fastseq_attention_read", default=True)
+
+
+@contextmanager
+def attention_unread() -> Iterator[None]:
+    """Within the block, fast generators built leave the attention over the source out of
+    their hypotheses (an empty tensor, as fairseq gives for a model without one), except the
+    alignment generator, which needs it: for callers that read none, such as
+    fairseq-generate and fairseq-interactive without ``--print-alignment``."""
+    token = _ATTENTION_READ.set(False)
+    try:
+        yield
+    finally:
+        _ATTENTION_READ.reset(token)
 
 
 # The knobs' values that the lean decoder step implements (the bitwise defaults).
@@ -109,7 +127,7 @@ class FastSequenceGenerator(SequenceGenerator):
         with decoder_beam_size(models, self.beam_size, every_model=every_model), fast_attention(
             models, **self.attention_options()
         ) as per_sentence_encoder, cache_steps(models, steps), self._step_buffers():
-            yield ModuleSteps(self.model, self.beam_size, per_sentence_encoder, self.temperature)
+            yield ModuleSteps(self.model, self.beam_size, per_sentence_encoder, self.need_attention, self.temperature)
 
     def _step_buffers(self) -> ContextManager[None]:
         """The ensemble's per-batch output buffers (``ensemble.py``), where it has them."""
@@ -155,7 +173,7 @@ class FastSequenceGenerator(SequenceGenerator):
             assert step < max_len, f"{step} < {max_len}"
             kept = None
             if num_done > 0:
-                kept, candidates = state.drop(done, candidates)
+                kept, candidates = state.drop(step, done, candidates)
                 self.search.prune_sentences(kept)
             active_hypos, parents = state.advance(step, candidates)
             self.search.update_constraints(active_hypos)
@@ -307,6 +325,7 @@ def accelerate(
         # its constructor takes them as strings.
         fast.token_indices_to_suppress = stock.token_indices_to_suppress
         fast.knobs = knobs
+        fast.need_attention = _ATTENTION_READ.get() or isinstance(fast, FastSequenceGeneratorWithAlignment)
         reason = fast.why_not_lean()
         if reason is None:
             logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")

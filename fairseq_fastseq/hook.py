@@ -16,7 +16,9 @@ plugin import, we
    fairseq_cli.generate``, i.e. as ``__main__``): fairseq has no hook for a task to own the
    generate loop, so a run whose task is one of ours (``--task translation_fast``) goes
    to ``pipeline.main``; with ``--generator fast`` the stock loop runs, with a clear error
-   for a checkpoint whose dictionaries do not fit the data-bin.
+   for a checkpoint whose dictionaries do not fit the data-bin;
+4. wrap ``fairseq_cli.interactive.main`` likewise: with ``--generator fast`` both CLIs run
+   with ``generator.attention_unread`` (they print no attention, so the search keeps none).
 
 The wrappers change nothing unless the run selected ``fast`` or a ``*_fast`` task: with
 ``--generator stock``, or a config without the field, they call the stock function as is.
@@ -30,13 +32,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fairseq.dataclass.utils as fairseq_dataclass_utils
 import fairseq_cli.generate
+import fairseq_cli.interactive
 from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
 from omegaconf import DictConfig, OmegaConf
 
 from .config import FLAG_PREFIX, FastGeneratorConfig
 from . import pipeline
-from .generator import accelerate
+from .generator import accelerate, attention_unread
 from .errors import clear_load_errors
 from .tasks import PIPELINED_TASKS
 
@@ -122,11 +125,24 @@ def _route_generate_main(generate_main: Callable) -> Callable:
     def routed(cfg: Any) -> Any:
         task, choice, path, data = _run_settings(cfg)
         if task in PIPELINED_TASKS:
-            return pipeline.main(cfg)
+            with attention_unread():  # its output holds no attention (--print-alignment: alignments)
+                return pipeline.main(cfg)
         if choice == "fast":
-            with clear_load_errors(path, data):
+            with clear_load_errors(path, data), attention_unread():
                 return generate_main(cfg)
         return generate_main(cfg)
+
+    setattr(routed, _MARK, True)
+    return routed
+
+
+def _route_interactive_main(interactive_main: Callable) -> Callable:
+    @functools.wraps(interactive_main)
+    def routed(cfg: Any) -> Any:
+        if _run_settings(cfg)[1] == "fast":
+            with attention_unread():  # its output holds no attention (--print-alignment: alignments)
+                return interactive_main(cfg)
+        return interactive_main(cfg)
 
     setattr(routed, _MARK, True)
     return routed
@@ -141,11 +157,11 @@ def _run_settings(cfg: Any) -> Tuple[Optional[str], Optional[str], Optional[str]
     return tuple(OmegaConf.select(cfg, key, default=None) for key in keys)
 
 
-def _generate_modules() -> List[Any]:
-    """``fairseq_cli.generate``, and ``__main__`` when that is the same script run with ``-m``."""
-    modules = [fairseq_cli.generate]
+def _cli_modules(module: Any) -> List[Any]:
+    """A fairseq CLI ``module``, and ``__main__`` when that is the same script run with ``-m``."""
+    modules = [module]
     main_module = sys.modules.get("__main__")
-    if getattr(getattr(main_module, "__spec__", None), "name", None) == "fairseq_cli.generate":
+    if getattr(getattr(main_module, "__spec__", None), "name", None) == module.__name__:
         modules.append(main_module)
     return modules
 
@@ -160,6 +176,7 @@ def install() -> None:
         method = task_cls.__dict__["build_generator"]
         if not getattr(method, _MARK, False):
             task_cls.build_generator = _route_build_generator(method)
-    for module in _generate_modules():
-        if not getattr(module.main, _MARK, False):
-            module.main = _route_generate_main(module.main)
+    for cli, route in ((fairseq_cli.generate, _route_generate_main), (fairseq_cli.interactive, _route_interactive_main)):
+        for module in _cli_modules(cli):
+            if not getattr(module.main, _MARK, False):
+                module.main = route(module.main)

@@ -75,9 +75,11 @@ class ModuleSteps:
     nothing to copy).
     """
 
-    def __init__(self, ensemble: EnsembleModel, beam_size: int, per_sentence_encoder: bool, temperature: float) -> None:
+    def __init__(
+        self, ensemble: EnsembleModel, beam_size: int, per_sentence_encoder: bool, need_attention: bool, temperature: float
+    ) -> None:
         self.ensemble = ensemble
-        self.beam_size, self.temperature = beam_size, temperature
+        self.beam_size, self.need_attention, self.temperature = beam_size, need_attention, temperature
         self.expanded = beam_size > 1 and not per_sentence_encoder
         self.incremental_states: List[Dict] = [{} for _ in range(ensemble.models_size)]
         self.encoder_outs = None
@@ -89,7 +91,8 @@ class ModuleSteps:
             self.encoder_outs = self.ensemble.reorder_encoder_out(self.encoder_outs, expand)
 
     def decode(self, tokens: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
-        return self.ensemble.forward_decoder(tokens, self.encoder_outs, self.incremental_states, self.temperature)
+        lprobs, attention = self.ensemble.forward_decoder(tokens, self.encoder_outs, self.incremental_states, self.temperature)
+        return lprobs, attention if self.need_attention else None
 
     def reorder(self, order: Tensor, kept: Optional[Tensor]) -> None:
         # The beams of a sentence hold the same encoder output: it follows the sentences only.

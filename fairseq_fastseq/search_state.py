@@ -96,7 +96,7 @@ class SearchState:
         eos_mask[:, : self.beam_size] &= ~self.cands_to_ignore
         return Candidates(scores, indices, beams, beams.add(self.bbsz_offsets), eos_mask)
 
-    def drop(self, done: Tensor, candidates: Candidates) -> Tuple[Tensor, Candidates]:
+    def drop(self, step: int, done: Tensor, candidates: Candidates) -> Tuple[Tensor, Candidates]:
         """Remove the sentences that are ``done`` (bsz,) bool; return the indices of those kept
         and their candidates."""
         kept = (~done).nonzero().squeeze(1)
@@ -110,8 +110,10 @@ class SearchState:
         self.search_batch_idxs = self.search_batch_idxs[kept]
         self.scores = self.scores.view(old_bsz, -1)[kept].view(new_bsz * self.beam_size, -1)
         self.tokens = self.tokens.view(old_bsz, -1)[kept].view(new_bsz * self.beam_size, -1)
-        if self.attn is not None:
-            self.attn = self.attn.view(old_bsz, -1)[kept].view(new_bsz * self.beam_size, self.attn.size(1), -1)
+        if self.attn is not None:  # only the columns written so far (the rest is never read)
+            attn = self.attn.view(old_bsz, self.beam_size, *self.attn.shape[1:])
+            self.attn = self.attn.new_empty(new_bsz * self.beam_size, *self.attn.shape[1:])
+            self.attn[:, :, : step + 2] = attn[kept, :, :, : step + 2].view(-1, attn.size(2), step + 2)
         return kept, candidates.keep(kept, self.bbsz_offsets)
 
     def advance(self, step: int, candidates: Candidates) -> Tuple[Tensor, Tensor]:

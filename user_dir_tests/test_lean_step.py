@@ -69,7 +69,7 @@ def test_lean_steps_equal_fairseqs_modules(toy_models, name, beam, need_attentio
     sample = batches[0]
     args = (sample, beam, dictionary.eos(), dictionary.pad(), len(dictionary))
     with torch.no_grad():
-        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, 1.0), *args, seed=beam)
+        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=beam)
         actual = _drive(LeanSteps(EnsembleModel([model]), beam, 15, need_attention, 1.0), *args, seed=beam)
     for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
         assert torch.equal(got, want), f"step {step}"
@@ -89,7 +89,7 @@ def test_an_ensemble_and_a_temperature_combine_as_fairseqs(toy_models):
     dictionary = task.target_dictionary
     args = (batches[0], 2, dictionary.eos(), dictionary.pad(), len(dictionary))
     with torch.no_grad():
-        expected = _drive(ModuleSteps(EnsembleModel([first, second]), 2, False, 0.7), *args, seed=5)
+        expected = _drive(ModuleSteps(EnsembleModel([first, second]), 2, False, True, 0.7), *args, seed=5)
         actual = _drive(LeanSteps(EnsembleModel([first, second]), 2, 15, True, 0.7), *args, seed=5)
     for (want, want_attention), (got, got_attention) in zip(expected, actual):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention)
