@@ -30,6 +30,30 @@ def load(
     return models[0].to(device=device, dtype=dtype).eval(), task
 
 
+def random_base_checkpoint(destination: Path, seed: int = 0) -> Path:
+    """A transformer-base-sized checkpoint (``transformer_wmt_en_de``: 6+6 layers, 512 dims, 8
+    heads, 2,048 FFN dims, post-norm) with random weights and the Bible model's dictionaries
+    and configuration otherwise, written as a fairseq checkpoint (for peers that convert a file).
+    Random weights rarely emit EOS: outputs run to the length limit."""
+    import copy
+
+    from fairseq import tasks
+    from fairseq.models.transformer import transformer_wmt_en_de
+
+    state = torch.load(str(CHECKPOINT), weights_only=True)
+    args = copy.deepcopy(state["cfg"]["model"])
+    sized = ("layers", "embed_dim", "ffn_embed_dim", "attention_heads", "normalize_before")
+    for name in [f"{side}_{field}" for side in ("encoder", "decoder") for field in sized] + ["decoder_output_dim", "decoder_input_dim"]:
+        delattr(args, name)
+    args.arch, args.data = "transformer_wmt_en_de", str(MODEL_DIR)
+    transformer_wmt_en_de(args)
+    torch.manual_seed(seed)
+    model = tasks.setup_task(args).build_model(args)
+    state["cfg"]["model"], state["model"] = args, model.state_dict()
+    torch.save(state, str(destination))
+    return destination
+
+
 def encoded_verses(count: int, spm_model: Path = SPM_MODEL, source: Path = SOURCES) -> List[List[str]]:
     """The first ``count`` source verses as sentencepiece pieces (the binarized test set's tokens)."""
     import sentencepiece

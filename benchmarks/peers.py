@@ -142,16 +142,18 @@ def markdown(rows: Sequence[Row], header: str) -> str:
 # --- fairseq ----------------------------------------------------------------------------------
 
 
-def fairseq_engines(model_path: str, data_dir: str, beam: int, batches: List[List[List[str]]]) -> List[Engine]:
+def fairseq_engines(
+    model_path: str, data_dir: str, beam: int, batches: List[List[List[str]]], max_len_b: int = MAX_LEN_B
+) -> List[Engine]:
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
     from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
 
     model, task = bible.load(Path(model_path), Path(data_dir))
-    # fairseq-generate's defaults: max_len_a 0, max_len_b 200, min_len 1, lenpen 1.
-    gen_cfg = GenerationConfig(beam=beam)
-    assert (gen_cfg.max_len_a, gen_cfg.max_len_b, gen_cfg.min_len, gen_cfg.lenpen) == (0, MAX_LEN_B, 1, 1)
+    # fairseq-generate's defaults: max_len_a 0, min_len 1, lenpen 1 (max_len_b 200).
+    gen_cfg = GenerationConfig(beam=beam, max_len_b=max_len_b)
+    assert (gen_cfg.max_len_a, gen_cfg.min_len, gen_cfg.lenpen) == (0, 1, 1)
     stock = task.build_generator([model], gen_cfg)
     fast = accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error"))
     assert isinstance(fast, FastSequenceGenerator)
@@ -177,7 +179,9 @@ def fairseq_engines(model_path: str, data_dir: str, beam: int, batches: List[Lis
 # --- CTranslate2 --------------------------------------------------------------------------------
 
 
-def ct2_engines(model_path: str, data_dir: str, workdir: Path, beam: int, threads: int) -> List[Engine]:
+def ct2_engines(
+    model_path: str, data_dir: str, workdir: Path, beam: int, threads: int, max_len_b: int = MAX_LEN_B
+) -> List[Engine]:
     """The CTranslate2 engines, or rows saying why they cannot run (never raises)."""
     try:
         import ctranslate2
@@ -211,7 +215,7 @@ def ct2_engines(model_path: str, data_dir: str, workdir: Path, beam: int, thread
                 patience=1,
                 length_penalty=1,
                 max_input_length=0,
-                max_decoding_length=MAX_LEN_B,
+                max_decoding_length=max_len_b,
                 min_decoding_length=1,
             )
             return [result.hypotheses[0] for result in results]
@@ -272,16 +276,21 @@ def compare(
     beam: int = 5,
     threads: int = 1,
     repeats: int = 3,
+    max_len_b: int = MAX_LEN_B,
+    random_base: bool = False,
 ) -> List[Row]:
-    """Every engine on the first ``sentences`` verses, in ``ENGINES`` order."""
+    """Every engine on the first ``sentences`` verses, in ``ENGINES`` order; ``random_base``:
+    a random-weight transformer-base-sized model instead of ``path`` (``bible.random_base_checkpoint``)."""
     import sentencepiece
 
     spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
     references = read_lines(reference, sentences)
     batches = batched(bible.encoded_verses(sentences, spm_model, source), batch_size)
     with tempfile.TemporaryDirectory() as workdir:
-        engines = fairseq_engines(str(path), str(data_bin), beam, batches)
-        engines += ct2_engines(str(path), str(data_bin), Path(workdir), beam, threads)
+        if random_base:
+            path = bible.random_base_checkpoint(Path(workdir) / "base.pt")
+        engines = fairseq_engines(str(path), str(data_bin), beam, batches, max_len_b)
+        engines += ct2_engines(str(path), str(data_bin), Path(workdir), beam, threads, max_len_b)
         run(engines, batches, repeats)
 
     decoded = {e.name: [spm.decode(pieces) for pieces in e.outputs] for e in engines if e.times}
@@ -306,7 +315,14 @@ def main(argv=None) -> None:
     parser.add_argument("--sentences", type=int, default=256, help="the first N test verses")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch, for every engine")
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--max-len-b", type=int, default=MAX_LEN_B, help="at most this many tokens before EOS")
     parser.add_argument("--path", type=Path, default=bible.CHECKPOINT)
+    parser.add_argument(
+        "--random-base",
+        action="store_true",
+        help="instead of --path: a transformer-base-sized model (6+6 layers, 512 dims) with random "
+        "weights and the Bible dictionaries; its outputs run to the length limit",
+    )
     parser.add_argument("--data-bin", type=Path, default=bible.MODEL_DIR, help="holds dict.es.txt and dict.en.txt")
     parser.add_argument("--spm-model", type=Path, default=bible.SPM_MODEL)
     parser.add_argument("--source", type=Path, default=bible.SOURCES)
@@ -316,14 +332,15 @@ def main(argv=None) -> None:
     logging.getLogger().setLevel(logging.WARNING)  # fairseq and the converter log their configs
     rows = compare(
         args.path, args.data_bin, args.spm_model, args.source, args.reference,
-        args.sentences, args.batch_size, args.beam, args.threads, args.repeats,
+        args.sentences, args.batch_size, args.beam, args.threads, args.repeats, args.max_len_b, args.random_base,
     )  # fmt: skip
     import fairseq
 
     sentences = len(read_lines(args.reference, args.sentences))
+    model = "random-weight transformer-base-sized model" if args.random_base else f"Bible es-en model (`{args.path.name}`)"
     header = (
-        f"Bible es-en model (`{args.path.name}`), first {sentences} test verses, batch {args.batch_size}, "
-        f"beam {args.beam}, max length 200 tokens, lenpen 1; torch {torch.__version__}, fairseq "
+        f"{model}, first {sentences} test verses, batch {args.batch_size}, "
+        f"beam {args.beam}, max length {args.max_len_b} tokens, lenpen 1; torch {torch.__version__}, fairseq "
         f"{fairseq.__version__}, ctranslate2 {ct2_version()}, threads {args.threads} (torch and CTranslate2 "
         f"intra_threads, inter_threads 1), {cpu_name()}, median of {args.repeats}, engines alternating in one process"
     )

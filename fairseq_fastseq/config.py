@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 ON_UNSUPPORTED_CHOICES = ChoiceEnum(["fallback", "error"])
 DECODER_STEP_CHOICES = ChoiceEnum(["lean", "fairseq"])
+KERNELS_CHOICES = ChoiceEnum(["exact", "fused", "int8"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
 ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "grouped", "el_attention"])
 
@@ -40,6 +41,16 @@ class FastGeneratorConfig(FairseqDataclass):
             "module bookkeeping; the same kernels, so the same bits) for fairseq's transformer "
             "decoders, with a logged fallback to fairseq's modules for anything it does not "
             "cover; 'fairseq' runs fairseq's modules with the cache paths below (for comparison)"
+        },
+    )
+    kernels: KERNELS_CHOICES = field(
+        default="exact",
+        metadata={
+            "help": "the lean step's arithmetic: 'exact' is fairseq's (the same output, bitwise on "
+            "CPU float32); 'fused' rounds differently for speed (one query/key/value projection, "
+            "encoder keys/values once per sentence attended as grouped queries); 'int8' is 'fused' "
+            "with dynamic int8 linear layers (CPU). 'fused' and 'int8' can change outputs: see "
+            "BENCHMARKS.md for how much"
         },
     )
     self_attn_cache: SELF_ATTN_CACHE_CHOICES = field(

@@ -22,6 +22,7 @@ from .logit_edits import edits_for_batch
 from .model_steps import LeanSteps, ModuleSteps
 from .search_state import Candidates, SearchState
 from .step.coverage import why_not_lean
+from .step.kernels import ExactKernels, kernel_tier
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class FastSequenceGenerator(SequenceGenerator):
             self.model = BufferedEnsembleModel(list(self.model.models))
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.knobs = FastGeneratorConfig()
+        self.kernels: ExactKernels = ExactKernels()  # the lean step's tier (``step/kernels.py``)
 
     def attention_options(self) -> Dict[str, Union[bool, str]]:
         """The knobs as ``attention.fast_attention`` arguments."""
@@ -120,7 +122,7 @@ class FastSequenceGenerator(SequenceGenerator):
         classes, their cache limit and the output buffers."""
         steps = max_len + 1  # steps 0..max_len
         if self.why_not_lean() is None:
-            yield LeanSteps(self.model, self.beam_size, steps, self.need_attention, self.temperature)
+            yield LeanSteps(self.model, self.beam_size, steps, self.need_attention, self.temperature, self.kernels)
             return
         models = self.model.models
         every_model = self.knobs.encoder_projection == "grouped"
@@ -329,9 +331,12 @@ def accelerate(
         reason = fast.why_not_lean()
         if reason is None:
             logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")
+            fast.kernels = kernel_tier(knobs.kernels, fast.model.models)
         else:
             logger.info("decoder step: fairseq's modules (%s is not covered by the lean step)", reason)
             logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
+            if knobs.kernels != "exact":
+                logger.warning("kernels: exact (--fast-kernels %s needs the lean decoder step)", knobs.kernels)
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":

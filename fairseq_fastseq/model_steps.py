@@ -20,30 +20,34 @@ from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor
 
 from .step.caches import LayerCaches
-from .step.coverage import beam_shared
 from .step.decoder import LeanDecoder
+from .step.kernels import ExactKernels
 
 
 class LeanSteps:
     """Every model of ``ensemble`` decoded by the lean step."""
 
-    def __init__(self, ensemble: EnsembleModel, beam_size: int, max_steps: int, need_attention: bool, temperature: float) -> None:
+    def __init__(
+        self,
+        ensemble: EnsembleModel,
+        beam_size: int,
+        max_steps: int,
+        need_attention: bool,
+        temperature: float,
+        kernels: Optional[ExactKernels] = None,
+    ) -> None:
         self.ensemble = ensemble
         self.beam_size, self.max_steps = beam_size, max_steps
         self.need_attention, self.temperature = need_attention, temperature
-        self.decoders = [LeanDecoder(model) for model in ensemble.models]
+        kernels = kernels or ExactKernels()
+        self.decoders = [LeanDecoder(model, kernels) for model in ensemble.models]
         self.caches: List[LayerCaches] = []
 
     def start(self, net_input: Dict[str, Tensor], sentences: int) -> None:
         """Encode the batch and project every layer's encoder keys/values."""
         encoder_outs = self.ensemble.forward_encoder(net_input) if self.ensemble.has_encoder() else None
         self.caches = [
-            decoder.start(
-                encoder_outs[i] if encoder_outs is not None else None,
-                self.beam_size,
-                self.max_steps,
-                beam_shared(decoder.model, self.beam_size),
-            )
+            decoder.start(encoder_outs[i] if encoder_outs is not None else None, self.beam_size, self.max_steps)
             for i, decoder in enumerate(self.decoders)
         ]
 

@@ -167,17 +167,11 @@ def _beam_size_reason(model: nn.Module) -> Optional[str]:
     """Encoder attention that a caller set up for another beam size (``set_beam_size``) on a
     model whose generator would not set it: fairseq would group the beams by that size."""
     if hasattr(model, "set_beam_size"):
-        return None  # BART: the search's beam size decides (``beam_shared``)
+        return None  # BART: the search's beam size decides (``decoder.py``)
     for module in model.decoder.modules():
         if isinstance(module, MultiheadAttention) and module.encoder_decoder_attention and module.beam_size != 1:
             return f"its encoder attention was set for beam size {module.beam_size} (set_beam_size)"
     return None
-
-
-def beam_shared(model: nn.Module, beam_size: int) -> bool:
-    """Whether fairseq's encoder attention shares one copy of the encoder keys/values among
-    a sentence's beams (BART's ``set_beam_size``, which its generator sets for beams above 1)."""
-    return hasattr(model, "set_beam_size") and beam_size > 1
 
 
 def _active_dropout(module: nn.Module, label: str) -> Optional[str]:

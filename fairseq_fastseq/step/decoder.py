@@ -7,7 +7,7 @@ layer on CPU float32 (``output.py``), else through the model's own ``output_laye
 ``get_normalized_probs`` (adaptive softmax, GPU, half precision).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,9 @@ from fairseq.modules.layer_drop import LayerDropModuleList
 from torch import Tensor, nn
 
 from .caches import LayerCaches, SelfAttentionCache
-from .layer import LayerStep, _layer_norm, _linear
+from .kernels import ExactKernels
+from .layer import FAIRSEQ_SHARED, GROUPED, PER_BEAM, LayerStep, layer_norm
+from .coverage import plain_output_projection
 from .output import BufferedOutput, bufferable_projection
 
 
@@ -23,28 +25,27 @@ class LeanDecoder:
     """The decoder of ``model`` (covered by ``coverage.why_not_lean``), stepped one position
     at a time on typed caches."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernels: ExactKernels) -> None:
         decoder = model.decoder
-        self.model = model
+        self.model, self.kernels = model, kernels
         self.padding_idx = decoder.padding_idx
         self.embed_tokens = decoder.embed_tokens.weight
         self.embed_scale = decoder.embed_scale
-        self.project_in = _linear(decoder.project_in_dim) if decoder.project_in_dim is not None else None
+        self.project_in = kernels.linear(decoder.project_in_dim) if decoder.project_in_dim is not None else None
         self.embed_positions = decoder.embed_positions
-        self.embedding_norm = _layer_norm(decoder.layernorm_embedding) if decoder.layernorm_embedding is not None else None
-        self.layers = [LayerStep(layer) for layer in decoder.layers]
+        self.embedding_norm = layer_norm(decoder.layernorm_embedding) if decoder.layernorm_embedding is not None else None
+        self.layers = [LayerStep(layer, kernels) for layer in decoder.layers]
         # fairseq's LayerDropModuleList draws one random number per layer each time the decoder
         # iterates its layers, in inference too: sampling after it sees that draw.
         self.layerdrop_draws = len(decoder.layers) if isinstance(decoder.layers, LayerDropModuleList) else 0
-        self.final_norm = _layer_norm(decoder.layer_norm) if decoder.layer_norm is not None else None
-        self.project_out = _linear(decoder.project_out_dim) if decoder.project_out_dim is not None else None
-        self._buffered_output: Optional[BufferedOutput] = None
+        self.final_norm = layer_norm(decoder.layer_norm) if decoder.layer_norm is not None else None
+        self.project_out = kernels.linear(decoder.project_out_dim) if decoder.project_out_dim is not None else None
+        self._output: Optional[Callable[[Tensor, float], Tensor]] = None
         self._positions: Optional[Tensor] = None  # (steps, embed_dim): the embedding of each step's position
 
-    def start(self, encoder_out: Optional[Dict[str, List[Tensor]]], beams: int, max_steps: int, beam_shared: bool) -> LayerCaches:
+    def start(self, encoder_out: Optional[Dict[str, List[Tensor]]], beams: int, max_steps: int) -> LayerCaches:
         """Fresh caches for a batch, the encoder keys/values of every layer projected."""
-        weight = bufferable_projection(self.model)
-        self._buffered_output = BufferedOutput(weight) if weight is not None else None
+        self._output = self._output_stage()
         self._positions = self._position_table(max_steps)
         memory, padding = None, None
         if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
@@ -57,8 +58,31 @@ class LeanDecoder:
             attention = layer.self_attention
             self_caches.append(SelfAttentionCache(attention.heads, attention.head_dim, max_steps))
             cross = layer.cross_attention if memory is not None else None
-            cross_caches.append(cross.start(memory, padding, beams, beam_shared) if cross is not None else None)
+            cross_caches.append(cross.start(memory, padding, beams, self._encoder_layout(beams)) if cross is not None else None)
         return LayerCaches(self_caches, cross_caches)
+
+    def _encoder_layout(self, beams: int) -> str:
+        if self.kernels.grouped_encoder_attention and beams > 1:
+            return GROUPED
+        # BART's encoder attention shares the keys/values of a sentence's beams (its
+        # ``set_beam_size``, which fairseq's generator sets for beams above 1).
+        return FAIRSEQ_SHARED if hasattr(self.model, "set_beam_size") and beams > 1 else PER_BEAM
+
+    def _output_stage(self) -> Optional[Callable[[Tensor, float], Tensor]]:
+        """Log-probabilities (rows, vocab) of features and a temperature: the tier's output
+        projection, or fairseq's ``mm`` into per-batch buffers; None for fairseq's output layer."""
+        weight = plain_output_projection(self.model)
+        project = self.kernels.output_projection(weight) if weight is not None else None
+        if project is not None:
+            def projected(features: Tensor, temperature: float) -> Tensor:
+                logits = project(features)
+                if temperature != 1.0:
+                    logits.div_(temperature)
+                return torch.log_softmax(logits, dim=-1)
+
+            return projected
+        weight = bufferable_projection(self.model)
+        return BufferedOutput(weight) if weight is not None else None
 
     def step(
         self, tokens: Tensor, step: int, caches: LayerCaches, need_attention: bool, temperature: float
@@ -116,8 +140,8 @@ class LeanDecoder:
         return self.embed_positions(history, incremental_state={})[:, -1, :]
 
     def _log_probabilities(self, features: Tensor, attention: Optional[Tensor], temperature: float) -> Tensor:
-        if self._buffered_output is not None:
-            return self._buffered_output(features, temperature)
+        if self._output is not None:
+            return self._output(features, temperature)
         # fairseq's output layer and normalizer
         logits = self.model.decoder.output_layer(features.unsqueeze(1))
         logits.div_(temperature)

@@ -1,9 +1,10 @@
 """One decoder layer's incremental step, on the typed caches of ``caches.py``.
 
 The arithmetic is fairseq's ``TransformerDecoderLayerBase.forward`` with
-``MultiheadAttention`` for one query position: the same linear layers (``F.linear`` on the
-same rows), the same ``bmm``/``einsum`` shapes, float32 softmax and layer norms, and the
-residual added in place (``a + b`` and ``b + a`` are the same float). Dropout is left out:
+``MultiheadAttention`` for one query position: with the ``exact`` kernels (``kernels.py``) the
+same linear layers (``F.linear`` on the same rows), the same ``bmm``/``einsum`` shapes,
+float32 softmax and layer norms, and the residual added in place (``a + b`` and ``b + a`` are
+the same float). Dropout is left out:
 the coverage check (``coverage.py``) only lets models through whose dropout is off in
 inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
 ``(1, rows, embed_dim)`` holds the same values in the same memory order.
@@ -18,6 +19,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
 from .caches import CrossAttentionCache, SelfAttentionCache
+from .kernels import ExactKernels
 
 # Below this many rows (source tokens x sentences) the encoder output is projected per beam,
 # as fairseq does: for very small products the BLAS kernel's last bit can depend on the
@@ -43,14 +45,9 @@ def encoder_keys_values_per_beam(
     return per_head.expand(-1, copies, -1, -1, -1).reshape(-1, src_len, head_dim)
 
 
-def _layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
+def layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
     return lambda x: F.layer_norm(x, shape, weight, bias, eps)
-
-
-def _linear(module: nn.Linear) -> Callable[[Tensor], Tensor]:
-    weight, bias = module.weight, module.bias
-    return lambda x: F.linear(x, weight, bias)
 
 
 def _softmax(weights: Tensor) -> Tuple[Tensor, Tensor]:
@@ -62,16 +59,14 @@ def _softmax(weights: Tensor) -> Tuple[Tensor, Tensor]:
 class _Attention:
     """The projections and head geometry of a fairseq ``MultiheadAttention``."""
 
-    def __init__(self, module: MultiheadAttention) -> None:
-        self.q, self.k, self.v, self.out = (_linear(m) for m in (module.q_proj, module.k_proj, module.v_proj, module.out_proj))
-        self.heads, self.head_dim, self.scaling = module.num_heads, module.head_dim, module.scaling
-        self.embed_dim = module.embed_dim
+    def __init__(self, module: MultiheadAttention, kernels: ExactKernels) -> None:
+        self.k, self.v, self.out = (kernels.linear(m) for m in (module.k_proj, module.v_proj, module.out_proj))
+        self.scaled_queries = kernels.queries(module)
+        self.heads, self.head_dim, self.embed_dim = module.num_heads, module.head_dim, module.embed_dim
 
-    def queries(self, x: Tensor) -> Tensor:
-        """(rows, embed_dim) -> scaled (rows * heads, 1, head_dim), fairseq's view of it."""
-        q = self.q(x)
-        q *= self.scaling
-        return q.view(1, x.size(0) * self.heads, self.head_dim).transpose(0, 1)
+    def heads_view(self, q: Tensor) -> Tensor:
+        """Scaled queries (rows, heads, head_dim) as fairseq's (rows * heads, 1, head_dim) view."""
+        return q.view(1, q.size(0) * self.heads, self.head_dim).transpose(0, 1)
 
     def output(self, context: Tensor, rows: int) -> Tensor:
         """(rows * heads, 1, head_dim) -> the output projection, (rows, embed_dim)."""
@@ -79,11 +74,15 @@ class _Attention:
 
 
 class SelfAttentionStep(_Attention):
+    def __init__(self, module: MultiheadAttention, kernels: ExactKernels) -> None:
+        super().__init__(module, kernels)
+        self.projections = kernels.self_projections(module)
+
     def __call__(self, x: Tensor, cache: SelfAttentionCache, pad: Optional[Tensor]) -> Tensor:
         rows = x.size(0)
-        q = self.queries(x)
-        keys, values = cache.append(self.k(x), self.v(x), pad)
-        weights = torch.bmm(q, keys.transpose(1, 2))  # (rows * heads, 1, length)
+        q, k, v = self.projections(x)
+        keys, values = cache.append(k, v, pad)
+        weights = torch.bmm(self.heads_view(q), keys.transpose(1, 2))  # (rows * heads, 1, length)
         padding = cache.padding_so_far()
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
@@ -91,34 +90,39 @@ class SelfAttentionStep(_Attention):
         return self.output(torch.bmm(probs, values), rows)
 
 
+# How encoder-decoder attention holds the encoder keys/values (``CrossAttentionStep.start``).
+PER_BEAM, FAIRSEQ_SHARED, GROUPED = "per beam", "shared as fairseq shares them (BART)", "grouped"
+
+
 class CrossAttentionStep(_Attention):
-    def start(
-        self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, beam_shared: bool
-    ) -> CrossAttentionCache:
+    def start(self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, layout: str) -> CrossAttentionCache:
         """Project the encoder output (src_len, sentences, dim) to this layer's keys and values.
 
-        Per beam (``encoder_keys_values_per_beam``); beam-shared (BART), exactly fairseq's:
-        the first beam's copy of the beam-expanded output.
+        ``PER_BEAM``: ``encoder_keys_values_per_beam``. ``FAIRSEQ_SHARED``, exactly fairseq's
+        beam-shared attention: the first beam's copy of the beam-expanded output. ``GROUPED``:
+        the same layout from the encoder output itself (not bitwise: another kernel).
         """
         src_len, sentences, _ = encoder_out.size()
-        if beam_shared:
+        if layout == PER_BEAM:
+            keys, values = (encoder_keys_values_per_beam(p, encoder_out, beams, self.heads, self.head_dim) for p in (self.k, self.v))
+            mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
+            return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=False)
+        source = encoder_out
+        if layout == FAIRSEQ_SHARED:
             expanded = encoder_out.repeat_interleave(beams, dim=1)  # fairseq's beam expansion
             source = expanded.view(src_len, -1, beams, expanded.size(2))[:, :, 0, :]
-            keys, values = (
-                p(source).contiguous().view(src_len, sentences * self.heads, self.head_dim).transpose(0, 1)
-                for p in (self.k, self.v)
-            )
-            mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
-            return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=True)
-        keys, values = (encoder_keys_values_per_beam(p, encoder_out, beams, self.heads, self.head_dim) for p in (self.k, self.v))
-        mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
-        return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=False)
+        keys, values = (
+            p(source).contiguous().view(src_len, sentences * self.heads, self.head_dim).transpose(0, 1)
+            for p in (self.k, self.v)
+        )
+        mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
+        return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=True)
 
     def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The attention output (rows, embed_dim) and, with ``need_weights``, the weights
         averaged over heads (rows, src_len), as fairseq's decoder reports them."""
         rows = x.size(0)
-        q = self.queries(x)
+        q = self.heads_view(self.scaled_queries(x))
         if cache.beam_shared:
             sentences = cache.keys.size(0) // self.heads
             weights = torch.einsum(
@@ -151,16 +155,16 @@ class CrossAttentionStep(_Attention):
 class LayerStep:
     """``TransformerDecoderLayerBase.forward`` for one position, pre- or post-norm."""
 
-    def __init__(self, layer: TransformerDecoderLayerBase) -> None:
+    def __init__(self, layer: TransformerDecoderLayerBase, kernels: ExactKernels) -> None:
         self.normalize_before = layer.normalize_before
-        self.self_attention = SelfAttentionStep(layer.self_attn)
-        self.self_attention_norm = _layer_norm(layer.self_attn_layer_norm)
-        self.cross_attention = CrossAttentionStep(layer.encoder_attn) if layer.encoder_attn is not None else None
-        self.cross_attention_norm = _layer_norm(layer.encoder_attn_layer_norm) if layer.encoder_attn is not None else None
-        self.fc1, self.fc2 = _linear(layer.fc1), _linear(layer.fc2)
-        self.activation = layer.activation_fn
-        self.final_norm = _layer_norm(layer.final_layer_norm)
-        self.relu_in_place = layer.activation_fn is F.relu
+        self.self_attention = SelfAttentionStep(layer.self_attn, kernels)
+        self.self_attention_norm = layer_norm(layer.self_attn_layer_norm)
+        cross = layer.encoder_attn is not None
+        self.cross_attention = CrossAttentionStep(layer.encoder_attn, kernels) if cross else None
+        self.cross_attention_norm = layer_norm(layer.encoder_attn_layer_norm) if cross else None
+        self.fc1 = kernels.feed_forward_in(layer.fc1, layer.activation_fn)
+        self.fc2 = kernels.linear(layer.fc2)
+        self.final_norm = layer_norm(layer.final_layer_norm)
 
     def __call__(
         self,
@@ -182,9 +186,7 @@ class LayerStep:
         return self._residual(x, self.final_norm, self._feed_forward), attention
 
     def _feed_forward(self, h: Tensor) -> Tensor:
-        h = self.fc1(h)
-        h = torch.relu_(h) if self.relu_in_place else self.activation(h)
-        return self.fc2(h)
+        return self.fc2(self.fc1(h))
 
     def _residual(self, x: Tensor, norm: Callable[[Tensor], Tensor], block: Callable[[Tensor], Tensor]) -> Tensor:
         """fairseq's sublayer: (norm before) -> block -> + residual -> (norm after)."""

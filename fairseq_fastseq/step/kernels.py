@@ -1,0 +1,207 @@
+"""How the lean step computes its linear layers and encoder attention: the tiers of
+``--fast-kernels``.
+
+- ``exact`` (the default): fairseq's kernels on fairseq's shapes, so bitwise equal to stock
+  on CPU float32.
+- ``fused``: the same float32 model through cheaper arithmetic that only rounds
+  differently: one projection for the queries, keys and values of self-attention (their
+  weights interleaved per head, the query scaling folded in), and the encoder keys/values
+  kept once per sentence, attended by its beams as grouped queries (fairseq's BART path,
+  for every model; CTranslate2 does the same).
+- ``int8``: ``fused``, with every linear layer in dynamic int8 (PyTorch's fbgemm kernels:
+  weights quantized per output channel once, activations per call); float32 elsewhere.
+
+Prepared weights (the fused projection, the int8 weights) are made once per generator and
+weight version, never written to disk. Measured speed and agreement with stock:
+``BENCHMARKS.md`` ("Kernel tiers").
+"""
+
+import logging
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules.multihead_attention import MultiheadAttention
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+Projection = Callable[[Tensor], Tensor]
+# (rows, embed_dim) -> scaled queries, keys, values, each (rows, heads, head_dim)
+SelfProjections = Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]
+
+
+class ExactKernels:
+    """fairseq's own arithmetic."""
+
+    name = "exact"
+    # Encoder keys/values per beam, except where fairseq itself shares them (BART).
+    grouped_encoder_attention = False
+
+    def linear(self, module: nn.Linear) -> Projection:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+
+    def feed_forward_in(self, module: nn.Linear, activation: Callable[[Tensor], Tensor]) -> Projection:
+        """``activation(fc1(x))``; ReLU in place (the same values)."""
+        project = self.linear(module)
+        if activation is F.relu:
+            return lambda x: torch.relu_(project(x))
+        return lambda x: activation(project(x))
+
+    def queries(self, attention: MultiheadAttention) -> Projection:
+        """(rows, embed_dim) -> scaled queries (rows, embed_dim), as fairseq scales them."""
+        project, scaling = self.linear(attention.q_proj), attention.scaling
+
+        def scaled(x: Tensor) -> Tensor:
+            q = project(x)
+            q *= scaling
+            return q
+
+        return scaled
+
+    def self_projections(self, attention: MultiheadAttention) -> SelfProjections:
+        heads = (attention.num_heads, attention.head_dim)
+        q, k, v = self.queries(attention), self.linear(attention.k_proj), self.linear(attention.v_proj)
+        return lambda x: (q(x).view(-1, *heads), k(x).view(-1, *heads), v(x).view(-1, *heads))
+
+    def output_projection(self, weight: Tensor) -> Optional[Projection]:
+        """The output projection of a plain output layer, or None for fairseq's ``mm`` into
+        the per-batch buffers (``output.py``)."""
+        return None
+
+
+class FusedKernels(ExactKernels):
+    """One self-attention projection, grouped encoder attention; rounding differs."""
+
+    name = "fused"
+    grouped_encoder_attention = True
+
+    def __init__(self) -> None:
+        self._prepared: Dict[Tuple, object] = {}
+
+    def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
+        """``make()``, cached for the identity and version of ``tensors`` (in-place changes
+        of a parameter bump its version)."""
+        full_key = key + tuple((id(t), t._version) for t in tensors)
+        if full_key not in self._prepared:
+            self._prepared[full_key] = make()
+        return self._prepared[full_key]
+
+    def queries(self, attention: MultiheadAttention) -> Projection:
+        module = attention.q_proj
+        scaled = self.prepared(("q", attention.scaling), (module.weight, module.bias), lambda: _scaled(module, attention.scaling))
+        return self.linear(scaled)
+
+    def self_projections(self, attention: MultiheadAttention) -> SelfProjections:
+        heads, head_dim = attention.num_heads, attention.head_dim
+        parameters = tuple(p for m in (attention.q_proj, attention.k_proj, attention.v_proj) for p in (m.weight, m.bias) if p is not None)
+        fused = self.prepared(("qkv",), parameters, lambda: _interleaved_qkv(attention))
+        project = self.linear(fused)
+
+        def projections(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+            qkv = project(x).view(-1, heads, 3, head_dim)  # (rows, heads, q/k/v, head_dim)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+        return projections
+
+class Int8Kernels(FusedKernels):
+    """``fused`` with dynamic int8 linear layers (fbgemm), the output projection included."""
+
+    name = "int8"
+
+    def linear(self, module: nn.Linear) -> Projection:
+        packed, reduce_range = self._packed(module.weight, module.bias), REDUCE_RANGE
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+    def feed_forward_in(self, module: nn.Linear, activation: Callable[[Tensor], Tensor]) -> Projection:
+        if activation is not F.relu:
+            return super().feed_forward_in(module, activation)
+        packed, reduce_range = self._packed(module.weight, module.bias), REDUCE_RANGE
+        return lambda x: torch.ops.quantized.linear_relu_dynamic(x, packed, reduce_range)
+
+    def output_projection(self, weight: Tensor) -> Optional[Projection]:
+        packed, reduce_range = self._packed(weight, None), REDUCE_RANGE
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+    def _packed(self, weight: Tensor, bias: Optional[Tensor]) -> object:
+        tensors = (weight,) if bias is None else (weight, bias)
+        return self.prepared(("int8",), tensors, lambda: _int8(weight, bias))
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (int8 dot products summed into 32 bits); unknown counts as no."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(flag in line.split() for line in cpuinfo if line.startswith("flags") for flag in ("avx512_vnni", "avx_vnni"))
+    except OSError:
+        return False
+
+
+# fbgemm's int8 kernels without VNNI sum pairs of products in 16 bits, which saturates unless
+# activations use 7 bits ("reduce range"); with VNNI the full 8 bits are safe and closer to
+# float32 (on the bundled model 201 of 256 verses as stock's instead of 167: BENCHMARKS.md).
+REDUCE_RANGE = not _has_vnni()
+
+
+def _scaled(module: nn.Linear, scaling: float) -> nn.Linear:
+    """A copy of ``module`` whose output is ``scaling`` times its output."""
+    scaled = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        scaled.weight.copy_(module.weight * scaling)
+        if module.bias is not None:
+            scaled.bias.copy_(module.bias * scaling)
+    return scaled.to(module.weight.device, module.weight.dtype).requires_grad_(False)
+
+
+def _interleaved_qkv(attention: MultiheadAttention) -> nn.Linear:
+    """One linear layer for the scaled queries, keys and values, output rows ordered by head
+    then q/k/v, so that each is a (rows, heads, head_dim) view of its output."""
+    heads, head_dim, scaling = attention.num_heads, attention.head_dim, attention.scaling
+    modules = (attention.q_proj, attention.k_proj, attention.v_proj)
+    in_features = attention.q_proj.in_features
+    with torch.no_grad():
+        weights = [m.weight.view(heads, head_dim, in_features) for m in modules]
+        weights[0] = weights[0] * scaling
+        weight = torch.stack(weights, dim=1).reshape(3 * heads * head_dim, in_features)
+        fused = nn.Linear(in_features, weight.size(0), bias=attention.q_proj.bias is not None)
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            biases = [(m.bias if m.bias is not None else torch.zeros_like(attention.q_proj.bias)).view(heads, head_dim) for m in modules]
+            biases[0] = biases[0] * scaling
+            fused.bias.copy_(torch.stack(biases, dim=1).reshape(-1))
+    return fused.to(attention.q_proj.weight.device, attention.q_proj.weight.dtype).requires_grad_(False)
+
+
+def _int8(weight: Tensor, bias: Optional[Tensor]) -> object:
+    """fbgemm's packed weight: symmetric int8 per output channel, float32 bias."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's packing takes one
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+
+
+TIERS = {"exact": ExactKernels, "fused": FusedKernels, "int8": Int8Kernels}
+# What each tier that rounds differently was measured to change (``benchmarks.peers``,
+# ``BENCHMARKS.md`` "Kernel tiers"): said in the log when it is chosen.
+MEASURED = {
+    "fused": "not yet measured",
+    "int8": "not yet measured",
+}
+
+
+def kernel_tier(name: str, models: Sequence[nn.Module]) -> ExactKernels:
+    """The kernels of tier ``name`` for ``models``, with a log line for a tier that rounds
+    differently; int8 needs the CPU (fbgemm), elsewhere ``fused`` runs instead."""
+    if name == "int8" and any(p.device.type != "cpu" for model in models for p in model.parameters()):
+        logger.warning("kernels: fused instead of int8 (its int8 kernels run on the CPU only)")
+        name = "fused"
+    if name != "exact":
+        logger.info(
+            "kernels: %s (outputs can differ from stock's, which --fast-kernels exact gives; measured: %s)",
+            name, MEASURED[name],
+        )  # fmt: skip
+    return TIERS[name]()
