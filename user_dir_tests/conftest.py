@@ -10,7 +10,7 @@ import pytest
 from filelock import FileLock
 from hypothesis import HealthCheck, settings
 
-from fairseq_fastseq import toy
+from testsupport import toy
 
 # Property-based tests: seeded and bounded for CI; `pytest --slow` for a long local run.
 _FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fairseq_fastseq import toy
 from fairseq_fastseq.errors import CheckpointMismatchError, CheckpointNotFoundError, GenerationOutOfMemoryError
+from testsupport import toy
 
 from .cli import fairseq, generate_results, with_plugin
 from .conftest import REPO

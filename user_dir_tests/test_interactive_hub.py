@@ -7,7 +7,7 @@ import torch
 from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
-from fairseq_fastseq import toy
+from testsupport import toy
 
 from .cli import fairseq, with_plugin
 

@@ -11,9 +11,10 @@ import pytest
 from fairseq import options
 from fairseq_cli import generate
 
-from fairseq_fastseq import formatting, toy
+from fairseq_fastseq import formatting
 from fairseq_fastseq.pipeline import INCOMPLETE_SUFFIX
 from fairseq_fastseq.workers import OrderedWorkers, PostProcessingError
+from testsupport import toy
 
 from .cli import BIN_DIR, fairseq, results, with_plugin
 from .conftest import PLUGIN_DIR

@@ -1,4 +1,4 @@
-"""Tiny real fairseq models, trained in seconds on CPU, for the demo, tests and benchmarks.
+"""Tiny real fairseq models, trained in seconds on CPU, for the tests and benchmarks.
 
 The task is learnable but not trivial: the target is the source reversed with every word
 relabelled. After a few hundred updates a model emits EOS at varied steps (some
