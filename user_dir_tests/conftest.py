@@ -10,6 +10,7 @@ import pytest
 from filelock import FileLock
 from hypothesis import HealthCheck, settings
 
+import fairseq_fastseq  # noqa: F401  (the plugin registered, as a user's import does: safe checkpoint loading)
 from testsupport import toy
 
 # Property-based tests: seeded and bounded for CI; `pytest --slow` for a long local run.
