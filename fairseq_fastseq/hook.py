@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import FLAG_PREFIX, FastGeneratorConfig
 from . import pipeline
+from .registry import checked_choice
 from .generator import accelerate
 from .errors import clear_load_errors
 from .tasks import PIPELINED_TASKS
@@ -71,7 +72,7 @@ def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
     else:
         choice = getattr(gen_args, "generator", None)
         knobs = knobs_from_namespace(gen_args)
-    return choice, FastGeneratorConfig(**knobs)
+    return checked_choice(choice), FastGeneratorConfig(**knobs)
 
 
 def _route_build_generator(build_generator: Callable) -> Callable:

@@ -8,6 +8,7 @@ fairseq's defaults list lacks ("Could not override 'generator'"). Their knobs li
 """
 
 from argparse import ArgumentParser
+from typing import Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.registry import setup_registry
@@ -34,3 +35,16 @@ class FastGeneratorChoice:
     def add_args(parser: ArgumentParser) -> None:
         group = parser.add_argument_group("fast generator (--generator fast)")
         gen_parser_from_dataclass(group, FastGeneratorConfig(), with_prefix="--" + FLAG_PREFIX)
+
+
+def checked_choice(choice: Optional[str]) -> Optional[str]:
+    """``choice`` if it names a generator (or is None: no choice made).
+
+    argparse and Hydra check ``--generator``/``generator=`` themselves; the hub interface
+    (``hub.translate(..., generator="fastt")``) passes any keyword through, and a misspelt
+    value would otherwise run the stock generator without a word.
+    """
+    if choice is not None and choice not in GENERATOR_REGISTRY:
+        choices = ", ".join(repr(name) for name in GENERATOR_REGISTRY)
+        raise ValueError(f"unknown generator {choice!r}: the choices are {choices}")
+    return choice
