@@ -7,8 +7,8 @@ and ``fastseq`` (the fast generator's knobs, reachable as ``fastseq.<knob>=...``
 and as ``--fast-<knob>`` on the command line).
 """
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.configs import FairseqConfig
@@ -52,6 +52,11 @@ class FastGeneratorConfig(FairseqDataclass):
             "scores differ in the last bits and a near-tie may pick another token"
         },
     )
+
+
+def knob_names() -> List[str]:
+    """The knobs, in declaration order (``FairseqDataclass``'s private ``_name`` is none)."""
+    return [knob.name for knob in fields(FastGeneratorConfig) if not knob.name.startswith("_")]
 
 
 @dataclass

@@ -22,37 +22,27 @@ The wrappers change nothing unless the run selected ``fast`` or a ``*_fast`` tas
 ``--generator stock``, or a config without the field, they call the stock function as is.
 """
 
-import dataclasses
 import functools
 import sys
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fairseq.dataclass.utils as fairseq_dataclass_utils
+import fairseq.options
 import fairseq_cli.generate
 from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
 from omegaconf import DictConfig, OmegaConf
 
-from .config import FLAG_PREFIX, FastGeneratorConfig
+from .config import FastGeneratorConfig
 from . import pipeline
-from .registry import checked_choice
+from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
 from .generator import accelerate
 from .errors import clear_load_errors
 from .tasks import PIPELINED_TASKS
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
 _MARK = "_fairseq_fastseq_routed"
-
-
-def knobs_from_namespace(args: Namespace) -> Dict[str, Any]:
-    """The ``--fast-*`` values present on a parsed command line, keyed by knob name."""
-    found = {}
-    for knob in dataclasses.fields(FastGeneratorConfig):
-        flag_dest = f"{FLAG_PREFIX}_{knob.name}"
-        if hasattr(args, flag_dest):
-            found[knob.name] = getattr(args, flag_dest)
-    return found
 
 
 def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
@@ -118,6 +108,18 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
     return with_knobs
 
 
+def _with_generator_arguments(parse_args_and_arch: Callable) -> Callable:
+    @functools.wraps(parse_args_and_arch)
+    def with_arguments(parser: ArgumentParser, input_args: Optional[List[str]] = None, parse_known: bool = False, *more, **kwargs):
+        add_generator_arguments(parser)
+        parsed = parse_args_and_arch(parser, input_args, parse_known, *more, **kwargs)
+        check_knobs_need_fast(parser, parsed[0] if parse_known else parsed)
+        return parsed
+
+    setattr(with_arguments, _MARK, True)
+    return with_arguments
+
+
 def _route_generate_main(generate_main: Callable) -> Callable:
     @functools.wraps(generate_main)
     def routed(cfg: Any) -> Any:
@@ -157,6 +159,8 @@ def install() -> None:
         fairseq_dataclass_utils.override_module_args = _with_knob_overrides(
             fairseq_dataclass_utils.override_module_args
         )
+    if not getattr(fairseq.options.parse_args_and_arch, _MARK, False):
+        fairseq.options.parse_args_and_arch = _with_generator_arguments(fairseq.options.parse_args_and_arch)
     for task_cls in _ROUTED_TASKS:
         method = task_cls.__dict__["build_generator"]
         if not getattr(method, _MARK, False):
