@@ -4,7 +4,7 @@ import concurrent.futures
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
 from filelock import FileLock
@@ -28,6 +28,10 @@ def pytest_configure(config):
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_fastseq"
+
+
+# A transformer_lm on the translation models' target dictionary: the LM of shallow fusion.
+FUSION_LM = "transformer_lm_fusion"
 
 
 @dataclass(frozen=True)
@@ -64,34 +68,24 @@ def _build_toy_models(root: Path) -> Dict[str, ToyModel]:
         mt_bin = pool.submit(toy.preprocess, corpus, root / "bin")
         lm_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm")
         bpe_bins = {kind: pool.submit(toy.preprocess_bpe, corpus, root, kind) for kind in toy.BPE_KINDS}
-        jobs = {
-            name: pool.submit(toy.train, mt_bin.result(), root / name, args, "translation")
-            for name, args in toy.TRANSLATION_MODELS.items()
+        # The LM again, on the translation models' dictionary: the LM of shallow fusion (--lm-path).
+        fusion_bin = pool.submit(
+            toy.preprocess_language_model, corpus, root / "bin_lm_fusion", mt_bin.result() / f"dict.{toy.TARGET_LANG}.txt"
+        )
+        jobs = {}  # name -> (training, task, data-bin, BPE model)
+
+        def train(name: str, args: List[str], task: str, data_bin: Path, bpe_model: Optional[Path] = None) -> None:
+            jobs[name] = (pool.submit(toy.train, data_bin, root / name, args, task), task, data_bin, bpe_model)
+
+        for name, args in toy.TRANSLATION_MODELS.items():
+            train(name, args, "translation", mt_bin.result())
+        for name, args in toy.LANGUAGE_MODELS.items():
+            train(name, args, "language_modeling", lm_bin.result())
+        train(FUSION_LM, toy.LANGUAGE_MODELS["transformer_lm"], "language_modeling", fusion_bin.result())
+        # The plain transformer again, trained on BPE-encoded text (for the pipeline's BPE tests).
+        for kind, job in bpe_bins.items():
+            train(f"transformer_{kind}", toy.TRANSLATION_MODELS["transformer"], "translation", *job.result())
+        return {
+            name: ToyModel(name=name, checkpoint=training.result(), data_bin=data_bin, task=task, bpe_model=bpe_model)
+            for name, (training, task, data_bin, bpe_model) in jobs.items()
         }
-        jobs.update(
-            {
-                name: pool.submit(toy.train, lm_bin.result(), root / name, args, "language_modeling")
-                for name, args in toy.LANGUAGE_MODELS.items()
-            }
-        )
-        # The plain transformer again, trained on BPE-encoded text (for the pipeline's BPE tests):
-        # name -> (data-bin, BPE model).
-        bpe_data = {f"transformer_{kind}": job.result() for kind, job in bpe_bins.items()}
-        jobs.update(
-            {
-                name: pool.submit(toy.train, data_bin, root / name, toy.TRANSLATION_MODELS["transformer"], "translation")
-                for name, (data_bin, _) in bpe_data.items()
-            }
-        )
-        models = {}
-        for name, job in jobs.items():
-            is_lm = name in toy.LANGUAGE_MODELS
-            data_bin, bpe_model = bpe_data.get(name, (lm_bin.result() if is_lm else mt_bin.result(), None))
-            models[name] = ToyModel(
-                name=name,
-                checkpoint=job.result(),
-                data_bin=data_bin,
-                task="language_modeling" if is_lm else "translation",
-                bpe_model=bpe_model,
-            )
-    return models
