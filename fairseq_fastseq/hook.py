@@ -38,6 +38,7 @@ from .config import FastGeneratorConfig
 from . import pipeline
 from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
 from .generator import accelerate
+from .distributed import refuse_unsharded_run
 from .errors import clear_load_errors
 from .tasks import PIPELINED_TASKS
 
@@ -127,6 +128,7 @@ def _route_generate_main(generate_main: Callable) -> Callable:
         if task in PIPELINED_TASKS:
             return pipeline.main(cfg)
         if choice == "fast":
+            refuse_unsharded_run(task, PIPELINED_TASKS)
             with clear_load_errors(path, data):
                 return generate_main(cfg)
         return generate_main(cfg)
