@@ -40,6 +40,7 @@ from .registry import add_generator_arguments, check_knobs_need_fast, checked_ch
 from .generator import accelerate
 from .distributed import refuse_unsharded_run
 from .errors import clear_load_errors
+from .languages import with_inferred_languages
 from .tasks import PIPELINED_TASKS
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
@@ -101,6 +102,7 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
     def with_knobs(args: Namespace) -> Tuple[List[str], List[str]]:
         overrides, deletes = override_module_args(args)
         if args is not None:
+            overrides = with_inferred_languages(overrides, args)
             for name, value in knobs_from_namespace(args).items():
                 overrides.append(f"fastseq.{name}={value}")
         return overrides, deletes
