@@ -52,6 +52,15 @@ class FastGeneratorConfig(FairseqDataclass):
             "scores differ in the last bits and a near-tie may pick another token"
         },
     )
+    threads: str = field(
+        default="auto",
+        metadata={
+            "help": "intra-op threads: 'auto' runs with as many as there are free cores when the "
+            "generator is built (at most torch's default; a busy core would stall every parallel "
+            "region), unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose; N runs "
+            "with N. Scores are bitwise stock's for the same thread count"
+        },
+    )
 
 
 def knob_names() -> List[str]:

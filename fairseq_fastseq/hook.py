@@ -34,14 +34,15 @@ from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
 from omegaconf import DictConfig, OmegaConf
 
-from .config import FastGeneratorConfig
 from . import pipeline
-from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
-from .generator import accelerate
+from .config import FastGeneratorConfig
 from .distributed import refuse_unsharded_run
 from .errors import clear_load_errors
+from .generator import FastSequenceGenerator, accelerate
 from .languages import with_inferred_languages
+from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
 from .tasks import PIPELINED_TASKS
+from .threads import apply_threads
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
 _MARK = "_fairseq_fastseq_routed"
@@ -79,7 +80,10 @@ def _route_build_generator(build_generator: Callable) -> Callable:
             raise
         if choice != "fast":
             return generator
-        return accelerate(generator, knobs)
+        accelerated = accelerate(generator, knobs)
+        if isinstance(accelerated, FastSequenceGenerator):
+            apply_threads(knobs.threads)
+        return accelerated
 
     setattr(routed, _MARK, True)
     return routed

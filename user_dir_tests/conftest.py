@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+import torch
 from filelock import FileLock
 from hypothesis import HealthCheck, settings
 
@@ -25,6 +26,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
+
+# One intra-op thread in every test process (subprocess tests set OMP_NUM_THREADS=1): the
+# thread count is part of the arithmetic (threads.py), so a stock and a fast run compared in
+# one process must not run with different counts, whatever --fast-threads auto would pick.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_fastseq"

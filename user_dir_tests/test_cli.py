@@ -8,7 +8,7 @@ import pytest
 from fairseq_fastseq.config import FastGeneratorConfig, knob_names
 from fairseq_fastseq.registry import GENERATOR_HELP, knob_flag
 
-from .cli import BIN_DIR, fairseq, generate_results, results, with_plugin
+from .cli import BIN_DIR, fairseq, generate_results, one_thread_environment, results, with_plugin
 from .conftest import PLUGIN_DIR
 
 
@@ -93,7 +93,7 @@ def test_python_dash_m_entry_point_routes_too(toy_models):
     run = subprocess.run(
         [sys.executable, "-m", "fairseq_cli.generate", model.data_bin, "--path", model.checkpoint,
          "--cpu", "--beam", "2", *with_plugin("--generator", "fast")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=one_thread_environment(),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "generator: fast" in run.stderr

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from .cli import BIN_DIR, generate_results, results, with_plugin
+from .cli import BIN_DIR, generate_results, one_thread_environment, results, with_plugin
 
 
 def hydra_generate(*overrides, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fairseq_fastseq.cli", *map(str, overrides)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=one_thread_environment(),
     )  # fmt: skip
 
 
@@ -90,6 +90,8 @@ def test_bad_override_fails_with_hydras_message(override, message):
 
 
 def test_console_script_is_installed():
-    run = subprocess.run([str(BIN_DIR / "fairseq-fastseq-generate"), "--cfg", "job"], capture_output=True, text=True)
+    run = subprocess.run(
+        [str(BIN_DIR / "fairseq-fastseq-generate"), "--cfg", "job"], capture_output=True, text=True, env=one_thread_environment()
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "generator: stock" in run.stdout
