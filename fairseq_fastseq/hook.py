@@ -1,25 +1,29 @@
-"""The one place where fairseq_fastseq routes fairseq to its own generator.
+"""The one place where fairseq_fastseq wraps fairseq's functions, and the list of every
+place where the plugin changes fairseq's behaviour.
 
 Why a hook is needed: fairseq's generate and interactive loops hand only ``cfg.generation``
-to ``task.build_generator``, and no fairseq registry lets a plugin swap the generator that
-stock tasks build; flags that a plugin registry adds never reach ``cfg`` either. So, at
-plugin import, we
+to ``task.build_generator``, no fairseq registry lets a plugin swap the generator that
+stock tasks build, and flags that a plugin registry adds never reach ``cfg``. So
+``install()``, run at plugin import, wraps four fairseq functions (rows 1-4). The other
+rows are the changes made elsewhere, listed here so that there is one list (the README
+has the same table):
 
-1. wrap ``fairseq.dataclass.utils.override_module_args`` so that ``--fast-*`` flags become
-   ``fastseq.*`` overrides of the Hydra config (``config.py`` adds those fields);
-2. wrap ``build_generator`` of ``FairseqTask`` (inherited by translation, denoising,
-   language_modeling, ...) and of ``TranslationFromPretrainedBARTTask`` (which overrides it
-   without calling ``super()``): once the stock method has built its generator, if the run's
-   config selects ``generator=fast``, ``generator.accelerate`` swaps in ours.
+| # | where | what changes | when |
+|---|---|---|---|
+| 1 | ``fairseq.options.parse_args_and_arch`` (``hook.py``) | ``--generator`` gets its help and every parser the ``--fast-*`` knobs (``registry.add_generator_arguments``); a knob without ``--generator fast`` is argparse's error naming it | every fairseq command line |
+| 2 | ``fairseq.dataclass.utils.override_module_args`` (``hook.py``) | ``--fast-*`` values become ``fastseq.*`` overrides; a tokenizer's ``source_lang``/``target_lang=null``, which omegaconf refuses, gets the data-bin's languages (``languages.py``) | every command line turned into a config |
+| 3 | ``build_generator`` of ``FairseqTask`` and ``TranslationFromPretrainedBARTTask`` (``hook.py``; the latter overrides it without ``super()``) | after the stock method built its generator: an unknown ``generator=`` is an error; ``generator=fast`` swaps in ours (``generator.accelerate``) and sets the intra-op threads (``threads.py``) | each generator built |
+| 4 | ``fairseq_cli.generate.main``, also as ``__main__`` of ``python -m fairseq_cli.generate`` (``hook.py``) | ``--task translation_fast`` runs ``pipeline.main``; with ``--generator fast``, a torchrun job of a task that does not shard stops (``distributed.py``), and load errors name their cause (``errors.py``) | each fairseq-generate run |
+| 5 | Hydra schema node ``config`` (``config.extend_hydra_schema``) | re-stored as fairseq's ``FairseqConfig`` plus ``generator`` and ``fastseq`` | at import (fields with defaults: inert) |
+| 6 | torch's safe unpickler (``safe_load.py``) | allow-lists the plain-data classes of fairseq checkpoints | at import, every ``torch.load`` |
+| 7 | ``batch_by_size`` of the dataset object (``tasks.py``) | set on that object for one ``get_batch_iterator`` call: the sentences fairseq's batching drops get one more batch | ``--task translation_fast`` |
+| 8 | ``__class__`` of ``MultiheadAttention`` modules (``attention.fast_attention``) and of a model (``models.as_fast_variant``) | the fast attention paths; for a search, restored afterwards | during a fast ``generate()``; ``as_fast_variant`` when called |
+| 9 | registries | adds ``--generator {stock,fast}``, ``--task translation_fast``, ``--arch *_fast`` | choices only |
 
-3. wrap ``fairseq_cli.generate.main`` (also when it runs as ``python -m
-   fairseq_cli.generate``, i.e. as ``__main__``): fairseq has no hook for a task to own the
-   generate loop, so a run whose task is one of ours (``--task translation_fast``) goes
-   to ``pipeline.main``; with ``--generator fast`` the stock loop runs, with a clear error
-   for a checkpoint whose dictionaries do not fit the data-bin.
-
-The wrappers change nothing unless the run selected ``fast`` or a ``*_fast`` task: with
-``--generator stock``, or a config without the field, they call the stock function as is.
+Rows 1 and 2 act on every run because they cannot know the choice earlier: row 1 adds
+help text and an error for flags that would fail anyway; row 2 adds nothing without
+``--fast-*`` flags and changes only overrides that would fail to compose. Rows 3 and 4
+call the stock function as is unless the run selected ``fast`` or ``translation_fast``.
 """
 
 import functools

@@ -2,12 +2,13 @@
 
 Why: PyTorch starts one OpenMP thread per core, and each parallel region ends in a barrier
 where those threads wait for each other. When another process keeps the cores busy, one of
-them is always descheduled, and everybody waits: on 2 cores next to another 2-thread
-OpenMP job, ``fairseq-generate`` with torch's default threads took 9.4 times as long as with
-one thread. So with ``auto`` (the default) the generator counts the cores that are free
-when it is built, from two reads of ``/proc/stat`` 0.2 s apart over the cores this process
-may run on (``os.sched_getaffinity``), and runs with that many threads: never more than
-torch's default, never fewer than one. ``N`` runs with N threads.
+them is always descheduled, and everybody waits: next to another OpenMP job,
+``fairseq-generate`` with torch's default threads takes many times as long as with one
+thread (``BENCHMARKS.md``, "Busy machine"). So with ``auto`` (the default) the generator
+counts the cores that are free when it is built, from two reads of ``/proc/stat`` 0.2 s
+apart over the cores this process may run on (``os.sched_getaffinity``), and runs with
+that many threads: never more than torch's default, never fewer than one. ``N`` runs with
+N threads.
 
 The choice is the user's where they made one, and then ``auto`` leaves torch alone: an
 ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` in the environment (torch reads it at start; so
@@ -23,7 +24,7 @@ interface builds one per call) reuse it. The count is process-wide (``torch.set_
 The thread count is part of the arithmetic: the BLAS kernels split their sums by thread,
 so runs with other thread counts can differ in the last bits of the scores (stock's too).
 Fast's output is bitwise stock's for the same thread count; to compare the two, pin it
-(``OMP_NUM_THREADS=N`` for both runs). Measured figures: ``BENCHMARKS.md``, "Busy machine".
+(``OMP_NUM_THREADS=N`` for both runs).
 """
 
 import logging
