@@ -121,7 +121,9 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
 
 def _with_generator_arguments(parse_args_and_arch: Callable) -> Callable:
     @functools.wraps(parse_args_and_arch)
-    def with_arguments(parser: ArgumentParser, input_args: Optional[List[str]] = None, parse_known: bool = False, *more, **kwargs):
+    def with_arguments(
+        parser: ArgumentParser, input_args: Optional[List[str]] = None, parse_known: bool = False, *more, **kwargs
+    ) -> Any:
         add_generator_arguments(parser)
         parsed = parse_args_and_arch(parser, input_args, parse_known, *more, **kwargs)
         check_knobs_need_fast(parser, parsed[0] if parse_known else parsed)

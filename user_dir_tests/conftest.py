@@ -75,9 +75,8 @@ def _build_toy_models(root: Path) -> Dict[str, ToyModel]:
         lm_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm")
         bpe_bins = {kind: pool.submit(toy.preprocess_bpe, corpus, root, kind) for kind in toy.BPE_KINDS}
         # The LM again, on the translation models' dictionary: the LM of shallow fusion (--lm-path).
-        fusion_bin = pool.submit(
-            toy.preprocess_language_model, corpus, root / "bin_lm_fusion", mt_bin.result() / f"dict.{toy.TARGET_LANG}.txt"
-        )
+        target_dictionary = mt_bin.result() / f"dict.{toy.TARGET_LANG}.txt"
+        fusion_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm_fusion", target_dictionary)
         jobs = {}  # name -> (training, task, data-bin, BPE model)
 
         def train(name: str, args: List[str], task: str, data_bin: Path, bpe_model: Optional[Path] = None) -> None:

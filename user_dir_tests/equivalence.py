@@ -126,12 +126,13 @@ def assert_fast_matches_stock(
         if hasattr(model, "set_beam_size"):
             model.set_beam_size(1)
     gen_cfg = GenerationConfig(**options)
-    fusion = {"lm_model": load_language_model(str(lm.checkpoint), str(lm.data_bin)), "lm_weight": gen_cfg.lm_weight} if lm else None
+    fusion = None
+    if lm is not None:
+        fusion = {"lm_model": load_language_model(str(lm.checkpoint), str(lm.data_bin)), "lm_weight": gen_cfg.lm_weight}
     stock = task.build_generator(models, gen_cfg, extra_gen_cls_kwargs=fusion)
     assert isinstance(stock, SequenceGenerator)
-    fast = accelerate(
-        task.build_generator(models, gen_cfg, extra_gen_cls_kwargs=fusion), knobs or FastGeneratorConfig(on_unsupported="error")
-    )
+    fast = task.build_generator(models, gen_cfg, extra_gen_cls_kwargs=fusion)
+    fast = accelerate(fast, knobs or FastGeneratorConfig(on_unsupported="error"))
     assert isinstance(fast, FastSequenceGenerator)
     if reference is not None:
         stock = reference(stock)

@@ -44,8 +44,11 @@ def test_interactive_benchmark_reports_latency_and_agreement(toy_models, capsys)
 def test_busy_machine_benchmark_reports_each_thread_setting(toy_models, capsys):
     model = toy_models["transformer"]
     busy_machine.main(
-        ["--data-bin", str(model.data_bin), "--path", str(model.checkpoint), "--beam", "2", "--neighbour-threads", "1", "--threads", "1"]
-    )
+        [
+            "--data-bin", str(model.data_bin), "--path", str(model.checkpoint), "--beam", "2",
+            "--neighbour-threads", "1", "--threads", "1",
+        ]
+    )  # fmt: skip
     table = capsys.readouterr().out
     assert "while a neighbour runs matrix products on 1 OpenMP threads" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "threads used" not in line]

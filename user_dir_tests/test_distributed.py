@@ -45,14 +45,14 @@ def test_two_ranks_write_what_one_process_writes(toy_models, tmp_path):
     assert two.count("\nH-") >= 2 * 48 - 1 and "Generate test with beam=4" in two
 
 
-def test_fast_generator_under_torchrun_with_a_task_that_does_not_shard_stops_before_loading(toy_models, tmp_path, monkeypatch):
+def test_fast_generator_under_torchrun_with_a_task_that_does_not_shard_stops_before_loading(
+    toy_models, tmp_path, monkeypatch
+):
     """Stock's generate loop under torchrun: every rank would write the whole output."""
     model = toy_models["transformer"]
     missing = tmp_path / "not-loaded.pt"  # stopping before the load is what makes it quick
-    parser = options.get_generation_parser()
-    args = options.parse_args_and_arch(
-        parser, [str(model.data_bin), "--path", str(missing), "--cpu", "--task", "translation", *with_plugin("--generator", "fast")]
-    )
+    argv = [str(model.data_bin), "--path", str(missing), "--cpu", "--task", "translation"]
+    args = options.parse_args_and_arch(options.get_generation_parser(), [*argv, *with_plugin("--generator", "fast")])
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each rank
     with pytest.raises(UnshardedRunError, match="--task translation runs under torchrun .* Use --task translation_fast"):
         generate.main(args)
