@@ -14,7 +14,7 @@ The choice is the user's where they made one, and then ``auto`` leaves torch alo
 ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` in the environment (torch reads it at start; so
 does ``torchrun``, which sets ``OMP_NUM_THREADS=1``), or a ``torch.set_num_threads`` made
 after the plugin was imported (torch's count then differs from the one recorded at
-import, and from the one ``auto`` set). A ``torch.set_num_threads`` made before the import
+import, or from the one this module set last). A ``torch.set_num_threads`` made before the import
 cannot be told apart from torch's default: set ``OMP_NUM_THREADS`` or ``--fast-threads N``
 instead.
 
@@ -48,11 +48,12 @@ _TORCH_DEFAULT = torch.get_num_threads()  # at plugin import: torch's default, o
 
 
 @dataclass
-class _Decision:
-    threads: Optional[int] = None  # what auto chose (None: not decided yet)
+class _State:
+    auto: Optional[int] = None  # what auto chose (None: not decided yet)
+    applied: Optional[int] = None  # what this module last set (None: nothing yet)
 
 
-_decision = _Decision()
+_state = _State()
 
 
 def parse_threads(value: str) -> Optional[int]:
@@ -114,9 +115,15 @@ def _users_choice() -> Optional[str]:
         if os.environ.get(variable):
             return f"{variable}={os.environ[variable]}"
     now = torch.get_num_threads()
-    if now not in (_TORCH_DEFAULT, _decision.threads):
+    if now != (_TORCH_DEFAULT if _state.applied is None else _state.applied):
         return f"torch.set_num_threads({now})"
     return None
+
+
+def _set(threads: int) -> int:
+    torch.set_num_threads(threads)
+    _state.applied = threads
+    return threads
 
 
 def apply_threads(
@@ -126,20 +133,18 @@ def apply_threads(
     and return them. ``read_stat``/``sleep`` read the CPU times (tests pass their own)."""
     threads = parse_threads(knob)
     if threads is not None:
-        torch.set_num_threads(threads)
         logger.info("threads: %d intra-op threads (--fast-threads %d)", threads, threads)
-        return threads
+        return _set(threads)
     users_choice = _users_choice()
     if users_choice is not None:
         logger.info("threads: %d intra-op threads, as set by %s", torch.get_num_threads(), users_choice)
         return torch.get_num_threads()
-    if _decision.threads is None:
+    if _state.auto is None:
         free = _measured_free_cores(read_stat, sleep)
-        _decision.threads = _TORCH_DEFAULT if free is None else max(1, min(_TORCH_DEFAULT, free))
+        _state.auto = _TORCH_DEFAULT if free is None else max(1, min(_TORCH_DEFAULT, free))
         logger.info(
             "threads: %d intra-op threads (--fast-threads auto: %s of %d cores free, torch's default %d; "
             "--fast-threads N or OMP_NUM_THREADS=N to choose)",
-            _decision.threads, "unknown" if free is None else free, len(os.sched_getaffinity(0)), _TORCH_DEFAULT,
+            _state.auto, "unknown" if free is None else free, len(os.sched_getaffinity(0)), _TORCH_DEFAULT,
         )  # fmt: skip
-    torch.set_num_threads(_decision.threads)
-    return _decision.threads
+    return _set(_state.auto)

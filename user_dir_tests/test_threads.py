@@ -34,7 +34,7 @@ def default_threads(monkeypatch):
     for variable in threads.ENVIRONMENT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(threads, "_TORCH_DEFAULT", 4)
-    monkeypatch.setattr(threads, "_decision", threads._Decision())
+    monkeypatch.setattr(threads, "_state", threads._State())
     torch.set_num_threads(4)
     yield
     torch.set_num_threads(before)
@@ -97,6 +97,13 @@ def test_auto_respects_torch_set_num_threads(default_threads, caplog):
     with caplog.at_level(logging.INFO, logger="fairseq_fastseq"):
         assert threads.apply_threads("auto", read_stat=None) == 3
     assert "as set by torch.set_num_threads(3)" in caplog.text
+
+
+def test_auto_respects_torch_set_num_threads_after_its_own_choice(default_threads):
+    chosen = threads.apply_threads("auto", readings(stat(100, 100, 100, 100), stat(100, 120, 100, 120)), lambda s: None)
+    assert chosen == 1
+    torch.set_num_threads(4)  # the user, back to torch's default
+    assert threads.apply_threads("auto", read_stat=None) == 4
 
 
 def test_a_number_wins_over_everything(default_threads, monkeypatch):
