@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from .cli import BIN_DIR, generate_results, one_thread_environment, results, with_plugin
 
@@ -95,3 +97,14 @@ def test_console_script_is_installed():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "generator: stock" in run.stdout
+
+
+def test_importing_the_entry_point_leaves_fairseqs_own_config_conversion_working(toy_models):
+    """fairseq converts command lines with Hydra 1.1's API, which a Hydra 1.3 version base
+    (set by ``hydra.main``) breaks: ``ImportError: hydra.experimental.initialize() is no
+    longer experimental``."""
+    import fairseq_fastseq.cli  # noqa: F401
+
+    argv = [str(toy_models["transformer"].data_bin), *with_plugin("--generator", "fast")]
+    args = options.parse_args_and_arch(options.get_generation_parser(), argv)
+    assert convert_namespace_to_omegaconf(args).generator == "fast"
