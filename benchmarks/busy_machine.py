@@ -123,18 +123,21 @@ def main(argv: Optional[List[str]] = None) -> None:
             if neighbour is not None:
                 neighbour.kill()
                 neighbour.wait()
+    print(markdown(results, describe(args, sys.argv[1:] if argv is None else argv)))
+
+
+def describe(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """What ran, where, and the command that reproduces it."""
     data = args.data_bin or f"the first {args.verses} Bible test verses"
-    neighbour_text = (
-        f"while a neighbour runs matrix products on {args.neighbour_threads} OpenMP threads"
-        if args.neighbour_threads
-        else "on an otherwise idle machine"
+    if args.neighbour_threads:
+        neighbour = f"while a neighbour runs matrix products on {args.neighbour_threads} OpenMP threads"
+    else:
+        neighbour = "on an otherwise idle machine"
+    return (
+        f"`fairseq-generate --generator fast` on {data}, beam {args.beam}, batch {args.batch_size}, {neighbour}. "
+        f"CPU: {cpu_name()}; torch {torch.__version__}; commit {commit()}; "
+        f"command: `python -m benchmarks.busy_machine {' '.join(argv)}`"
     )
-    description = (
-        f"`fairseq-generate --generator fast` on {data}, beam {args.beam}, batch {args.batch_size}, "
-        f"{neighbour_text}. CPU: {cpu_name()}; torch {torch.__version__}; commit {commit()}; "
-        f"command: `python -m benchmarks.busy_machine {' '.join(argv if argv is not None else sys.argv[1:])}`"
-    )
-    print(markdown(results, description))
 
 
 if __name__ == "__main__":
