@@ -89,7 +89,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 def first_verses_data_bin(count: int, workdir: Path) -> Path:
     """A data-bin of the first ``count`` test verses, binarized by ``fairseq-preprocess`` with
     the model's dictionaries (for short end-to-end runs)."""
-    from fairseq_fastseq.toy import run_fairseq
+    from testsupport.toy import run_fairseq
 
     import sentencepiece
 

@@ -26,9 +26,15 @@ def config_dir() -> Path:
     return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "fairseq_fastseq" / "configs"
 
 
-@hydra.main(config_path=str(config_dir()), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _generate(cfg: DictConfig) -> None:
     generate.main(cfg)
+
+
+def main() -> None:
+    """The console script. ``hydra.main`` is applied here, not at import: it sets Hydra's
+    process-wide version base (1.3), under which fairseq's own config conversion
+    (``convert_namespace_to_omegaconf``, Hydra 1.1 style) fails in the importing process."""
+    hydra.main(config_path=str(config_dir()), config_name="generate", version_base="1.3")(_generate)()
 
 
 if __name__ == "__main__":

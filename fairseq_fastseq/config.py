@@ -7,8 +7,8 @@ and ``fastseq`` (the fast generator's knobs, reachable as ``fastseq.<knob>=...``
 and as ``--fast-<knob>`` on the command line).
 """
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.configs import FairseqConfig
@@ -73,6 +73,20 @@ class FastGeneratorConfig(FairseqDataclass):
             "scores differ in the last bits and a near-tie may pick another token"
         },
     )
+    threads: str = field(
+        default="auto",
+        metadata={
+            "help": "intra-op threads: 'auto' runs with as many as there are free cores when the "
+            "generator is built (at most torch's default; a busy core would stall every parallel "
+            "region), unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose; N runs "
+            "with N. Scores are bitwise stock's for the same thread count"
+        },
+    )
+
+
+def knob_names() -> List[str]:
+    """The knobs, in declaration order (``FairseqDataclass``'s private ``_name`` is none)."""
+    return [knob.name for knob in fields(FastGeneratorConfig) if not knob.name.startswith("_")]
 
 
 @dataclass

@@ -9,15 +9,36 @@ output is the one a single process writes, line for line, with one score over th
 
 A rank that dies ends the run: torchrun stops the others and names the failed rank, and a
 rank left waiting in a collective gives up after ``--distributed-timeout-seconds``.
+
+fairseq's own generate loop knows nothing of torchrun: under it, every rank would generate
+the whole subset and write it, so ``refuse_unsharded_run`` stops such a run before it
+loads anything.
 """
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+
+class UnshardedRunError(RuntimeError):
+    """A torchrun job whose task does not shard its generation over the ranks."""
+
+
+def refuse_unsharded_run(task: Optional[str], sharded_tasks: Sequence[str]) -> None:
+    """Raise ``UnshardedRunError`` under torchrun (``WORLD_SIZE`` > 1) unless ``task`` shards."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and task not in sharded_tasks:
+        raise UnshardedRunError(
+            f"fairseq-generate --task {task} runs under torchrun (WORLD_SIZE={world}), but its "
+            f"generate loop does not shard: each of the {world} ranks would generate the whole "
+            f"subset and write it. Use --task {' or --task '.join(sharded_tasks)} (the same data-bins, "
+            "checkpoints and flags), which gives each rank its share of the batches and writes one "
+            "output on rank 0, or run a single process."
+        )
 
 
 @dataclass

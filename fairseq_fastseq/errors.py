@@ -6,7 +6,7 @@
 - A batch too large for memory fails deep in an allocation ("DefaultCPUAllocator: can't
   allocate memory", "CUDA out of memory") without saying which flags set the batch size.
 
-Both are re-raised naming the cause and what to do.
+Each is re-raised naming the cause and what to do.
 """
 
 import re

@@ -1,60 +1,58 @@
-"""The one place where fairseq_fastseq routes fairseq to its own generator.
+"""The one place where fairseq_fastseq wraps fairseq's functions, and the list of every
+place where the plugin changes fairseq's behaviour.
 
 Why a hook is needed: fairseq's generate and interactive loops hand only ``cfg.generation``
-to ``task.build_generator``, and no fairseq registry lets a plugin swap the generator that
-stock tasks build; flags that a plugin registry adds never reach ``cfg`` either. So, at
-plugin import, we
+to ``task.build_generator``, no fairseq registry lets a plugin swap the generator that
+stock tasks build, and flags that a plugin registry adds never reach ``cfg``. So
+``install()``, run at plugin import, wraps five fairseq functions (rows 1-5). The other
+rows are the changes made elsewhere, listed here so that there is one list (the README
+has the same table):
 
-1. wrap ``fairseq.dataclass.utils.override_module_args`` so that ``--fast-*`` flags become
-   ``fastseq.*`` overrides of the Hydra config (``config.py`` adds those fields);
-2. wrap ``build_generator`` of ``FairseqTask`` (inherited by translation, denoising,
-   language_modeling, ...) and of ``TranslationFromPretrainedBARTTask`` (which overrides it
-   without calling ``super()``): once the stock method has built its generator, if the run's
-   config selects ``generator=fast``, ``generator.accelerate`` swaps in ours.
+| # | where | what changes | when |
+|---|---|---|---|
+| 1 | ``fairseq.options.parse_args_and_arch`` (``hook.py``) | ``--generator`` gets its help and every parser the ``--fast-*`` knobs (``registry.add_generator_arguments``); a knob without ``--generator fast`` is argparse's error naming it | every fairseq command line |
+| 2 | ``fairseq.dataclass.utils.override_module_args`` (``hook.py``) | ``--fast-*`` values become ``fastseq.*`` overrides; a tokenizer's ``source_lang``/``target_lang=null``, which omegaconf refuses, gets the data-bin's languages (``languages.py``) | every command line turned into a config |
+| 3 | ``build_generator`` of ``FairseqTask`` and ``TranslationFromPretrainedBARTTask`` (``hook.py``; the latter overrides it without ``super()``) | after the stock method built its generator: an unknown ``generator=`` is an error; ``generator=fast`` swaps in ours (``generator.accelerate``) and sets the intra-op threads (``threads.py``) | each generator built |
+| 4 | ``fairseq_cli.generate.main``, also as ``__main__`` of ``python -m fairseq_cli.generate`` (``hook.py``) | ``--task translation_fast`` runs ``pipeline.main``; with ``--generator fast``, a torchrun job of a task that does not shard stops (``distributed.py``), and load errors name their cause (``errors.py``); both run under ``generator.attention_unread`` (the output prints no attention, so the search keeps none) | each fairseq-generate run |
+| 5 | ``fairseq_cli.interactive.main``, also as ``__main__`` (``hook.py``) | with ``--generator fast``, runs under ``generator.attention_unread`` | each fairseq-interactive run |
+| 6 | Hydra schema node ``config`` (``config.extend_hydra_schema``) | re-stored as fairseq's ``FairseqConfig`` plus ``generator`` and ``fastseq`` | at import (fields with defaults: inert) |
+| 7 | torch's safe unpickler (``safe_load.py``) | allow-lists the plain-data classes of fairseq checkpoints | at import, every ``torch.load`` |
+| 8 | ``batch_by_size`` of the dataset object (``tasks.py``) | set on that object for one ``get_batch_iterator`` call: the sentences fairseq's batching drops get one more batch | ``--task translation_fast`` |
+| 9 | ``__class__`` of ``MultiheadAttention`` modules (``attention.fast_attention``) and of a model (``models.as_fast_variant``) | the fast attention paths; for a search, restored afterwards | during a fast ``generate()``; ``as_fast_variant`` when called |
+| 10 | registries | adds ``--generator {stock,fast}``, ``--task translation_fast``, ``--arch *_fast`` | choices only |
 
-3. wrap ``fairseq_cli.generate.main`` (also when it runs as ``python -m
-   fairseq_cli.generate``, i.e. as ``__main__``): fairseq has no hook for a task to own the
-   generate loop, so a run whose task is one of ours (``--task translation_fast``) goes
-   to ``pipeline.main``; with ``--generator fast`` the stock loop runs, with a clear error
-   for a checkpoint whose dictionaries do not fit the data-bin;
-4. wrap ``fairseq_cli.interactive.main`` likewise: with ``--generator fast`` both CLIs run
-   with ``generator.attention_unread`` (they print no attention, so the search keeps none).
-
-The wrappers change nothing unless the run selected ``fast`` or a ``*_fast`` task: with
-``--generator stock``, or a config without the field, they call the stock function as is.
+Rows 1 and 2 act on every run because they cannot know the choice earlier: row 1 adds
+help text and an error for flags that would fail anyway; row 2 adds nothing without
+``--fast-*`` flags and changes only overrides that would fail to compose. Rows 3 and 4
+call the stock function as is unless the run selected ``fast`` or ``translation_fast``;
+row 5, unless it selected ``fast``.
 """
 
-import dataclasses
 import functools
 import sys
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fairseq.dataclass.utils as fairseq_dataclass_utils
+import fairseq.options
 import fairseq_cli.generate
 import fairseq_cli.interactive
 from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
 from omegaconf import DictConfig, OmegaConf
 
-from .config import FLAG_PREFIX, FastGeneratorConfig
 from . import pipeline
-from .generator import accelerate, attention_unread
+from .config import FastGeneratorConfig
+from .distributed import refuse_unsharded_run
 from .errors import clear_load_errors
+from .generator import FastSequenceGenerator, accelerate, attention_unread
+from .languages import with_inferred_languages
+from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
 from .tasks import PIPELINED_TASKS
+from .threads import apply_threads
 
 _ROUTED_TASKS = (FairseqTask, TranslationFromPretrainedBARTTask)
 _MARK = "_fairseq_fastseq_routed"
-
-
-def knobs_from_namespace(args: Namespace) -> Dict[str, Any]:
-    """The ``--fast-*`` values present on a parsed command line, keyed by knob name."""
-    found = {}
-    for knob in dataclasses.fields(FastGeneratorConfig):
-        flag_dest = f"{FLAG_PREFIX}_{knob.name}"
-        if hasattr(args, flag_dest):
-            found[knob.name] = getattr(args, flag_dest)
-    return found
 
 
 def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
@@ -74,7 +72,7 @@ def selection(gen_args: Any) -> Tuple[Optional[str], FastGeneratorConfig]:
     else:
         choice = getattr(gen_args, "generator", None)
         knobs = knobs_from_namespace(gen_args)
-    return choice, FastGeneratorConfig(**knobs)
+    return checked_choice(choice), FastGeneratorConfig(**knobs)
 
 
 def _route_build_generator(build_generator: Callable) -> Callable:
@@ -89,7 +87,10 @@ def _route_build_generator(build_generator: Callable) -> Callable:
             raise
         if choice != "fast":
             return generator
-        return accelerate(generator, knobs)
+        accelerated = accelerate(generator, knobs)
+        if isinstance(accelerated, FastSequenceGenerator):
+            apply_threads(knobs.threads)
+        return accelerated
 
     setattr(routed, _MARK, True)
     return routed
@@ -112,12 +113,27 @@ def _with_knob_overrides(override_module_args: Callable) -> Callable:
     def with_knobs(args: Namespace) -> Tuple[List[str], List[str]]:
         overrides, deletes = override_module_args(args)
         if args is not None:
+            overrides = with_inferred_languages(overrides, args)
             for name, value in knobs_from_namespace(args).items():
                 overrides.append(f"fastseq.{name}={value}")
         return overrides, deletes
 
     setattr(with_knobs, _MARK, True)
     return with_knobs
+
+
+def _with_generator_arguments(parse_args_and_arch: Callable) -> Callable:
+    @functools.wraps(parse_args_and_arch)
+    def with_arguments(
+        parser: ArgumentParser, input_args: Optional[List[str]] = None, parse_known: bool = False, *more, **kwargs
+    ) -> Any:
+        add_generator_arguments(parser)
+        parsed = parse_args_and_arch(parser, input_args, parse_known, *more, **kwargs)
+        check_knobs_need_fast(parser, parsed[0] if parse_known else parsed)
+        return parsed
+
+    setattr(with_arguments, _MARK, True)
+    return with_arguments
 
 
 def _route_generate_main(generate_main: Callable) -> Callable:
@@ -128,6 +144,7 @@ def _route_generate_main(generate_main: Callable) -> Callable:
             with attention_unread():  # its output holds no attention (--print-alignment: alignments)
                 return pipeline.main(cfg)
         if choice == "fast":
+            refuse_unsharded_run(task, PIPELINED_TASKS)
             with clear_load_errors(path, data), attention_unread():
                 return generate_main(cfg)
         return generate_main(cfg)
@@ -172,6 +189,8 @@ def install() -> None:
         fairseq_dataclass_utils.override_module_args = _with_knob_overrides(
             fairseq_dataclass_utils.override_module_args
         )
+    if not getattr(fairseq.options.parse_args_and_arch, _MARK, False):
+        fairseq.options.parse_args_and_arch = _with_generator_arguments(fairseq.options.parse_args_and_arch)
     for task_cls in _ROUTED_TASKS:
         method = task_cls.__dict__["build_generator"]
         if not getattr(method, _MARK, False):

@@ -2,9 +2,10 @@
 ``transformer_lm_fast``.
 
 Each is fairseq's model class with the attention modules of ``attention.py`` installed when
-the model is built: the same parameters and state dict, so a stock checkpoint loads
-unchanged (``--model-overrides "{'arch': 'transformer_fast'}"`` at generation, or
-``--arch transformer_fast`` to train one). Training, scoring and the stock generator see
+the model is built: the same parameters and state dict, so ``--arch transformer_fast``
+trains one, and ``as_fast_variant`` turns a loaded stock model into one in place (fairseq's
+``--model-overrides`` cannot switch a checkpoint's model class: ``_name`` would be
+overridden in every config group). Training, scoring and the stock generator see
 fairseq's arithmetic: the fast modules take their own path only for incremental decoding.
 ``--generator fast`` installs the same modules into any stock model for the duration of a
 search, so the variants are a convenience, not a requirement.

@@ -2,7 +2,7 @@
 
 The task is ``translation`` in every respect (same data-bins, checkpoints, options), plus
 the post-processing knobs below. Selecting it makes ``fairseq-generate`` run
-``pipeline.generate`` (routed by ``hook.py``), which overlaps decoding with the
+``pipeline.main`` (routed by ``hook.py``), which overlaps decoding with the
 string conversion, BPE removal, detokenization and scoring of earlier batches and writes
 exactly fairseq-generate's output. BART summarization checkpoints fine-tuned with the
 ``translation`` task use it unchanged.

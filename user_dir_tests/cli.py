@@ -35,9 +35,14 @@ def fairseq(
     )
 
 
+def one_thread_environment(**more: str) -> Dict[str, str]:
+    """This process's environment with one intra-op thread (OpenMP and MKL), plus ``more``."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **more)
+
+
 def tool_environment(args: Sequence[str]) -> Dict[str, str]:
     """One intra-op thread; the safe unpickler switched off only for stock runs (no plugin)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = one_thread_environment()
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     if "--user-dir" not in args:
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"

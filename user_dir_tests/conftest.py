@@ -4,13 +4,15 @@ import concurrent.futures
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
+import torch
 from filelock import FileLock
 from hypothesis import HealthCheck, settings
 
-from fairseq_fastseq import toy
+import fairseq_fastseq  # noqa: F401  (the plugin registered, as a user's import does: safe checkpoint loading)
+from testsupport import toy
 
 # Property-based tests: seeded and bounded for CI; `pytest --slow` for a long local run.
 _FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -25,8 +27,17 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
+# One intra-op thread in every test process (subprocess tests set OMP_NUM_THREADS=1): the
+# thread count is part of the arithmetic (threads.py), so a stock and a fast run compared in
+# one process must not run with different counts, whatever --fast-threads auto would pick.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_fastseq"
+
+
+# A transformer_lm on the translation models' target dictionary: the LM of shallow fusion.
+FUSION_LM = "transformer_lm_fusion"
 
 
 @dataclass(frozen=True)
@@ -63,34 +74,23 @@ def _build_toy_models(root: Path) -> Dict[str, ToyModel]:
         mt_bin = pool.submit(toy.preprocess, corpus, root / "bin")
         lm_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm")
         bpe_bins = {kind: pool.submit(toy.preprocess_bpe, corpus, root, kind) for kind in toy.BPE_KINDS}
-        jobs = {
-            name: pool.submit(toy.train, mt_bin.result(), root / name, args, "translation")
-            for name, args in toy.TRANSLATION_MODELS.items()
+        # The LM again, on the translation models' dictionary: the LM of shallow fusion (--lm-path).
+        target_dictionary = mt_bin.result() / f"dict.{toy.TARGET_LANG}.txt"
+        fusion_bin = pool.submit(toy.preprocess_language_model, corpus, root / "bin_lm_fusion", target_dictionary)
+        jobs = {}  # name -> (training, task, data-bin, BPE model)
+
+        def train(name: str, args: List[str], task: str, data_bin: Path, bpe_model: Optional[Path] = None) -> None:
+            jobs[name] = (pool.submit(toy.train, data_bin, root / name, args, task), task, data_bin, bpe_model)
+
+        for name, args in toy.TRANSLATION_MODELS.items():
+            train(name, args, "translation", mt_bin.result())
+        for name, args in toy.LANGUAGE_MODELS.items():
+            train(name, args, "language_modeling", lm_bin.result())
+        train(FUSION_LM, toy.LANGUAGE_MODELS["transformer_lm"], "language_modeling", fusion_bin.result())
+        # The plain transformer again, trained on BPE-encoded text (for the pipeline's BPE tests).
+        for kind, job in bpe_bins.items():
+            train(f"transformer_{kind}", toy.TRANSLATION_MODELS["transformer"], "translation", *job.result())
+        return {
+            name: ToyModel(name=name, checkpoint=training.result(), data_bin=data_bin, task=task, bpe_model=bpe_model)
+            for name, (training, task, data_bin, bpe_model) in jobs.items()
         }
-        jobs.update(
-            {
-                name: pool.submit(toy.train, lm_bin.result(), root / name, args, "language_modeling")
-                for name, args in toy.LANGUAGE_MODELS.items()
-            }
-        )
-        # The plain transformer again, trained on BPE-encoded text (for the pipeline's BPE tests):
-        # name -> (data-bin, BPE model).
-        bpe_data = {f"transformer_{kind}": job.result() for kind, job in bpe_bins.items()}
-        jobs.update(
-            {
-                name: pool.submit(toy.train, data_bin, root / name, toy.TRANSLATION_MODELS["transformer"], "translation")
-                for name, (data_bin, _) in bpe_data.items()
-            }
-        )
-        models = {}
-        for name, job in jobs.items():
-            is_lm = name in toy.LANGUAGE_MODELS
-            data_bin, bpe_model = bpe_data.get(name, (lm_bin.result() if is_lm else mt_bin.result(), None))
-            models[name] = ToyModel(
-                name=name,
-                checkpoint=job.result(),
-                data_bin=data_bin,
-                task="language_modeling" if is_lm else "translation",
-                bpe_model=bpe_model,
-            )
-    return models

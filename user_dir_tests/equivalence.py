@@ -40,6 +40,13 @@ def load(checkpoints: Tuple[str, ...], data_bin: str, batch_size: int) -> Tuple[
     return models, task, batches
 
 
+@functools.lru_cache(maxsize=None)
+def load_language_model(checkpoint: str, data_bin: str) -> Any:
+    """The LM of shallow fusion, as fairseq-generate loads ``--lm-path`` (no task given)."""
+    lms, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": data_bin}, task=None)
+    return lms[0].eval()
+
+
 def generate_all(
     generator, task, models, batches, prefix_size: int, seed: Optional[int], constraints: Optional[Callable]
 ) -> Hypotheses:
@@ -98,6 +105,7 @@ def assert_fast_matches_stock(
     constraints_fn: Optional[Callable] = None,
     knobs: Optional[FastGeneratorConfig] = None,
     atol: float = SCORE_TOLERANCE,
+    lm=None,
     **options,
 ) -> Hypotheses:
     """Generate the toy model's test split with stock and fast generators; assert equality.
@@ -108,7 +116,9 @@ def assert_fast_matches_stock(
     ``ensemble_with`` adds more toy models (same dictionary) to an ensemble;
     ``constraints_fn`` maps a batch to its packed target-side constraints;
     ``knobs`` are the fast generator's (default: all optimizations, errors instead of
-    fallbacks); ``atol`` loosens the score comparison for a knob that is not bitwise.
+    fallbacks); ``atol`` loosens the score comparison for a knob that is not bitwise;
+    ``lm`` is a toy language model on the same target dictionary for shallow fusion
+    (``--lm-path``; its weight is the ``lm_weight`` option), loaded as fairseq-generate does.
     """
     checkpoints = tuple(str(m.checkpoint) for m in (toy_model, *ensemble_with))
     models, task, batches = load(checkpoints, str(toy_model.data_bin), batch_size)
@@ -116,9 +126,13 @@ def assert_fast_matches_stock(
         if hasattr(model, "set_beam_size"):
             model.set_beam_size(1)
     gen_cfg = GenerationConfig(**options)
-    stock = task.build_generator(models, gen_cfg)
+    fusion = None
+    if lm is not None:
+        fusion = {"lm_model": load_language_model(str(lm.checkpoint), str(lm.data_bin)), "lm_weight": gen_cfg.lm_weight}
+    stock = task.build_generator(models, gen_cfg, extra_gen_cls_kwargs=fusion)
     assert isinstance(stock, SequenceGenerator)
-    fast = accelerate(task.build_generator(models, gen_cfg), knobs or FastGeneratorConfig(on_unsupported="error"))
+    fast = task.build_generator(models, gen_cfg, extra_gen_cls_kwargs=fusion)
+    fast = accelerate(fast, knobs or FastGeneratorConfig(on_unsupported="error"))
     assert isinstance(fast, FastSequenceGenerator)
     if reference is not None:
         stock = reference(stock)

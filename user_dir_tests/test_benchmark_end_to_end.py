@@ -1,7 +1,7 @@
-"""The end-to-end benchmarks (pipeline, interactive) run and report consistent figures (no
-speed is asserted)."""
+"""The end-to-end benchmarks (pipeline, interactive, busy machine) run and report consistent
+figures (no speed is asserted)."""
 
-from benchmarks import interactive, pipeline
+from benchmarks import busy_machine, interactive, pipeline
 
 
 def test_pipeline_benchmark_reports_every_variant(toy_models, tmp_path, capsys, monkeypatch):
@@ -39,3 +39,19 @@ def test_interactive_benchmark_reports_latency_and_agreement(toy_models, capsys)
     assert row[0] == "| interactive, --buffer-size 1" and row[-1] == "yes |"
     stock_ms, fast_ms, ratio = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
     assert abs(ratio - stock_ms / fast_ms) < 0.01 + 0.01 * ratio  # rounded cells
+
+
+def test_busy_machine_benchmark_reports_each_thread_setting(toy_models, capsys):
+    model = toy_models["transformer"]
+    busy_machine.main(
+        [
+            "--data-bin", str(model.data_bin), "--path", str(model.checkpoint), "--beam", "2",
+            "--neighbour-threads", "1", "--threads", "1",
+        ]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert "while a neighbour runs matrix products on 1 OpenMP threads" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "threads used" not in line]
+    assert [row[0][2:] for row in rows] == [busy_machine.DEFAULT, "--fast-threads 1"]
+    assert int(rows[0][1]) >= 1 and rows[1][1] == "1"
+    assert min(row[4] for row in rows) == "1.00x |"

@@ -5,14 +5,21 @@ import sys
 
 import pytest
 
-from .cli import BIN_DIR, fairseq, generate_results, results, with_plugin
+from fairseq_fastseq.config import FastGeneratorConfig, knob_names
+from fairseq_fastseq.registry import GENERATOR_HELP, knob_flag
+
+from .cli import BIN_DIR, fairseq, generate_results, one_thread_environment, results, with_plugin
 from .conftest import PLUGIN_DIR
 
 
-def test_help_lists_generator_choice():
+def test_help_describes_the_generator_choice_and_every_knob():
     run = fairseq("generate", with_plugin("--help"))
     assert run.returncode == 0
-    assert "--generator {stock,fast}" in run.stdout
+    text = " ".join(run.stdout.split())  # argparse wraps the help lines
+    assert f"--generator {{stock,fast}} {GENERATOR_HELP}" in text
+    for name in knob_names():
+        description = " ".join(FastGeneratorConfig.__dataclass_fields__[name].metadata["help"].split()[:6])
+        assert f"{knob_flag(name)} " in text and description in text, name
 
 
 @pytest.mark.parametrize(
@@ -20,7 +27,10 @@ def test_help_lists_generator_choice():
     [
         (with_plugin("--generator", "turbo", "/x"), "argument --generator: invalid choice: 'turbo'"),
         (["/x", "--generator", "fast"], "unrecognized arguments: --generator fast"),  # no plugin
-        (with_plugin("--fast-on-unsupported", "error", "/x"), "unrecognized arguments: --fast-on-unsupported"),
+        (
+            with_plugin("--fast-encoder-projection", "grouped", "/x"),
+            "--fast-encoder-projection: the fast generator's knobs need --generator fast",
+        ),
         (
             with_plugin("--generator", "fast", "--fast-on-unsupported", "maybe", "/x"),
             "argument --fast-on-unsupported: invalid choice: 'maybe'",
@@ -83,7 +93,7 @@ def test_python_dash_m_entry_point_routes_too(toy_models):
     run = subprocess.run(
         [sys.executable, "-m", "fairseq_cli.generate", model.data_bin, "--path", model.checkpoint,
          "--cpu", "--beam", "2", *with_plugin("--generator", "fast")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=one_thread_environment(),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "generator: fast" in run.stderr

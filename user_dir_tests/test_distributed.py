@@ -9,8 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+from fairseq import options
 from fairseq.models.transformer import TransformerModel
+from fairseq_cli import generate
 
+from fairseq_fastseq.distributed import UnshardedRunError
 from fairseq_fastseq.library import FastGenerator
 
 from .cli import BIN_DIR, fairseq, tool_environment, with_plugin
@@ -39,6 +43,19 @@ def test_two_ranks_write_what_one_process_writes(toy_models, tmp_path):
     two = (tmp_path / "two" / "generate-test.txt").read_text()
     assert two == (tmp_path / "stock" / "generate-test.txt").read_text()
     assert two.count("\nH-") >= 2 * 48 - 1 and "Generate test with beam=4" in two
+
+
+def test_fast_generator_under_torchrun_with_a_task_that_does_not_shard_stops_before_loading(
+    toy_models, tmp_path, monkeypatch
+):
+    """Stock's generate loop under torchrun: every rank would write the whole output."""
+    model = toy_models["transformer"]
+    missing = tmp_path / "not-loaded.pt"  # stopping before the load is what makes it quick
+    argv = [str(model.data_bin), "--path", str(missing), "--cpu", "--task", "translation"]
+    args = options.parse_args_and_arch(options.get_generation_parser(), [*argv, *with_plugin("--generator", "fast")])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each rank
+    with pytest.raises(UnshardedRunError, match="--task translation runs under torchrun .* Use --task translation_fast"):
+        generate.main(args)
 
 
 def _rank_process(parent: int, rank: int) -> int:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fairseq_fastseq import toy
+from testsupport import toy
 
 from .equivalence import assert_fast_matches_stock, lengths
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from fairseq_fastseq import toy
 from fairseq_fastseq.errors import CheckpointMismatchError, CheckpointNotFoundError, GenerationOutOfMemoryError
+from testsupport import toy
 
-from .cli import fairseq, generate_results, with_plugin
+from .cli import fairseq, generate_results, one_thread_environment, with_plugin
 from .conftest import REPO
 
 SELECTIONS = {"pipeline": ["--task", "translation_fast"], "fast-generator": ["--generator", "fast"]}
@@ -44,7 +44,7 @@ def test_batch_too_big_for_memory_names_the_flags(toy_models, selection):
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "user_dir_tests.memory_limited", "600", *map(str, args)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=one_thread_environment(),
     )  # fmt: skip
     assert time.monotonic() - started < 120
     assert run.returncode != 0

@@ -4,14 +4,16 @@ import subprocess
 import sys
 
 import pytest
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from .cli import BIN_DIR, generate_results, results, with_plugin
+from .cli import BIN_DIR, generate_results, one_thread_environment, results, with_plugin
 
 
 def hydra_generate(*overrides, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fairseq_fastseq.cli", *map(str, overrides)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=one_thread_environment(),
     )  # fmt: skip
 
 
@@ -90,6 +92,19 @@ def test_bad_override_fails_with_hydras_message(override, message):
 
 
 def test_console_script_is_installed():
-    run = subprocess.run([str(BIN_DIR / "fairseq-fastseq-generate"), "--cfg", "job"], capture_output=True, text=True)
+    run = subprocess.run(
+        [str(BIN_DIR / "fairseq-fastseq-generate"), "--cfg", "job"], capture_output=True, text=True, env=one_thread_environment()
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "generator: stock" in run.stdout
+
+
+def test_importing_the_entry_point_leaves_fairseqs_own_config_conversion_working(toy_models):
+    """fairseq converts command lines with Hydra 1.1's API, which a Hydra 1.3 version base
+    (set by ``hydra.main``) breaks: ``ImportError: hydra.experimental.initialize() is no
+    longer experimental``."""
+    import fairseq_fastseq.cli  # noqa: F401
+
+    argv = [str(toy_models["transformer"].data_bin), *with_plugin("--generator", "fast")]
+    args = options.parse_args_and_arch(options.get_generation_parser(), argv)
+    assert convert_namespace_to_omegaconf(args).generator == "fast"

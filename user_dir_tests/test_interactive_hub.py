@@ -7,7 +7,7 @@ import torch
 from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
-from fairseq_fastseq import toy
+from testsupport import toy
 
 from .cli import fairseq, with_plugin
 
@@ -92,3 +92,9 @@ def test_hub_generator_keyword_is_fast_and_identical(toy_models, hubs, caplog, c
     fast, used_fast = _sample(hubs[kind], sentences, caplog, generator="fast", **options)
     assert (stock_used_fast, used_fast) == (False, True)
     assert fast == stock
+
+
+@pytest.mark.parametrize("misspelt", ["fastt", "Fast"])
+def test_hub_generator_keyword_with_an_unknown_value_names_the_choices(hubs, misspelt):
+    with pytest.raises(ValueError, match=f"unknown generator '{misspelt}': the choices are 'stock', 'fast'"):
+        hubs["translation"].translate(["w1 w2"], beam=2, generator=misspelt)

@@ -139,7 +139,7 @@ def test_fairseq_train_with_the_fast_arch(toy_models, tmp_path):
     from fairseq import checkpoint_utils
 
     import fairseq_fastseq
-    from fairseq_fastseq import toy
+    from testsupport import toy
 
     plugin = str(Path(fairseq_fastseq.__file__).parent)
     stock_args = toy.TRANSLATION_MODELS["transformer"]

@@ -11,11 +11,12 @@ import pytest
 from fairseq import options
 from fairseq_cli import generate
 
-from fairseq_fastseq import formatting, toy
+from fairseq_fastseq import formatting
 from fairseq_fastseq.pipeline import INCOMPLETE_SUFFIX
 from fairseq_fastseq.workers import OrderedWorkers, PostProcessingError
+from testsupport import toy
 
-from .cli import BIN_DIR, fairseq, results, with_plugin
+from .cli import BIN_DIR, fairseq, one_thread_environment, results, with_plugin
 from .conftest import PLUGIN_DIR
 from .test_hydra import hydra_generate
 
@@ -117,7 +118,7 @@ def test_python_m_entry_point_is_routed_too(toy_models, tmp_path):
     args = [model.data_bin, "--path", model.checkpoint, *COMMON, *with_plugin("--task", "translation_fast")]
     run = subprocess.run(
         [str(BIN_DIR / "python"), "-m", "fairseq_cli.generate", *map(str, args), "--results-path", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=one_thread_environment(),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pipeline: post-processing in 1 process worker(s)" in run.stderr
@@ -188,7 +189,7 @@ def test_ctrl_c_stops_promptly_and_leaves_no_complete_file(toy_models, tmp_path)
     process = subprocess.Popen(
         [str(BIN_DIR / "fairseq-generate"), *map(str, args), *with_plugin("--task", "translation_fast")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT then dumps every thread's stack
+        env=one_thread_environment(PYTHONFAULTHANDLER="1"),  # SIGABRT then dumps every thread's stack
     )  # fmt: skip
     partial = tmp_path / f"generate-test.txt{INCOMPLETE_SUFFIX}"
     deadline = time.monotonic() + 120

@@ -5,6 +5,7 @@ import random
 import pytest
 from fairseq.token_generation_constraints import pack_constraints
 
+from .conftest import FUSION_LM
 from .equivalence import assert_fast_matches_stock
 from .naive import WithoutSampleIds, with_correct_ngram_blocking
 
@@ -105,3 +106,12 @@ def test_random_option_combinations(toy_models, seed):
     options = {name: rng.choice(values) for name, values in COMBINABLE.items()}
     model = rng.choice(TRANSLATION)
     assert_fast_matches_stock(toy_models[model], **options)
+
+
+@pytest.mark.parametrize("lm_weight", [0.5, -0.3])
+@pytest.mark.parametrize("model", ["transformer", "bart"])
+def test_shallow_fusion_with_a_language_model(toy_models, model, lm_weight):
+    """--lm-path/--lm-weight: the LM's log-probabilities join every step's scores."""
+    fused = assert_fast_matches_stock(toy_models[model], lm=toy_models[FUSION_LM], beam=4, lm_weight=lm_weight)
+    plain = assert_fast_matches_stock(toy_models[model], beam=4)
+    assert [h[0]["score"] for h in fused] != [h[0]["score"] for h in plain]  # the LM takes part

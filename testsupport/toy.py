@@ -1,4 +1,4 @@
-"""Tiny real fairseq models, trained in seconds on CPU, for the demo, tests and benchmarks.
+"""Tiny real fairseq models, trained in seconds on CPU, for the tests and benchmarks.
 
 The task is learnable but not trivial: the target is the source reversed with every word
 relabelled. After a few hundred updates a model emits EOS at varied steps (some
@@ -15,7 +15,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SOURCE_LANG, TARGET_LANG = "src", "tgt"
 SPLIT_SIZES = {"train": 3000, "valid": 100, "test": 48}
@@ -172,8 +172,10 @@ def preprocess_bpe(corpus: Path, root: Path, kind: str) -> Tuple[Path, Path]:
     return preprocess(root / f"corpus_{kind}", root / f"bin_{kind}"), bpe_model
 
 
-def preprocess_language_model(corpus: Path, destdir: Path) -> Path:
-    """Binarize the target side alone for a ``language_modeling`` task."""
+def preprocess_language_model(corpus: Path, destdir: Path, dictionary: Optional[Path] = None) -> Path:
+    """Binarize the target side alone for a ``language_modeling`` task, with a dictionary of
+    its own or with ``dictionary`` (a translation data-bin's ``dict.tgt.txt``: an LM for
+    shallow fusion, ``--lm-path``, must index the translation model's target words)."""
     if (destdir / "test.bin").exists():
         return destdir
     run_fairseq(
@@ -182,7 +184,7 @@ def preprocess_language_model(corpus: Path, destdir: Path) -> Path:
             "--only-source", "--trainpref", str(corpus / f"train.{TARGET_LANG}"),
             "--validpref", str(corpus / f"valid.{TARGET_LANG}"),
             "--testpref", str(corpus / f"test.{TARGET_LANG}"), "--destdir", str(destdir),
-            "--workers", "1",
+            "--workers", "1", *(["--srcdict", str(dictionary)] if dictionary is not None else []),
         ],  # fmt: skip
         destdir.parent / f"{destdir.name}.preprocess.log",
     )
