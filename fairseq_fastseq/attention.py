@@ -151,8 +151,8 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
     projects every copy to keys and values. Here a layer projects each sentence once and
     copies the projected rows for its beams into a cache of fairseq's shape, so every later
     step is fairseq's own code. Unlike fairseq's cache (a strided view of the time-major
-    projection), it is contiguous per beam and head: the same ``bmm`` values, read 2-3x
-    faster (``benchmarks/layout.py``). The values are bitwise fairseq's as long as the BLAS kernel
+    projection), it is contiguous per beam and head: the same ``bmm`` values, read
+    faster (``BENCHMARKS.md``, "Allocator and encoder-cache layout"). The values are bitwise fairseq's as long as the BLAS kernel
     computes each row the same way whatever the number of rows; for very small products it
     does not (on x86 CPUs, under about a dozen rows, the last bit can differ), so those, cheap
     anyway, are projected per beam as fairseq does.

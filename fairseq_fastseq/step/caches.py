@@ -11,7 +11,7 @@ cache twice per layer and step: a reorder, then ``torch.cat``). The attention re
 contiguous cache.
 
 Encoder-decoder attention: keys and values projected at the first step, per beam and
-contiguous (``(rows * heads, src_len, head_dim)``, read 2-3x faster than fairseq's strided
+contiguous (``(rows * heads, src_len, head_dim)``, read faster than fairseq's strided
 view), or once per sentence in fairseq's layout for BART's beam-shared attention. The
 beams of a sentence hold the same keys and values, so a beam reorder leaves them alone;
 they are copied only when sentences leave the batch, and then only once finished sentences

@@ -141,7 +141,7 @@ def _has_vnni() -> bool:
 
 # fbgemm's int8 kernels without VNNI sum pairs of products in 16 bits, which saturates unless
 # activations use 7 bits ("reduce range"); with VNNI the full 8 bits are safe and closer to
-# float32 (on the bundled model 201 of 256 verses as stock's instead of 167: BENCHMARKS.md).
+# float32 (figures: BENCHMARKS.md, "Kernel tiers").
 REDUCE_RANGE = not _has_vnni()
 
 

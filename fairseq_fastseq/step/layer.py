@@ -40,7 +40,7 @@ def encoder_keys_values_per_beam(
         projected, copies = projection(encoder_out.contiguous()), beams
     # (sentences, 1, heads, src_len, head_dim): the time-major projection made contiguous per
     # head (fairseq keeps a strided view, which the steps read slower), then copied per beam
-    # (a copy from a contiguous source: 2x faster than expanding the strided view).
+    # (a copy from a contiguous source: faster than expanding the strided view).
     per_head = projected.view(src_len, -1, 1, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
     return per_head.expand(-1, copies, -1, -1, -1).reshape(-1, src_len, head_dim)
 
