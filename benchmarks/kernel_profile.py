@@ -14,8 +14,9 @@ Two views:
 - ``torch.profiler`` for stock and fast: self time per aten op, per decoder step.
 
 Decoder steps are counted as log-softmax calls of the fairseq engine (one per step); the
-CTranslate2 column is divided by the fast generator's count (the same outputs, so nearly
-the same steps). Figures: ``BENCHMARKS.md`` ("Kernel-level profile").
+columns of the other engines (the fast generator's other kernel tiers, CTranslate2) are
+divided by the fast generator's count (the same or nearly the same outputs, so nearly the
+same steps). Figures: ``BENCHMARKS.md`` ("Kernel-level profile").
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch
 from . import bible, peers
 from .search import cpu_name
 
-ENGINES = (peers.STOCK, peers.FAST, peers.CT2_FP32)
+ENGINES = (peers.STOCK, peers.FAST, *peers.FAST_TIERS, peers.CT2_FP32, peers.CT2_INT8)
 # (category, regular expression on "dso symbol"), first match wins.
 CATEGORIES: List[Tuple[str, str]] = [
     ("kernel (page faults, system calls)", r"\[kernel|\[k\]"),
@@ -217,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 engine.translate(batches[0])  # warm-up
         aten = {name: aten_profile(engines[name], batches) for name in (peers.STOCK, peers.FAST)}
         steps = {name: aten[name][1] for name in aten}
-        steps[peers.CT2_FP32] = steps[peers.FAST]
+        for name in (*peers.FAST_TIERS, peers.CT2_FP32, peers.CT2_INT8):
+            steps[name] = steps[peers.FAST]
         sampled, notes = {}, []
         for name in ENGINES:
             if name not in engines or engines[name].translate is None:

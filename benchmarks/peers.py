@@ -43,7 +43,9 @@ from .memory import RssPeak, highest, peak_rss
 from .search import cpu_name
 
 STOCK, FAST, CT2_FP32, CT2_INT8 = "fairseq stock", "fairseq fast generator", "CTranslate2 fp32", "CTranslate2 int8"
-ENGINES = (STOCK, FAST, CT2_FP32, CT2_INT8)
+# The fast generator's kernel tiers that round differently (--fast-kernels fused / int8).
+FAST_TIERS = {"fairseq fast fused": "fused", "fairseq fast int8": "int8"}
+ENGINES = (STOCK, FAST, *FAST_TIERS, CT2_FP32, CT2_INT8)
 CT2_COMPUTE = {CT2_FP32: ("float32", None), CT2_INT8: ("int8", "int8")}  # compute_type, quantization
 NOT_INSTALLED = "ctranslate2 is not installed: pip install .[peers]"
 MAX_LEN_B = 200  # fairseq-generate's default --max-len-b (with --max-len-a 0)
@@ -155,8 +157,11 @@ def fairseq_engines(
     gen_cfg = GenerationConfig(beam=beam, max_len_b=max_len_b)
     assert (gen_cfg.max_len_a, gen_cfg.min_len, gen_cfg.lenpen) == (0, 1, 1)
     stock = task.build_generator([model], gen_cfg)
-    fast = accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error"))
-    assert isinstance(fast, FastSequenceGenerator)
+    fast = {
+        name: accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error", kernels=tier))
+        for name, tier in {FAST: "exact", **FAST_TIERS}.items()
+    }
+    assert all(isinstance(generator, FastSequenceGenerator) for generator in fast.values())
     tgt_dict = task.target_dictionary
     collated = {id(batch): bible.collate(task, batch) for batch in batches}  # before any timing
 
@@ -173,7 +178,7 @@ def fairseq_engines(
 
         return translate
 
-    return [Engine(STOCK, translator(stock)), Engine(FAST, translator(fast))]
+    return [Engine(STOCK, translator(stock))] + [Engine(name, translator(generator)) for name, generator in fast.items()]
 
 
 # --- CTranslate2 --------------------------------------------------------------------------------

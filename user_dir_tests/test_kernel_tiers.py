@@ -128,15 +128,16 @@ def test_prepared_weights_are_made_once_and_again_after_a_weight_changes():
     attention = _attention(self_attention=True)
     tier = kernels.FusedKernels()
     tier.self_projections(attention)
+    made = len(tier._prepared)  # the fused projection, and its prepacked copy
     tier.self_projections(attention)
-    assert len(tier._prepared) == 1
+    assert len(tier._prepared) == made
     with torch.no_grad():
         attention.k_proj.weight.mul_(2)  # bumps the parameter's version
     x = torch.randn(3, 16)
     with torch.no_grad():
         _, k, _ = tier.self_projections(attention)(x)
         torch.testing.assert_close(k, attention.k_proj(x).view(3, 4, 4), atol=1e-6, rtol=1e-5)
-    assert len(tier._prepared) == 2
+    assert len(tier._prepared) == 2 * made
 
 
 @pytest.mark.parametrize("tier, said", [("fused", "kernels: fused (outputs can differ from stock's"), ("int8", "kernels: int8 (outputs can differ")])
@@ -179,3 +180,17 @@ def test_command_line_and_hydra_select_the_tier(toy_models):
     assert hydra.returncode == 0, hydra.stderr[-3000:]
     assert stock and hypotheses(flags) == stock == hypotheses(results(hydra.stdout))
     assert "kernels: fused (outputs can differ from stock's" in hydra.stderr
+
+
+@pytest.mark.parametrize("rows", [1, 64, 400])  # F.linear, oneDNN's prepacked kernel, F.linear
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_fused_linear_layers_are_float_linear_layers_up_to_rounding(rows, activation):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 512)
+    x = torch.randn(rows, 64)
+    tier = kernels.FusedKernels()
+    assert kernels.prepacked_is_faster(rows, 512) == (rows == 64)
+    with torch.no_grad():
+        got = tier.feed_forward_in(linear, torch.nn.functional.relu)(x) if activation == "relu" else tier.linear(linear)(x)
+        want = torch.relu(linear(x)) if activation == "relu" else linear(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -97,7 +97,7 @@ def test_an_ensemble_and_a_temperature_combine_as_fairseqs(toy_models):
 
 def test_finished_sentences_stay_in_the_encoder_cache_until_a_quarter_is_finished():
     keys = torch.arange(8 * 2 * 3 * 5 * 4, dtype=torch.float).view(8 * 2 * 3, 5, 4)  # 8 sentences, beam 2, 3 heads
-    cache = caches.CrossAttentionCache(keys, keys.clone(), None, beams=2, heads=3, beam_shared=False)
+    cache = caches.CrossAttentionCache(keys, keys.clone(), None, beams=2, heads=3, layout=caches.PER_BEAM)
     cache.keep_sentences(torch.tensor([0, 1, 2, 4, 5, 6, 7]))  # 7 of 8 live: no copy
     assert cache.cached_sentences == 8 and cache.keys is keys
     queries = torch.randn(7 * 2 * 3, 1, 4)

@@ -105,20 +105,26 @@ class SelfAttentionCache:
 MIN_LIVE_SHARE = 0.75
 
 
+# How a layer holds the encoder keys/values: per beam, or once per sentence (shared by its
+# beams) in fairseq's layout (BART's, bitwise) or contiguous for grouped queries (``fused``).
+PER_BEAM, FAIRSEQ_SHARED, GROUPED = "per beam", "shared as fairseq shares them (BART)", "grouped"
+
+
 class CrossAttentionCache:
     """One layer's encoder keys and values for the whole search.
 
-    Per beam: ``keys``/``values`` (cached rows * heads, src_len, head_dim) contiguous and
+    ``PER_BEAM``: ``keys``/``values`` (cached rows * heads, src_len, head_dim) contiguous and
     ``padding`` (cached rows, 1, 1, src_len) bool, where the cached sentences may include
     finished ones (``live``: which cached sentences the search still has, None for all).
-    Beam-shared (BART): fairseq's per-sentence layout, (sentences * heads, src_len, head_dim)
-    strided views, ``padding`` (sentences, 1, 1, 1, src_len), always compact. ``padding``
-    is None when no source has padding.
+    ``FAIRSEQ_SHARED`` and ``GROUPED``: (sentences * heads, src_len, head_dim), as fairseq's
+    strided views or contiguous, ``padding`` (sentences, 1, 1, 1, src_len), always compact.
+    ``padding`` is None when no source has padding.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, beam_shared: bool) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, layout: str) -> None:
         self.keys, self.values, self.padding = keys, values, padding
-        self.beams, self.heads, self.beam_shared = beams, heads, beam_shared
+        self.beams, self.heads, self.layout = beams, heads, layout
+        self.beam_shared = layout != PER_BEAM
         self.live: Optional[Tensor] = None  # (live sentences,) indices of cached sentences
         self._live_rows: Optional[Tensor] = None  # (live rows,) indices of cached rows
         self._queries: Optional[Tensor] = None  # (cached rows * heads, 1, head_dim)

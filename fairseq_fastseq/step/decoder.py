@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from fairseq.modules.layer_drop import LayerDropModuleList
 from torch import Tensor, nn
 
-from .caches import LayerCaches, SelfAttentionCache
-from .kernels import ExactKernels
-from .layer import FAIRSEQ_SHARED, GROUPED, PER_BEAM, LayerStep, layer_norm
+from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, LayerCaches, SelfAttentionCache
 from .coverage import plain_output_projection
+from .kernels import ExactKernels
+from .layer import LayerStep, layer_norm
 from .output import BufferedOutput, bufferable_projection
 
 

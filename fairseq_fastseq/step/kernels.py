@@ -73,13 +73,43 @@ class ExactKernels:
 
 
 class FusedKernels(ExactKernels):
-    """One self-attention projection, grouped encoder attention; rounding differs."""
+    """One self-attention projection, grouped encoder attention, oneDNN's prepacked linear
+    layers where they were measured faster; rounding differs."""
 
     name = "fused"
     grouped_encoder_attention = True
 
     def __init__(self) -> None:
         self._prepared: Dict[Tuple, object] = {}
+
+    def linear(self, module: nn.Linear) -> Projection:
+        return self._linear(module.weight, module.bias, "none")
+
+    def feed_forward_in(self, module: nn.Linear, activation: Callable[[Tensor], Tensor]) -> Projection:
+        if activation is not F.relu:
+            return super().feed_forward_in(module, activation)
+        return self._linear(module.weight, module.bias, "relu")
+
+    def output_projection(self, weight: Tensor) -> Optional[Projection]:
+        return self._linear(weight, None, "none")
+
+    def _linear(self, weight: Tensor, bias: Optional[Tensor], activation: str) -> Projection:
+        """``activation(x @ weight.T + bias)``: oneDNN's prepacked kernel (activation fused in)
+        for the shapes where it was measured faster than MKL's ``F.linear`` (see
+        ``prepacked_is_faster``), ``F.linear`` elsewhere and off the CPU in float32."""
+        relu = activation == "relu"
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return (lambda x: torch.relu_(F.linear(x, weight, bias))) if relu else (lambda x: F.linear(x, weight, bias))
+        tensors = (weight,) if bias is None else (weight, bias)
+        packed = self.prepared(("onednn",), tensors, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 160))
+
+        def project(x: Tensor) -> Tensor:
+            if prepacked_is_faster(x.numel() // x.size(-1), weight.size(0)):
+                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
+            out = F.linear(x, weight, bias)
+            return torch.relu_(out) if relu else out
+
+        return project
 
     def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
         """``make()``, cached for the identity and version of ``tensors`` (in-place changes
@@ -128,6 +158,13 @@ class Int8Kernels(FusedKernels):
     def _packed(self, weight: Tensor, bias: Optional[Tensor]) -> object:
         tensors = (weight,) if bias is None else (weight, bias)
         return self.prepared(("int8",), tensors, lambda: _int8(weight, bias))
+
+
+def prepacked_is_faster(rows: int, out_features: int) -> bool:
+    """Where oneDNN's prepacked linear beat MKL's ``F.linear`` on one core (an Intel Xeon with
+    AVX-512, ``BENCHMARKS.md`` "Kernel tiers"): from a few rows on, unless the product is
+    tiny (its call costs more) or very large (MKL's blocking wins)."""
+    return 2 <= rows <= 320 and rows * out_features >= 16384
 
 
 def _has_vnni() -> bool:

@@ -18,7 +18,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
-from .caches import CrossAttentionCache, SelfAttentionCache
+from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, CrossAttentionCache, SelfAttentionCache
 from .kernels import ExactKernels
 
 # Below this many rows (source tokens x sentences) the encoder output is projected per beam,
@@ -51,7 +51,11 @@ def layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
 
 
 def _softmax(weights: Tensor) -> Tuple[Tensor, Tensor]:
-    """fairseq's ``utils.softmax`` in float32, and its result in the weights' type."""
+    """fairseq's ``utils.softmax`` in float32, and its result in the weights' type (for float32
+    weights the same kernel, without the no-op conversions)."""
+    if weights.dtype == torch.float32:
+        probs = torch.softmax(weights, dim=-1)
+        return probs, probs
     probs_float = F.softmax(weights.float(), dim=-1, dtype=torch.float32)
     return probs_float, probs_float.type_as(weights)
 
@@ -90,9 +94,6 @@ class SelfAttentionStep(_Attention):
         return self.output(torch.bmm(probs, values), rows)
 
 
-# How encoder-decoder attention holds the encoder keys/values (``CrossAttentionStep.start``).
-PER_BEAM, FAIRSEQ_SHARED, GROUPED = "per beam", "shared as fairseq shares them (BART)", "grouped"
-
 
 class CrossAttentionStep(_Attention):
     def start(self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, layout: str) -> CrossAttentionCache:
@@ -106,24 +107,31 @@ class CrossAttentionStep(_Attention):
         if layout == PER_BEAM:
             keys, values = (encoder_keys_values_per_beam(p, encoder_out, beams, self.heads, self.head_dim) for p in (self.k, self.v))
             mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
-            return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=False)
-        source = encoder_out
-        if layout == FAIRSEQ_SHARED:
+            return CrossAttentionCache(keys, values, mask, beams, self.heads, PER_BEAM)
+        if layout == GROUPED:  # contiguous per sentence and head, for one bmm per step
+            keys, values = (
+                p(encoder_out.contiguous()).view(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3)
+                .reshape(sentences * self.heads, src_len, self.head_dim)
+                for p in (self.k, self.v)
+            )  # fmt: skip
+        else:
             expanded = encoder_out.repeat_interleave(beams, dim=1)  # fairseq's beam expansion
             source = expanded.view(src_len, -1, beams, expanded.size(2))[:, :, 0, :]
-        keys, values = (
-            p(source).contiguous().view(src_len, sentences * self.heads, self.head_dim).transpose(0, 1)
-            for p in (self.k, self.v)
-        )
+            keys, values = (
+                p(source).contiguous().view(src_len, sentences * self.heads, self.head_dim).transpose(0, 1)
+                for p in (self.k, self.v)
+            )
         mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
-        return CrossAttentionCache(keys, values, mask, beams, self.heads, beam_shared=True)
+        return CrossAttentionCache(keys, values, mask, beams, self.heads, layout)
 
     def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The attention output (rows, embed_dim) and, with ``need_weights``, the weights
         averaged over heads (rows, src_len), as fairseq's decoder reports them."""
+        q = self.heads_view(self.scaled_queries(x))  # (rows * heads, 1, head_dim)
+        if cache.layout == GROUPED:
+            return self._grouped(q, cache, need_weights)
         rows = x.size(0)
-        q = self.heads_view(self.scaled_queries(x))
-        if cache.beam_shared:
+        if cache.layout == FAIRSEQ_SHARED:
             sentences = cache.keys.size(0) // self.heads
             weights = torch.einsum(
                 "bxhtd,bhsd->bxhts",
@@ -137,7 +145,7 @@ class CrossAttentionStep(_Attention):
         if cache.padding is not None:
             masked.masked_fill_(cache.padding, float("-inf"))
         probs_float, probs = _softmax(weights)
-        if cache.beam_shared:
+        if cache.layout == FAIRSEQ_SHARED:
             context = torch.einsum(
                 "bxhts,bhsd->bxhtd",
                 probs.view(sentences, -1, self.heads, *probs.shape[1:]),
@@ -150,6 +158,25 @@ class CrossAttentionStep(_Attention):
             per_head = cache.live_part(probs_float).view(rows, self.heads, 1, -1).transpose(1, 0)
             averaged = per_head.float().to(x).mean(dim=0)[:, -1, :]
         return self.output(context, rows), averaged
+
+    def _grouped(self, q: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """A sentence's beams attend to its one copy of the keys/values as a group of queries:
+        one (beams x head_dim) @ (head_dim x src_len) product per sentence and head."""
+        heads, head_dim = self.heads, self.head_dim
+        sentences = cache.keys.size(0) // heads
+        beams = q.size(0) // (sentences * heads)
+        grouped = q.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
+        weights = torch.bmm(grouped, cache.keys.transpose(1, 2))  # (sentences * heads, beams, src_len)
+        if cache.padding is not None:
+            weights.view(sentences, heads, beams, -1).masked_fill_(cache.padding.view(sentences, 1, 1, -1), float("-inf"))
+        probs_float, probs = _softmax(weights)
+        context = torch.bmm(probs, cache.values).view(sentences, heads, beams, head_dim)
+        rows = sentences * beams
+        out = self.out(context.transpose(1, 2).reshape(rows, self.embed_dim))
+        averaged = None
+        if need_weights:
+            averaged = probs_float.view(sentences, heads, beams, -1).float().to(out).mean(dim=1).view(rows, -1)
+        return out, averaged
 
 
 class LayerStep:
