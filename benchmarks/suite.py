@@ -55,11 +55,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmark suite: begin -->", "<!-- benchmark suite: end -->"
 STOCK, FAST = "fairseq stock", "fairseq fast"
 FAST_ONLY = {"fast": FastGeneratorConfig(on_unsupported="error")}
+_PIPELINED = [*pipeline.PLUGIN, "--task", "translation_fast", "--generator", "fast"]
 PIPELINE_VARIANTS = {
     "stock": [],
-    "fast": [*pipeline.PLUGIN, "--task", "translation_fast", "--generator", "fast"],
+    "fast": _PIPELINED,
+    # the kernel tiers that round differently (--fast-kernels), engines of their own
+    **{name: [*_PIPELINED, "--fast-kernels", tier] for name, tier in peers.FAST_TIERS.items()},
 }
 NGRAM_NOT_COMPARED = "n/a: stock's blocker bans nothing here"
+BASE_MAX_LEN = 40  # the random-weight base model's length limit (as the mt-base search cases)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Job:
     case: Optional[Case] = None  # search
     sentences: int = 0  # e2e and peers: the first N test verses (0: all of the data-bin)
     batch: int = 32  # peers
+    random_base: bool = False  # peers: a random-weight transformer-base-sized checkpoint (peers.py)
 
 
 MT_BASE = dict(max_len_a=0, max_len_b=40)
@@ -124,7 +129,8 @@ def jobs(quick: bool = False) -> List[Job]:
         ("lm-top-p", 32, 32, dict(beam=1, sampling=True, sampling_topp=0.9, **LM)),
     ]
     suite += [Job(name, "search", Case("lm-base", batch, n, (16, 128), options)) for name, batch, n, options in lm_cases]
-    return suite + [Job("e2e-pipeline", "e2e"), Job("peers", "peers", sentences=512, batch=32)]
+    peer_jobs = [Job("peers", "peers", sentences=512, batch=32), Job("peers", "peers", sentences=64, batch=32, random_base=True)]
+    return suite + [Job("e2e-pipeline", "e2e"), *peer_jobs]
 
 
 # --- one job -> rows ----------------------------------------------------------------------------
@@ -159,15 +165,20 @@ BLEU_IN_SCORE_LINE = re.compile(r"BLEU = ([0-9.]+)")
 def e2e_rows(job: Job, result: Dict, sentences: int, batching: str) -> List[Row]:
     """Rows of a ``pipeline.bench`` result with ``PIPELINE_VARIANTS``."""
     rows = []
-    for label, engine in (("stock", STOCK), ("fast", FAST)):
+    for label in PIPELINE_VARIANTS:
+        engine = {"stock": STOCK, "fast": FAST}.get(label, label)
         found = BLEU_IN_SCORE_LINE.search(result["score_line"][label])
         same = "reference" if label == "stock" else "100% (byte-identical file)" if result["identical"][label] else "NO"
+        if label in peers.FAST_TIERS and not result["identical"][label]:
+            same = "file differs (rounds differently)"
+        flags = " ".join(PIPELINE_VARIANTS[label][len(pipeline.PLUGIN) :])
+        loop = f"generation loop {result['loop_seconds'][label]:.1f} s, {result['loop_ratio'][label]:.2f}x stock's"
         rows.append(
             Row(
                 job.name, "real-mt", batching, sentences, engine,
                 sent_s=sentences / result["seconds"][label], ratio=result["ratio"][label], identical=same,
                 bleu=float(found.group(1)) if found else None, rss=result["rss"][label],
-                note="whole fairseq-generate run" + (" (--task translation_fast --generator fast)" if label == "fast" else ""),
+                note="whole fairseq-generate run" + (f" ({flags})" if flags else "") + f"; {loop}",
             )
         )  # fmt: skip
     return rows
@@ -175,14 +186,16 @@ def e2e_rows(job: Job, result: Dict, sentences: int, batching: str) -> List[Row]
 
 def peer_rows(job: Job, rows: Sequence[peers.Row]) -> List[Row]:
     engines = {peers.STOCK: STOCK, peers.FAST: FAST}
+    model = "base (random weights)" if job.random_base else "real-mt"
+    length = f"; at most {BASE_MAX_LEN} tokens (random weights run to the limit)" if job.random_base else ""
     out = []
     for row in rows:
         identical = "reference" if row.engine == peers.STOCK else "-" if row.differs is None else f"{1 - row.differs:.1%}"
         out.append(
             Row(
-                job.name, "real-mt", str(job.batch), job.sentences, engines.get(row.engine, row.engine),
-                sent_s=row.sent_s, ratio=row.ratio, identical=identical, bleu=row.bleu,
-                rss=row.rss, note=row.note,
+                job.name, model, str(job.batch), job.sentences, engines.get(row.engine, row.engine),
+                sent_s=row.sent_s, ratio=row.ratio, identical=identical,
+                bleu=None if job.random_base else row.bleu, rss=row.rss, note=row.note + length,
             )
         )  # fmt: skip
     return out
@@ -203,7 +216,11 @@ class Runner:
             return self._e2e(job)
         if self.device != "cpu":
             return [Row(job.name, "real-mt", str(job.batch), job.sentences, "-", note="peers run on the CPU only")]
-        return peer_rows(job, peers.compare(sentences=job.sentences, batch_size=job.batch, threads=self.threads, repeats=self.repeats))
+        compared = peers.compare(
+            sentences=job.sentences, batch_size=job.batch, threads=self.threads, repeats=self.repeats,
+            max_len_b=BASE_MAX_LEN if job.random_base else peers.MAX_LEN_B, random_base=job.random_base,
+        )  # fmt: skip
+        return peer_rows(job, compared)
 
     def _e2e(self, job: Job) -> List[Row]:
         with tempfile.TemporaryDirectory() as workdir:
@@ -333,7 +350,9 @@ def replace_section(document: Path, section: str) -> None:
 
 
 def job_label(job: Job) -> str:
-    return f"{job.name} {job.case.model} b{job.case.batch_size}" if job.case else job.name
+    if job.case:
+        return f"{job.name} {job.case.model} b{job.case.batch_size}"
+    return f"{job.name} base" if job.random_base else job.name
 
 
 def merged(previous: Sequence[Row], rerun: Sequence[Row]) -> List[Row]:

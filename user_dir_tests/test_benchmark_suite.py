@@ -49,16 +49,22 @@ def test_search_rows_take_ratios_and_agreement_from_the_result():
 
 def test_e2e_rows_read_bleu_from_each_score_line():
     job = Job("e2e-pipeline", "e2e")
+    labels = list(suite.PIPELINE_VARIANTS)  # stock, fast, then the tiers that round differently
+    seconds = dict(zip(labels, (10.0, 8.0, 6.0, 5.0)))
     result = {
-        "seconds": {"stock": 10.0, "fast": 8.0},
-        "ratio": {"stock": 1.0, "fast": 1.25},
-        "identical": {"stock": True, "fast": True},
-        "rss": {"stock": RssPeak(), "fast": RssPeak()},
-        "score_line": {"stock": "Generate test with beam=5: BLEU = 36.75 70.1/44.0", "fast": "BLEU = 36.75 x"},
+        "seconds": seconds,
+        "ratio": {label: 10.0 / value for label, value in seconds.items()},
+        "loop_seconds": {label: value / 2 for label, value in seconds.items()},
+        "loop_ratio": {label: 10.0 / value for label, value in seconds.items()},
+        "identical": dict(zip(labels, (True, True, False, False))),
+        "rss": {label: RssPeak() for label in labels},
+        "score_line": dict(zip(labels, ("Generate test with beam=5: BLEU = 36.75 70.1/44.0", "BLEU = 36.75 x", "BLEU = 36.76", "BLEU = 36.5"))),
     }
-    stock, fast = suite.e2e_rows(job, result, 1004, "--max-tokens 4096")
+    stock, fast, fused, int8 = suite.e2e_rows(job, result, 1004, "--max-tokens 4096")
     assert stock.sent_s == pytest.approx(100.4) and fast.sent_s == pytest.approx(125.5)
     assert stock.bleu == fast.bleu == 36.75 and fast.identical.startswith("100%")
+    assert fused.bleu == 36.76 and int8.bleu == 36.5 and int8.identical == "file differs (rounds differently)"
+    assert "--fast-kernels int8" in int8.note and "generation loop 2.5 s, 2.00x stock's" in int8.note
 
 
 def test_peak_rss_sees_memory_allocated_inside_the_block():

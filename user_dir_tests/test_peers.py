@@ -28,8 +28,9 @@ def test_summarize_medians_ratios_and_missing_engines():
     times = {STOCK: [2.0, 4.0, 9.0], FAST: [2.0, 3.0, 5.0], CT2_FP32: [1.0, 1.0, 0.5]}
     outputs = {STOCK: ["a", "b", "c", "d"], FAST: ["a", "b", "c", "d"], CT2_FP32: ["a", "b", "x", "d"]}
     rows = peers.summarize(times, outputs, 8, {STOCK: 30.0}, {CT2_INT8: "conversion failed: X"})
-    assert [row.engine for row in rows] == [STOCK, FAST, CT2_FP32, CT2_INT8]
-    stock, fast, ct2, int8 = rows
+    assert [row.engine for row in rows] == [STOCK, FAST, *peers.FAST_TIERS, CT2_FP32, CT2_INT8]
+    stock, fast, fused, quantized, ct2, int8 = rows
+    assert fused.sent_s is None and quantized.note == "not run"  # an engine that did not run
     assert stock.sent_s == 2.0 and stock.ratio == 1.0 and stock.differs == 0.0 and stock.bleu == 30.0
     assert fast.sent_s == 8 / 3 and fast.ratio == pytest.approx(4 / 3) and fast.differs == 0.0
     assert ct2.sent_s == 8.0 and ct2.ratio == 4.0 and ct2.differs == 0.25 and ct2.bleu is None
