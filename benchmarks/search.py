@@ -55,13 +55,17 @@ FAST_VARIANTS = {
     "+enc-kv": FastGeneratorConfig(**_MODULES, self_attn_cache="stock", encoder_projection="per_sentence"),
     "+cache": FastGeneratorConfig(**_MODULES),
     "fast": FastGeneratorConfig(on_unsupported="error"),
+    # The kernel tiers that round differently (--fast-kernels): scores within rounding for
+    # fused; int8 changes some outputs (its agreement is in the table).
+    "fused": FastGeneratorConfig(on_unsupported="error", kernels="fused"),
+    "int8": FastGeneratorConfig(on_unsupported="error", kernels="int8"),
     # Choices equal to fairseq's up to rounding only (not the default): grouped queries over
     # encoder keys/values once per sentence, and EL-attention (no encoder keys/values).
     "grouped": FastGeneratorConfig(on_unsupported="error", encoder_projection="grouped"),
     "el": FastGeneratorConfig(on_unsupported="error", encoder_projection="el_attention"),
 }
 # Their scores are compared within this.
-ROUNDING_TOLERANCE = {"grouped": 1e-4, "el": 1e-4}
+ROUNDING_TOLERANCE = {"grouped": 1e-4, "el": 1e-4, "fused": 1e-4}
 # What counts as time in the model: fairseq's ensemble calls (stock), the fast loop's model steps.
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
 STEP_METHODS = ("start", "decode", "reorder")
