@@ -39,7 +39,9 @@ ENGINES = (peers.STOCK, peers.FAST, *peers.FAST_TIERS, peers.CT2_FP32, peers.CT2
 # (category, regular expression on "dso symbol"), first match wins.
 CATEGORIES: List[Tuple[str, str]] = [
     ("kernel (page faults, system calls)", r"\[kernel|\[k\]"),
-    ("matrix products (sgemm/sgemv kernels)", r"sgemm|sgemv|gemm_|_gemm|dnnl.*(brgemm|jit_avx512_core_f32)"),
+    # oneDNN's and fbgemm's kernels are generated at run time: perf sees them as JIT code
+    # ("[JIT] tid ..." or "[unknown]") or, for fbgemm's packing and requantization, by name.
+    ("matrix products (BLAS, oneDNN, fbgemm; JIT code)", r"sgemm|sgemv|gemm_|_gemm|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
     ("copies (memmove, copy/index/gather kernels)", r"memmove|memcpy|copy_kernel|index_select|index_kernel|cpu_index|gather|transpose|[Cc]oncat|scopy"),
     ("softmax, log-softmax, exp", r"softmax|Sleef|exp[fF]?\d*|vml.*Exp"),
     ("top-k", r"topk|TopK|adjust_heap|nth_element|partial_sort"),

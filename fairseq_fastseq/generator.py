@@ -333,7 +333,7 @@ def accelerate(
             logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")
             fast.kernels = kernel_tier(knobs.kernels, fast.model.models)
         else:
-            logger.info("decoder step: fairseq's modules (%s is not covered by the lean step)", reason)
+            logger.info("decoder step: fairseq's modules (outside the lean step: %s)", reason)
             logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
             if knobs.kernels != "exact":
                 logger.warning("kernels: exact (--fast-kernels %s needs the lean decoder step)", knobs.kernels)

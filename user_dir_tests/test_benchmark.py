@@ -143,10 +143,10 @@ def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, caps
 
 
 def test_ngram_case_compares_the_rounding_variants_with_fast():
-    """Stock bans nothing on the CPU, so grouped/EL are checked against the bitwise fast."""
+    """Stock bans nothing on the CPU, so grouped/EL/fused are checked against the bitwise fast."""
     case = Case("mt-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=4, no_repeat_ngram_size=2))
     row = bench_case("tiny-ngram", case, repeats=1, models={})
-    assert row["identical"] is None and set(row["same_as_fast"]) == {"grouped", "el"}
+    assert row["identical"] is None and set(row["same_as_fast"]) == {"grouped", "el", "fused"}
     assert all(same == total == 2 * 2 for same, total, _ in row["same_as_fast"].values())  # 2 sentences x 2 beams
     cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
     assert "grouped: 4/4 same tokens as fast" in cell and "el: 4/4 same tokens as fast" in cell
@@ -155,7 +155,16 @@ def test_ngram_case_compares_the_rounding_variants_with_fast():
 def test_a_variant_that_differs_is_named_in_the_table(tiny_row):
     row = dict(tiny_row, identical=False, differing={"el": (5, 6, 2e-5)}, max_score_diff=2e-5)
     cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
-    assert "| NO: el 5/6 same tokens; max score diff 2.0e-05 |" in cell
+    assert "| NO: el 5/6 same tokens; max score diff 2.0e-05" in cell
+
+
+def test_int8_agreement_is_reported_beside_the_verdict_not_in_it(tiny_row):
+    """int8 rounds differently by design: the identical column counts only the exact and
+    rounding-only variants and names int8's share after the verdict."""
+    row = dict(tiny_row, approximate={"int8": (4, 6, 0.3)})
+    cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
+    assert "| yes; int8: 4/6 same tokens |" in cell
+    assert "int8" not in tiny_row["differing"] and "int8" in tiny_row["approximate"]
 
 
 def test_real_mt_bleu_scores_each_verse_against_its_own_reference():
@@ -164,3 +173,21 @@ def test_real_mt_bleu_scores_each_verse_against_its_own_reference():
     case = Case("real-mt", batch_size=4, sentences=12, source_tokens=None, options=dict(beam=2))
     row = bench_case("tiny-real", case, repeats=1, models={}, variants={"fast": FAST_VARIANTS["fast"]})
     assert row["bleu"]["stock"] > 20
+
+
+def test_perf_samples_of_generated_gemm_code_count_as_matrix_products():
+    """oneDNN's and fbgemm's kernels are JIT code to perf: once filed under "other"."""
+    from benchmarks.kernel_profile import OTHER, parse_perf_report
+
+    report = "\n".join(
+        [
+            "    40.00%  libmkl_avx512.so.2  [.] mkl_blas_avx512_sgemm_kernel_0",
+            "    20.00%  [JIT] tid 4242      [.] 0x00007f3a1c0d2000",
+            "    10.00%  libtorch_cpu.so     [.] fbgemm::ReQuantizeOutput<true>::f",
+            "     5.00%  [unknown]           [.] 0x00007f3a1c0d2100",
+            "    25.00%  libpython3.11.so    [.] _PyEval_EvalFrameDefault",
+        ]
+    )
+    shares = parse_perf_report(report)
+    matrix = next(name for name in shares if name.startswith("matrix products"))
+    assert abs(shares[matrix] - 0.75) < 1e-9 and OTHER not in shares

@@ -174,8 +174,8 @@ def test_lstm_falls_back_to_fairseqs_modules_with_the_reason(toy_models, caplog)
     with caplog.at_level(logging.INFO, logger="fairseq_fastseq.generator"):
         accelerate(task.build_generator(models, GenerationConfig(beam=2)), FastGeneratorConfig())
     assert (
-        "decoder step: fairseq's modules (LSTMModel's decoder is LSTMDecoder, not fairseq's transformer decoder "
-        "is not covered by the lean step)" in caplog.text
+        "decoder step: fairseq's modules (outside the lean step: LSTMModel's decoder is LSTMDecoder, "
+        "not fairseq's transformer decoder)" in caplog.text
     )
 
 
