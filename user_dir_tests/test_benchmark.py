@@ -191,3 +191,14 @@ def test_perf_samples_of_generated_gemm_code_count_as_matrix_products():
     shares = parse_perf_report(report)
     matrix = next(name for name in shares if name.startswith("matrix products"))
     assert abs(shares[matrix] - 0.75) < 1e-9 and OTHER not in shares
+
+
+def test_kernel_swaps_times_every_swapped_kernel_and_shows_its_difference():
+    from benchmarks import bible, kernel_swaps
+
+    rows = kernel_swaps.measure(bible.load()[0], batches=[2], beam=2, source_len=7, budget=1e-4, repeats=1)
+    assert len(rows) == 6 and {row["rows"] for row in rows} == {4}
+    assert all(row["fused_diff"] < 1e-3 for row in rows)  # fused rounds differently, no more
+    assert max(row["int8_diff"] for row in rows) > 1e-3  # int8 really runs int8
+    table = kernel_swaps.markdown(rows, "title").splitlines()
+    assert len(table) == 4 + 6 and table[2].count("|") == table[-1].count("|")

@@ -94,7 +94,6 @@ class SelfAttentionStep(_Attention):
         return self.output(torch.bmm(probs, values), rows)
 
 
-
 class CrossAttentionStep(_Attention):
     def start(self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, layout: str) -> CrossAttentionCache:
         """Project the encoder output (src_len, sentences, dim) to this layer's keys and values.
