@@ -136,6 +136,7 @@ class FusedKernels(ExactKernels):
 
         return projections
 
+
 class Int8Kernels(FusedKernels):
     """``fused`` with dynamic int8 linear layers (fbgemm), the output projection included."""
 
@@ -225,8 +226,8 @@ TIERS = {"exact": ExactKernels, "fused": FusedKernels, "int8": Int8Kernels}
 # What each tier that rounds differently was measured to change (``benchmarks.peers``,
 # ``BENCHMARKS.md`` "Kernel tiers"): said in the log when it is chosen.
 MEASURED = {
-    "fused": "not yet measured",
-    "int8": "not yet measured",
+    "fused": "the same text as stock's for all 1,004 Bible test verses, BLEU equal",
+    "int8": "23% of the 1,004 Bible test verses translated differently, BLEU 36.75 -> 36.69",
 }
 
 
