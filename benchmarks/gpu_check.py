@@ -37,7 +37,8 @@ from fairseq.dataclass.configs import GenerationConfig
 
 from benchmarks.search import FAST_VARIANTS, SCORE_TOLERANCE, Case, agreement, build_model, check_device, make_batches
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.generator import FastSequenceGenerator
 from fairseq_fastseq.ngram import block_repeated_ngrams
 from user_dir_tests.equivalence import assert_same_hypotheses, generate_all, load
 from user_dir_tests.naive import WithoutSampleIds, banned_next_tokens, with_correct_ngram_blocking

@@ -27,7 +27,7 @@ import torch
 from fairseq.dataclass.configs import GenerationConfig
 
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import accelerate
+from fairseq_fastseq.choice import accelerate
 
 from .search import CASES, build_model, cpu_name, make_batches
 

@@ -29,7 +29,7 @@ def child(case_json: str, label: str) -> Dict:
     """One measurement, in this process, of the case given as JSON."""
     from fairseq.dataclass.configs import GenerationConfig
 
-    from fairseq_fastseq.generator import accelerate
+    from fairseq_fastseq.choice import accelerate
 
     from .memory import peak_rss
     from .search import build_model, make_batches

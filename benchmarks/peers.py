@@ -150,7 +150,8 @@ def fairseq_engines(
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
-    from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+    from fairseq_fastseq.choice import accelerate
+    from fairseq_fastseq.generator import FastSequenceGenerator
 
     model, task = bible.load(Path(model_path), Path(data_dir))
     # fairseq-generate's defaults: max_len_a 0, min_len 1, lenpen 1 (max_len_b 200).

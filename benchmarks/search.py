@@ -41,7 +41,8 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_fastseq import logit_edits, model_steps
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.demo import read_lines
-from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.generator import FastSequenceGenerator
 
 from . import bible
 from .memory import RssPeak, highest, peak_rss

@@ -1,18 +1,16 @@
-"""The fast sequence generator and the decision to use it or fall back to stock."""
+"""The fast sequence generator: fairseq's search strategies in a loop of named steps over
+the lean decoder step (or fairseq's modules). Whether a search gets it: ``choice.py``."""
 
-import logging
 from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
 from typing import ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from fairseq import utils
 from fairseq.search import DiverseBeamSearch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator, SequenceGeneratorWithAlignment
-from fairseq.sequence_scorer import SequenceScorer
 from torch import Tensor
 
-from .attention import cache_steps, decoder_beam_size, describe, fast_attention
+from .attention import cache_steps, decoder_beam_size, fast_attention
 from .beam_step import adds_in_place, beam_step_in_place
 from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
@@ -22,31 +20,7 @@ from .logit_edits import edits_for_batch
 from .model_steps import LeanSteps, ModuleSteps
 from .search_state import Candidates, SearchState
 from .step.coverage import why_not_lean
-from .step.kernels import ExactKernels, kernel_tier
-
-logger = logging.getLogger(__name__)
-
-
-class UnsupportedByFastGenerator(ValueError):
-    """Raised for an option the fast generator cannot honour under ``on_unsupported=error``."""
-
-
-# Whether a caller may read the hypotheses' attention (set by ``attention_unread``).
-_ATTENTION_READ: ContextVar[bool] = ContextVar("fastseq_attention_read", default=True)
-
-
-@contextmanager
-def attention_unread() -> Iterator[None]:
-    """Within the block, fast generators built leave the attention over the source out of
-    their hypotheses (an empty tensor, as fairseq gives for a model without one), except the
-    alignment generator, which needs it: for callers that read none, such as
-    fairseq-generate and fairseq-interactive without ``--print-alignment``."""
-    token = _ATTENTION_READ.set(False)
-    try:
-        yield
-    finally:
-        _ATTENTION_READ.reset(token)
-
+from .step.kernels import ExactKernels
 
 # The knobs' values that the lean decoder step implements (the bitwise defaults).
 _LEAN_KNOBS = {"decoder_step": "lean", "self_attn_cache": "time_major", "encoder_projection": "per_sentence"}
@@ -296,54 +270,3 @@ def _options_of(stock: SequenceGenerator) -> Dict:
         lm_model=stock.lm_model,
         lm_weight=stock.lm_weight,
     )
-
-
-# The fast generator for each stock generator class it replaces.
-_FAST_EQUIVALENT = {
-    SequenceGenerator: FastSequenceGenerator,
-    SequenceGeneratorWithAlignment: FastSequenceGeneratorWithAlignment,
-}
-
-# What the stock build_generator returns for options we hand back to it, and why.
-_FALLBACK_REASONS = {
-    SequenceScorer: "--score-reference (scores the reference with fairseq's SequenceScorer)",
-}
-
-
-def accelerate(
-    stock: object, knobs: FastGeneratorConfig
-) -> Union[FastSequenceGenerator, object]:
-    """Return the fast equivalent of a generator built by fairseq, or ``stock`` itself."""
-    if isinstance(stock, FastSequenceGenerator):
-        return stock
-    fast_cls = _FAST_EQUIVALENT.get(type(stock))
-    if fast_cls is not None and stock.beam_size < 1:
-        # Stock fails later with "cannot reshape tensor of 0 elements ...".
-        raise ValueError(f"--beam must be at least 1 (got {stock.beam_size}); --beam 1 is greedy search.")
-    if fast_cls is not None:
-        logger.info("generator: fast (%s)", fast_cls.__name__)
-        fast = fast_cls.from_stock(stock)
-        # Set after construction: the stock generator holds suppressed tokens as indices,
-        # its constructor takes them as strings.
-        fast.token_indices_to_suppress = stock.token_indices_to_suppress
-        fast.knobs = knobs
-        fast.need_attention = _ATTENTION_READ.get() or isinstance(fast, FastSequenceGeneratorWithAlignment)
-        reason = fast.why_not_lean()
-        if reason is None:
-            logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")
-            fast.kernels = kernel_tier(knobs.kernels, fast.model.models)
-        else:
-            logger.info("decoder step: fairseq's modules (outside the lean step: %s)", reason)
-            logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
-            if knobs.kernels != "exact":
-                logger.warning("kernels: exact (--fast-kernels %s needs the lean decoder step)", knobs.kernels)
-        return fast
-    reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
-    if knobs.on_unsupported == "error":
-        raise UnsupportedByFastGenerator(
-            f"--generator fast cannot handle {reason}. Drop that option, use "
-            "--generator stock, or pass --fast-on-unsupported fallback to run fairseq's "
-            "stock generator for it."
-        )
-    logger.info("generator: stock %s, fallback for %s", type(stock).__name__, reason)
-    return stock

@@ -12,9 +12,9 @@ has the same table):
 |---|---|---|---|
 | 1 | ``fairseq.options.parse_args_and_arch`` (``hook.py``) | ``--generator`` gets its help and every parser the ``--fast-*`` knobs (``registry.add_generator_arguments``); a knob without ``--generator fast`` is argparse's error naming it | every fairseq command line |
 | 2 | ``fairseq.dataclass.utils.override_module_args`` (``hook.py``) | ``--fast-*`` values become ``fastseq.*`` overrides; a tokenizer's ``source_lang``/``target_lang=null``, which omegaconf refuses, gets the data-bin's languages (``languages.py``) | every command line turned into a config |
-| 3 | ``build_generator`` of ``FairseqTask`` and ``TranslationFromPretrainedBARTTask`` (``hook.py``; the latter overrides it without ``super()``) | after the stock method built its generator: an unknown ``generator=`` is an error; ``generator=fast`` swaps in ours (``generator.accelerate``) and sets the intra-op threads (``threads.py``) | each generator built |
-| 4 | ``fairseq_cli.generate.main``, also as ``__main__`` of ``python -m fairseq_cli.generate`` (``hook.py``) | ``--task translation_fast`` runs ``pipeline.main``; with ``--generator fast``, a torchrun job of a task that does not shard stops (``distributed.py``), and load errors name their cause (``errors.py``); both run under ``generator.attention_unread`` (the output prints no attention, so the search keeps none) | each fairseq-generate run |
-| 5 | ``fairseq_cli.interactive.main``, also as ``__main__`` (``hook.py``) | with ``--generator fast``, runs under ``generator.attention_unread`` | each fairseq-interactive run |
+| 3 | ``build_generator`` of ``FairseqTask`` and ``TranslationFromPretrainedBARTTask`` (``hook.py``; the latter overrides it without ``super()``) | after the stock method built its generator: an unknown ``generator=`` is an error; ``generator=fast`` swaps in ours (``choice.accelerate``) and sets the intra-op threads (``threads.py``) | each generator built |
+| 4 | ``fairseq_cli.generate.main``, also as ``__main__`` of ``python -m fairseq_cli.generate`` (``hook.py``) | ``--task translation_fast`` runs ``pipeline.main``; with ``--generator fast``, a torchrun job of a task that does not shard stops (``distributed.py``), and load errors name their cause (``errors.py``); both run under ``choice.attention_unread`` (the output prints no attention, so the search keeps none) | each fairseq-generate run |
+| 5 | ``fairseq_cli.interactive.main``, also as ``__main__`` (``hook.py``) | with ``--generator fast``, runs under ``choice.attention_unread`` | each fairseq-interactive run |
 | 6 | Hydra schema node ``config`` (``config.extend_hydra_schema``) | re-stored as fairseq's ``FairseqConfig`` plus ``generator`` and ``fastseq`` | at import (fields with defaults: inert) |
 | 7 | torch's safe unpickler (``safe_load.py``) | allow-lists the plain-data classes of fairseq checkpoints | at import, every ``torch.load`` |
 | 8 | ``batch_by_size`` of the dataset object (``tasks.py``) | set on that object for one ``get_batch_iterator`` call: the sentences fairseq's batching drops get one more batch | ``--task translation_fast`` |
@@ -45,7 +45,8 @@ from . import pipeline
 from .config import FastGeneratorConfig
 from .distributed import refuse_unsharded_run
 from .errors import clear_load_errors
-from .generator import FastSequenceGenerator, accelerate, attention_unread
+from .choice import accelerate, attention_unread
+from .generator import FastSequenceGenerator
 from .languages import with_inferred_languages
 from .registry import add_generator_arguments, check_knobs_need_fast, checked_choice, knobs_from_namespace
 from .tasks import PIPELINED_TASKS

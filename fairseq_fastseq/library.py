@@ -50,7 +50,7 @@ class FastGenerator:
     def generate(self, sentences: Union[Sequence[str], Mapping[Hashable, str]]) -> Dict[Hashable, str]:
         """Translations keyed like the input: by the mapping's keys, or by position."""
         keyed = dict(sentences) if isinstance(sentences, Mapping) else dict(enumerate(sentences))
-        from .generator import attention_unread
+        from .choice import attention_unread
 
         with attention_unread():  # text out: no attention read
             translations = self._loaded().translate(list(keyed.values()), generator="fast", **self.generation)

@@ -16,7 +16,8 @@ from fairseq.dataclass.configs import GenerationConfig
 from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.generator import FastSequenceGenerator
 
 SCORE_TOLERANCE = 0.0  # exact
 Hypotheses = List[List[Dict[str, Any]]]

@@ -135,7 +135,7 @@ def test_fast_generator_uses_each_optimization_per_knob(toy_models, monkeypatch,
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
-    from fairseq_fastseq.generator import accelerate
+    from fairseq_fastseq.choice import accelerate
 
     from .equivalence import load
 

@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.generator import FastSequenceGenerator
 
 from .equivalence import assert_same_hypotheses
 from .naive import with_correct_ngram_blocking

@@ -12,7 +12,8 @@ from fairseq.sequence_generator import EnsembleModel
 from torch import nn
 
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import FastSequenceGenerator, accelerate
+from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.generator import FastSequenceGenerator
 from fairseq_fastseq.model_steps import LeanSteps
 from fairseq_fastseq.step import kernels
 

@@ -16,7 +16,7 @@ from fairseq.sequence_generator import EnsembleModel
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import accelerate
+from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
 from fairseq_fastseq.step import caches
 from fairseq_fastseq.step.coverage import why_not_lean

@@ -11,7 +11,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 
 from fairseq_fastseq.attention import SentenceProjectedEncoderAttention, TimeMajorCachedSelfAttention
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import accelerate
+from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.models import (
     FastBARTModel,
     FastTransformerLanguageModel,

@@ -96,7 +96,7 @@ def test_grouped_attends_without_per_beam_copies_and_restores_beam_sizes(toy_mod
     path, fed one copy of the encoder output per sentence."""
     from fairseq.dataclass.configs import GenerationConfig
 
-    from fairseq_fastseq.generator import accelerate
+    from fairseq_fastseq.choice import accelerate
 
     from .equivalence import load
 

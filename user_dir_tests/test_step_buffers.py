@@ -14,7 +14,7 @@ from fairseq.sequence_generator import EnsembleModel
 from fairseq_fastseq.beam_step import adds_in_place, beam_step_in_place
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.ensemble import BufferedEnsembleModel
-from fairseq_fastseq.generator import accelerate
+from fairseq_fastseq.choice import accelerate
 
 from .equivalence import load
 

@@ -12,7 +12,7 @@ from fairseq.dataclass.configs import GenerationConfig
 
 from fairseq_fastseq import hook
 from fairseq_fastseq.config import FastGeneratorConfig
-from fairseq_fastseq.generator import accelerate, attention_unread
+from fairseq_fastseq.choice import accelerate, attention_unread
 
 from .equivalence import load
 
@@ -46,7 +46,7 @@ def test_the_alignment_generator_keeps_its_attention(toy_models):
 @pytest.mark.parametrize("route", [hook._route_generate_main, hook._route_interactive_main])
 @pytest.mark.parametrize("choice, read", [("fast", False), ("stock", True), (None, True)])
 def test_the_cli_wrappers_run_fast_generation_with_attention_unread(route, choice, read):
-    from fairseq_fastseq.generator import _ATTENTION_READ
+    from fairseq_fastseq.choice import _ATTENTION_READ
 
     seen = []
     routed = route(lambda cfg: seen.append(_ATTENTION_READ.get()))
