@@ -428,14 +428,18 @@ def _identical_cell(row: Dict, device: str, dtype: str) -> str:
             for label, (same, total, diff) in row["same_as_fast"].items()
         )
         return NGRAM_NOT_COMPARED[device] + versus_fast
-    share = f"{row['same_tokens']:.1%} (max score diff {row['max_score_diff']:.1e})"
     approximate = "".join(f"; {label}: {same}/{total} same tokens" for label, (same, total, _) in row.get("approximate", {}).items())
-    if dtype == "fp32":
-        if row["identical"]:
-            return "yes" + approximate
-        which = ", ".join(f"{label} {same}/{total} same tokens" for label, (same, total, _) in row["differing"].items())
-        return f"NO: {which}; max score diff {row['max_score_diff']:.1e}" + approximate
-    return share + approximate
+    return _verdict(row, dtype) + approximate
+
+
+def _verdict(row: Dict, dtype: str) -> str:
+    """fp32: whether every variant gave stock's output (else which did not); fp16: the share."""
+    if dtype != "fp32":
+        return f"{row['same_tokens']:.1%} (max score diff {row['max_score_diff']:.1e})"
+    if row["identical"]:
+        return "yes"
+    which = ", ".join(f"{label} {same}/{total} same tokens" for label, (same, total, _) in row["differing"].items())
+    return f"NO: {which}; max score diff {row['max_score_diff']:.1e}"
 
 
 def markdown(rows: List[Dict], threads: int, repeats: int, device: str = "cpu", dtype: str = "fp32") -> str:
