@@ -8,12 +8,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Union
 
+import torch
 from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
 from fairseq.sequence_scorer import SequenceScorer
 
 from .attention import describe
 from .config import FastGeneratorConfig
 from .generator import FastSequenceGenerator, FastSequenceGeneratorWithAlignment
+from .static_loop import SYNC_EVERY, why_not_static
 from .step.kernels import kernel_tier
 
 logger = logging.getLogger("fairseq_fastseq.generator")  # the log lines users grep for keep their logger
@@ -79,6 +81,7 @@ def accelerate(
             logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))
             if knobs.kernels != "exact":
                 logger.warning("kernels: exact (--fast-kernels %s needs the lean decoder step)", knobs.kernels)
+        _choose_search_loop(fast, knobs.cuda_graphs)
         return fast
     reason = _FALLBACK_REASONS.get(type(stock), type(stock).__name__)
     if knobs.on_unsupported == "error":
@@ -89,3 +92,19 @@ def accelerate(
         )
     logger.info("generator: stock %s, fallback for %s", type(stock).__name__, reason)
     return stock
+
+
+def _choose_search_loop(fast: FastSequenceGenerator, cuda_graphs: str) -> None:
+    """Static shapes (``static_loop.py``) or the dynamic loop, logged unless nothing asked for
+    it (``auto`` off a GPU, or ``off``)."""
+    device = next(fast.model.parameters(), torch.empty(0)).device
+    reason = why_not_static(fast, cuda_graphs, device)
+    fast.static_loop = reason is None
+    if fast.static_loop:
+        captured = "captured in CUDA graphs" if device.type == "cuda" else "not captured (not on a GPU)"
+        logger.info(
+            "search loop: static shapes (finished sentences masked, a host sync every %d steps), decoder step %s; "
+            "tokens as stock's, scores equal up to rounding", SYNC_EVERY, captured,
+        )  # fmt: skip
+    elif cuda_graphs == "on" or (cuda_graphs == "auto" and device.type == "cuda"):
+        logger.warning("search loop: dynamic shapes, no CUDA graphs (--fast-cuda-graphs %s does not cover %s)", cuda_graphs, reason)

@@ -19,6 +19,7 @@ DECODER_STEP_CHOICES = ChoiceEnum(["lean", "fairseq"])
 KERNELS_CHOICES = ChoiceEnum(["exact", "fused", "int8"])
 SELF_ATTN_CACHE_CHOICES = ChoiceEnum(["time_major", "stock"])
 ENCODER_PROJECTION_CHOICES = ChoiceEnum(["per_sentence", "per_beam", "grouped", "el_attention"])
+CUDA_GRAPHS_CHOICES = ChoiceEnum(["auto", "on", "off"])
 
 # Prefix of the knobs' command-line flags: --fast-on-unsupported etc.
 FLAG_PREFIX = "fast"
@@ -71,6 +72,17 @@ class FastGeneratorConfig(FairseqDataclass):
             "and attends to the encoder output with projected queries (EL-attention: less "
             "memory, more compute). 'grouped' and 'el_attention' equal fairseq's up to rounding: "
             "scores differ in the last bits and a near-tie may pick another token"
+        },
+    )
+    cuda_graphs: CUDA_GRAPHS_CHOICES = field(
+        default="auto",
+        metadata={
+            "help": "the static-shape search loop (finished sentences masked, not dropped; a host "
+            "sync every few steps, not every step) with its decoder step captured in CUDA graphs "
+            "and replayed: 'auto' runs it on a GPU for the searches it covers (plain beam search "
+            "and greedy on the lean step), 'on' also on CPU, uncaptured (to check it), 'off' never. "
+            "Tokens equal stock's; scores equal up to rounding (the self-attention spans a bucket "
+            "of 16 positions with the rest masked)"
         },
     )
     threads: str = field(

@@ -64,22 +64,13 @@ class FinishedHypotheses:
         rows, cols = accepted.nonzero(as_tuple=True)
         if rows.numel() > 0:
             bbsz_idx = eos_bbsz_idx[rows, cols]
-            hypo_tokens = tokens.index_select(0, bbsz_idx)[:, 1 : step + 2]
-            hypo_tokens[:, step] = eos
-            positional = scores.index_select(0, bbsz_idx)[:, : step + 1]
-            final_scores = eos_scores[rows, cols]
-            positional[:, step] = final_scores
-            positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
-            if normalize is not None:
-                final_scores = final_scores / normalize
-            if too_long is not None:
-                final_scores = torch.where(too_long[rows], torch.tensor(-math.inf), final_scores)
+            hypo_tokens, positional = finished_rows(step, bbsz_idx, eos_scores[rows, cols], tokens, scores, eos)
             self._chunks.append(
                 _Chunk(
                     sentences=sentences[rows],
                     slots=slots[rows, cols],
                     tokens=hypo_tokens,
-                    scores=final_scores,
+                    scores=final_scores(eos_scores[rows, cols], normalize, too_long[rows] if too_long is not None else None),
                     positional_scores=positional,
                     attention=(attn.index_select(0, bbsz_idx)[:, :, 1 : step + 2] if attn is not None else None),
                 )
@@ -95,17 +86,48 @@ class FinishedHypotheses:
         slotted: List[Dict[int, Dict[str, Tensor]]] = [{} for _ in range(bsz)]
         for chunk in self._chunks:
             for i, (sentence, slot) in enumerate(zip(chunk.sentences.tolist(), chunk.slots.tolist())):
-                slotted[sentence][slot] = {
-                    "tokens": chunk.tokens[i],
-                    "score": chunk.scores[i],
-                    "attention": chunk.attention[i] if chunk.attention is not None else torch.empty(0),
-                    "alignment": torch.empty(0),
-                    "positional_scores": chunk.positional_scores[i],
-                }
+                attention = chunk.attention[i] if chunk.attention is not None else None
+                slotted[sentence][slot] = hypothesis(chunk.tokens[i], chunk.scores[i], chunk.positional_scores[i], attention)
         for sentence, hypos in enumerate(slotted):
             in_order = [hypos[slot] for slot in sorted(hypos)]
-            # The same call on the same values as fairseq, so ties break the same way.
-            scores = torch.tensor([float(h["score"].item()) for h in in_order])
-            _, ranking = torch.sort(scores, descending=True)
-            finalized[sentence] = [in_order[r] for r in ranking]
+            finalized[sentence] = best_first(in_order, torch.tensor([float(h["score"].item()) for h in in_order]))
         return finalized
+
+
+def finished_rows(step: int, rows: Tensor, eos_scores: Tensor, tokens: Tensor, scores: Tensor, eos: int) -> Tuple[Tensor, Tensor]:
+    """The tokens (k, step + 1), ending in EOS, and per-token scores of the hypotheses
+    ``rows`` (k,) that finish at ``step`` with the cumulative scores ``eos_scores`` (k,)."""
+    hypo_tokens = tokens.index_select(0, rows)[:, 1 : step + 2]
+    hypo_tokens[:, step] = eos
+    positional = scores.index_select(0, rows)[:, : step + 1]
+    positional[:, step] = eos_scores
+    positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
+    return hypo_tokens, positional
+
+
+def final_scores(eos_scores: Tensor, normalize: Optional[float], too_long: Optional[Tensor]) -> Tensor:
+    """fairseq's final scores: divided by the length penalty, -inf where ``too_long``."""
+    if normalize is not None:
+        eos_scores = eos_scores / normalize
+    if too_long is not None:
+        eos_scores = torch.where(too_long, torch.tensor(-math.inf), eos_scores)
+    return eos_scores
+
+
+def hypothesis(tokens: Tensor, score: Tensor, positional_scores: Tensor, attention: Optional[Tensor]) -> Dict[str, Tensor]:
+    """One finished hypothesis as fairseq's generator returns it."""
+    return {
+        "tokens": tokens,
+        "score": score,
+        "attention": attention if attention is not None else torch.empty(0),
+        "alignment": torch.empty(0),
+        "positional_scores": positional_scores,
+    }
+
+
+def best_first(in_order: List[Dict[str, Tensor]], scores: Tensor) -> List[Dict[str, Tensor]]:
+    """A sentence's hypotheses (in the order they finished) sorted by ``scores``, their final
+    scores as a float32 CPU tensor: the same call on the same values as fairseq, so ties
+    break the same way."""
+    _, ranking = torch.sort(scores, descending=True)
+    return [in_order[r] for r in ranking]

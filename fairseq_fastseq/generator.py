@@ -16,9 +16,11 @@ from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
 from .errors import explain_out_of_memory
 from .finished import FinishedHypotheses
+from .graphs import StaticSteps
 from .logit_edits import edits_for_batch
 from .model_steps import LeanSteps, ModuleSteps
 from .search_state import Candidates, SearchState
+from .static_loop import static_search
 from .step.coverage import why_not_lean
 from .step.kernels import ExactKernels
 
@@ -63,6 +65,7 @@ class FastSequenceGenerator(SequenceGenerator):
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.knobs = FastGeneratorConfig()
         self.kernels: ExactKernels = ExactKernels()  # the lean step's tier (``step/kernels.py``)
+        self.static_loop = False  # whether searches run on static shapes (``static_loop.py``)
 
     def attention_options(self) -> Dict[str, Union[bool, str]]:
         """The knobs as ``attention.fast_attention`` arguments."""
@@ -86,8 +89,12 @@ class FastSequenceGenerator(SequenceGenerator):
         bos_token: Optional[int] = None,
     ) -> List[List[Dict[str, Tensor]]]:
         max_len = self._max_len(sample["net_input"])
-        with explain_out_of_memory(sample, self.beam_size), self._model_steps(max_len) as steps:
-            return self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
+        with explain_out_of_memory(sample, self.beam_size):
+            if self.static_loop:
+                steps = StaticSteps(self.model, self.beam_size, max_len + 1, self.need_attention, self.temperature, self.kernels)
+                return static_search(self, sample, max_len, steps, prefix_tokens, constraints, bos_token)
+            with self._model_steps(max_len) as steps:
+                return self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
 
     @contextmanager
     def _model_steps(self, max_len: int) -> Iterator[Union[LeanSteps, ModuleSteps]]:
@@ -125,14 +132,9 @@ class FastSequenceGenerator(SequenceGenerator):
         constraints: Optional[Tensor],
         bos_token: Optional[int],
     ) -> List[List[Dict[str, Tensor]]]:
-        src_tokens, src_lengths = self._source(sample["net_input"])
-        bsz = src_tokens.size(0)
-        self._start_constraints(constraints, max_len)
-        state = SearchState.start(
-            bsz, self.beam_size, max_len, self.eos if bos_token is None else bos_token, self.pad,
-            src_lengths, prefix_tokens, self._search_batch_ids(sample),
-        )  # fmt: skip
-        finished = FinishedHypotheses(bsz, self.beam_size, src_tokens.device)
+        state = self._start_search(sample, max_len, prefix_tokens, constraints, bos_token)
+        bsz = state.bsz
+        finished = FinishedHypotheses(bsz, self.beam_size, state.scores.device)
         edits = edits_for_batch(self, max_len, prefix_tokens is not None)
         steps.start(sample["net_input"], bsz)
 
@@ -155,6 +157,22 @@ class FastSequenceGenerator(SequenceGenerator):
             self.search.update_constraints(active_hypos)
             steps.reorder(self._rows_before_drop(parents, kept), kept)
         return finished.to_hypotheses()
+
+    def _start_search(
+        self,
+        sample: Dict[str, Dict[str, Tensor]],
+        max_len: int,
+        prefix_tokens: Optional[Tensor],
+        constraints: Optional[Tensor],
+        bos_token: Optional[int],
+    ) -> SearchState:
+        """The search strategy's set-up and the hypotheses' state before the first step."""
+        src_tokens, src_lengths = self._source(sample["net_input"])
+        self._start_constraints(constraints, max_len)
+        return SearchState.start(
+            src_tokens.size(0), self.beam_size, max_len, self.eos if bos_token is None else bos_token, self.pad,
+            src_lengths, prefix_tokens, self._search_batch_ids(sample),
+        )  # fmt: skip
 
     def _start_constraints(self, constraints: Optional[Tensor], max_len: int) -> None:
         """fairseq's checks and set-up before a search, in its order (and with its errors)."""

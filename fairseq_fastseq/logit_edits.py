@@ -9,8 +9,9 @@ for this batch (no LM, a zero penalty, no blocking) is left out of the list.
 """
 
 import math
-from typing import TYPE_CHECKING, Callable, List
+from typing import TYPE_CHECKING, Callable, List, Tuple
 
+import torch
 from torch import Tensor
 
 from .ngram import block_repeated_ngrams
@@ -24,7 +25,11 @@ if TYPE_CHECKING:
 LogitEdit = Callable[[int, Tensor, SearchState], Tensor]
 
 
-def edits_for_batch(generator: "FastSequenceGenerator", max_len: int, has_prefix: bool) -> List[LogitEdit]:
+def edits_for_batch(
+    generator: "FastSequenceGenerator", max_len: int, has_prefix: bool, prefix_on_device: bool = False
+) -> List[LogitEdit]:
+    """The edits, in fairseq's order. ``prefix_on_device``: the forced prefix without host
+    syncs (``_prefix_on_device``), for the static-shape loop."""
     g = generator
     edits: List[LogitEdit] = []
     if g.lm_model is not None:
@@ -34,7 +39,7 @@ def edits_for_batch(generator: "FastSequenceGenerator", max_len: int, has_prefix
     if g.unk_penalty != 0:  # x - 0 == x exactly
         edits.append(_unk_penalty(g.unk, g.unk_penalty))
     edits.append(_only_eos_at(max_len, g.eos))
-    edits.append(_prefix_or_length_rules(g, max_len, has_prefix))
+    edits.append(_prefix_or_length_rules(g, max_len, has_prefix, _prefix_on_device(g.pad, g.eos) if prefix_on_device else g._prefix_tokens))
     if g.no_repeat_ngram_size > 0:
         edits.append(_no_repeated_ngrams(g.no_repeat_ngram_size, g.pad))
     return edits
@@ -83,13 +88,14 @@ def _only_eos_at(max_len: int, eos: int) -> LogitEdit:
     return at_max_len
 
 
-def _prefix_or_length_rules(g: "FastSequenceGenerator", max_len: int, has_prefix: bool) -> LogitEdit:
-    """A forced prefix token while the prefix lasts (fairseq's ``_prefix_tokens``); otherwise
-    no EOS before the minimum length, and no suppressed token."""
+def _prefix_or_length_rules(g: "FastSequenceGenerator", max_len: int, has_prefix: bool, force_prefix: Callable) -> LogitEdit:
+    """A forced prefix token while the prefix lasts (``force_prefix``: fairseq's
+    ``_prefix_tokens`` or ``_prefix_on_device``); otherwise no EOS before the minimum length, and
+    no suppressed token."""
 
     def prefix_or_rules(step: int, lprobs: Tensor, state: SearchState) -> Tensor:
         if has_prefix and step < state.prefix_tokens.size(1) and step < max_len:
-            lprobs, state.tokens, state.scores = g._prefix_tokens(
+            lprobs, state.tokens, state.scores = force_prefix(
                 step, lprobs, state.scores, state.tokens, state.prefix_tokens, state.beam_size
             )
             return lprobs
@@ -100,6 +106,30 @@ def _prefix_or_length_rules(g: "FastSequenceGenerator", max_len: int, has_prefix
         return lprobs
 
     return prefix_or_rules
+
+
+def _prefix_on_device(pad: int, eos: int) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
+    """fairseq's ``_prefix_tokens`` with the same values, through selections instead of
+    boolean indexing and without its check that the first beam followed the prefix (it did:
+    the prefix was forced), so without a host sync. Where the step's prefix token is not
+    padding, every other token is -inf; where it is EOS, the sentence's beams become copies
+    of its first."""
+
+    def force(step: int, lprobs: Tensor, scores: Tensor, tokens: Tensor, prefix_tokens: Tensor, beam_size: int):
+        forced = prefix_tokens[:, step].unsqueeze(-1).repeat(1, beam_size).view(-1, 1)  # (rows, 1)
+        only_forced = torch.full_like(lprobs, -math.inf).scatter_(-1, forced, lprobs.gather(-1, forced))
+        lprobs = torch.where(forced.ne(pad), only_forced, lprobs)
+        ends = forced.view(-1, beam_size)[:, 0].eq(eos)  # (sentences,)
+        return tuple(_first_beam_where(ends, t, beam_size) for t in (lprobs, tokens, scores))
+
+    return force
+
+
+def _first_beam_where(sentences: Tensor, rows: Tensor, beam_size: int) -> Tensor:
+    """``rows`` (sentences * beam, n) with every beam of the ``sentences`` (bool) set to the first's."""
+    per_sentence = rows.view(-1, beam_size, rows.size(-1))
+    first = per_sentence[:, :1, :].expand_as(per_sentence)
+    return torch.where(sentences.view(-1, 1, 1), first, per_sentence).view(-1, rows.size(-1))
 
 
 def _no_repeated_ngrams(n: int, pad: int) -> LogitEdit:

@@ -40,8 +40,11 @@ class LeanSteps:
         self.beam_size, self.max_steps = beam_size, max_steps
         self.need_attention, self.temperature = need_attention, temperature
         kernels = kernels or ExactKernels()
-        self.decoders = [LeanDecoder(model, kernels) for model in ensemble.models]
+        self.decoders = [self._decoder(model, kernels) for model in ensemble.models]
         self.caches: List[LayerCaches] = []
+
+    def _decoder(self, model: torch.nn.Module, kernels: ExactKernels) -> LeanDecoder:
+        return LeanDecoder(model, kernels)
 
     def start(self, net_input: Dict[str, Tensor], sentences: int) -> None:
         """Encode the batch and project every layer's encoder keys/values."""

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .conftest import PLUGIN_DIR
 
@@ -65,3 +65,9 @@ def generate_results(toy_model, *args: str) -> List[str]:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return results(run.stdout)
+
+
+def hypotheses_without_scores(lines: Sequence[str]) -> List[Tuple[str, str]]:
+    """The H- lines of fairseq-generate's output as (id, text): for a knob whose scores differ
+    from stock's in the last bits."""
+    return [(line.split("\t")[0], line.split("\t")[-1]) for line in lines if line.startswith("H-")]

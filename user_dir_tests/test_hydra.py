@@ -7,7 +7,7 @@ import pytest
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from .cli import BIN_DIR, generate_results, one_thread_environment, results, with_plugin
+from .cli import BIN_DIR, generate_results, hypotheses_without_scores, one_thread_environment, results, with_plugin
 
 
 def hydra_generate(*overrides, timeout=300) -> subprocess.CompletedProcess:
@@ -19,6 +19,18 @@ def hydra_generate(*overrides, timeout=300) -> subprocess.CompletedProcess:
 
 def _model_keys(toy_model):
     return [f"task.data={toy_model.data_bin}", f"common_eval.path={toy_model.checkpoint}", "common.cpu=true"]
+
+
+def assert_flag_and_override_give_stocks_tokens(toy_model, flag, override) -> str:
+    """fairseq-generate at beam 4 with ``flag`` (e.g. ``["--fast-kernels", "fused"]``) and the
+    Hydra entry point with ``override`` give stock's hypotheses (scores aside: such a knob
+    rounds differently); returns the Hydra run's log."""
+    stock = hypotheses_without_scores(generate_results(toy_model, "--beam", "4"))
+    flags = generate_results(toy_model, "--beam", "4", "--user-dir", "fairseq_fastseq", "--generator", "fast", *flag)
+    hydra = hydra_generate(*_model_keys(toy_model), "generator=fast", override, "generation.beam=4")
+    assert hydra.returncode == 0, hydra.stderr[-3000:]
+    assert stock and hypotheses_without_scores(flags) == stock == hypotheses_without_scores(results(hydra.stdout))
+    return hydra.stderr
 
 
 def test_hydra_path_writes_the_same_file_as_the_cli_path(toy_models, tmp_path):

@@ -31,9 +31,9 @@ def _fresh_model(toy):
     return copy.deepcopy(models[0]), task, batches  # a test of its own: BART's beam size, caches
 
 
-def _drive(steps, sample, beam, eos, pad, vocab, seed, num_steps=14):
+def _drive(steps, sample, beam, eos, pad, vocab, seed, num_steps=14, sentences_leave=True):
     """Decode ``num_steps`` steps with random next tokens (padding among them), random parent
-    beams and sentences leaving at random; return every step's outputs."""
+    beams and (if ``sentences_leave``) sentences leaving at random; return every step's outputs."""
     rng = torch.Generator().manual_seed(seed)
     sentences = sample["net_input"]["src_tokens"].size(0)
     steps.start(sample["net_input"], sentences)
@@ -43,7 +43,7 @@ def _drive(steps, sample, beam, eos, pad, vocab, seed, num_steps=14):
         lprobs, attention = steps.decode(tokens, step)
         outputs.append((lprobs.clone(), None if attention is None else attention.clone()))
         kept = None
-        if sentences > 1 and torch.rand(1, generator=rng) < 0.4:  # some sentences finish
+        if sentences_leave and sentences > 1 and torch.rand(1, generator=rng) < 0.4:  # some sentences finish
             keep = max(1, sentences - int(torch.randint(1, 3, (1,), generator=rng)))
             kept = torch.randperm(sentences, generator=rng)[:keep].sort().values
         live = kept if kept is not None else torch.arange(sentences)

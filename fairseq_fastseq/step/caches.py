@@ -176,16 +176,21 @@ class CrossAttentionCache:
 class LayerCaches:
     """The caches of every layer of one decoder, and the spare buffer their reorders share."""
 
-    def __init__(self, self_attention: List[SelfAttentionCache], cross_attention: List[Optional[CrossAttentionCache]]) -> None:
+    def __init__(
+        self,
+        self_attention: List[SelfAttentionCache],
+        cross_attention: List[Optional[CrossAttentionCache]],
+        spare: Optional[Tensor] = None,
+    ) -> None:
         self.self_attention = self_attention
         self.cross_attention = cross_attention
-        self._spare: Optional[Tensor] = None
+        self.spare = spare
 
     def reorder_beams(self, order: Tensor) -> None:
         """Hypothesis row ``i`` continues old row ``order[i]`` (a beam reorder; after sentences
         left the batch, ``keep_sentences`` has run first)."""
         for cache in self.self_attention:
-            self._spare = cache.reorder(order, self._spare)
+            self.spare = cache.reorder(order, self.spare)
 
     def keep_sentences(self, kept: Tensor) -> None:
         for cache in self.cross_attention:

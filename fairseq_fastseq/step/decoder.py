@@ -56,10 +56,13 @@ class LeanDecoder:
         self_caches, cross_caches = [], []
         for layer in self.layers:
             attention = layer.self_attention
-            self_caches.append(SelfAttentionCache(attention.heads, attention.head_dim, max_steps))
+            self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps))
             cross = layer.cross_attention if memory is not None else None
             cross_caches.append(cross.start(memory, padding, beams, self._encoder_layout(beams)) if cross is not None else None)
         return LayerCaches(self_caches, cross_caches)
+
+    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int) -> SelfAttentionCache:
+        return SelfAttentionCache(heads, head_dim, max_steps)
 
     def _encoder_layout(self, beams: int) -> str:
         if self.kernels.grouped_encoder_attention and beams > 1:
@@ -93,8 +96,7 @@ class LeanDecoder:
         x = self._embed(tokens, step)
         # fairseq masks the self-attention positions whose input was padding (never emitted
         # by the search, but a prefix or BOS could be).
-        pad = tokens.eq(self.padding_idx)
-        pad = pad if bool(pad.any()) else None
+        pad = self._padding(tokens)
         if self.layerdrop_draws:
             torch.empty(self.layerdrop_draws).uniform_()
         attention = None
@@ -108,6 +110,11 @@ class LeanDecoder:
         if self.project_out is not None:
             x = self.project_out(x)
         return self._log_probabilities(x, attention, temperature), attention
+
+    def _padding(self, tokens: Tensor) -> Optional[Tensor]:
+        """(rows,) bool where the newest token is padding, or None if none is."""
+        pad = tokens.eq(self.padding_idx)
+        return pad if bool(pad.any()) else None
 
     def _embed(self, tokens: Tensor, step: int) -> Tensor:
         x = F.embedding(tokens, self.embed_tokens, self.padding_idx)  # (rows, dim)

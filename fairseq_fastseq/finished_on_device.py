@@ -1,0 +1,83 @@
+"""Finished hypotheses in fixed device buffers, for the static-shape search loop.
+
+``FinishedHypotheses`` keeps the rows that finished at each step, and how many there are is
+a host sync (``nonzero``). Here every top candidate of every sentence is written at each
+step, with one scatter per buffer: an accepted hypothesis into its sentence's next slot, any
+other candidate into one extra slot that is never read. The values are
+``FinishedHypotheses``'s (the same functions on the same rows), and so is the result.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .finished import best_first, final_scores, finished_rows, hypothesis
+
+
+class FinishedOnDevice:
+    """Per-sentence store of up to ``beam_size`` finished hypotheses, with ``add`` and
+    ``to_hypotheses`` as ``FinishedHypotheses`` has them; no sentence ever leaves the batch."""
+
+    def __init__(self, bsz: int, beam_size: int, max_len: int, scores: Tensor) -> None:
+        slots, width, device = beam_size + 1, max_len + 1, scores.device  # slot beam_size: the unread one
+        self.beam_size = beam_size
+        self.counts = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(bsz, slots, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(bsz, slots, width, dtype=torch.long, device=device)
+        self.positional = scores.new_zeros(bsz, slots, width)
+        self.scores = scores.new_zeros(bsz, slots)
+        self.attention: Optional[Tensor] = None  # (bsz, slots, src_len, width), once there is any
+        self._sentences = torch.arange(bsz, device=device).unsqueeze(1)
+
+    def add(
+        self,
+        step: int,
+        eos_mask: Tensor,
+        eos_bbsz_idx: Tensor,
+        eos_scores: Tensor,
+        sentences: Tensor,
+        tokens: Tensor,
+        scores: Tensor,
+        attn: Optional[Tensor],
+        normalize: Optional[float],
+        too_long: Optional[Tensor],
+        eos: int,
+    ) -> Tuple[Tensor, Tensor]:
+        """``FinishedHypotheses.add`` for a batch whose ``sentences`` are all still there."""
+        bsz, beam_size = eos_mask.shape
+        slots = self.counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
+        accepted = eos_mask & (slots < beam_size)
+        where = (self._sentences, torch.where(accepted, slots, beam_size))
+        rows, raw = eos_bbsz_idx.reshape(-1), eos_scores.reshape(-1)
+        hypo_tokens, positional = finished_rows(step, rows, raw, tokens, scores, eos)
+        self.tokens[where + (slice(0, step + 1),)] = hypo_tokens.reshape(bsz, beam_size, -1)
+        self.positional[where + (slice(0, step + 1),)] = positional.reshape(bsz, beam_size, -1)
+        long_ones = too_long.unsqueeze(1).expand(bsz, beam_size).reshape(-1) if too_long is not None else None
+        self.scores[where] = final_scores(raw, normalize, long_ones).view(bsz, beam_size)
+        self.lengths[where] = step + 1
+        if attn is not None:
+            if self.attention is None:
+                self.attention = attn.new_zeros(*self.positional.shape[:2], attn.size(1), self.positional.size(2))
+            finished_attention = attn.index_select(0, rows)[:, :, 1 : step + 2]
+            self.attention[where + (slice(None), slice(0, step + 1))] = finished_attention.reshape(bsz, beam_size, *finished_attention.shape[1:])
+        self.counts = self.counts + accepted.sum(1)
+        return self.counts, eos_mask.any(1)
+
+    def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
+        """fairseq's output: per sentence, its hypotheses sorted by score, best first (the
+        search's last host syncs: the counts, lengths and scores)."""
+        counts, lengths, scores = self.counts.tolist(), self.lengths.tolist(), self.scores.float().cpu()
+        finalized = []
+        for sentence, count in enumerate(counts):
+            in_order = [
+                hypothesis(
+                    self.tokens[sentence, slot, :length],
+                    self.scores[sentence, slot],
+                    self.positional[sentence, slot, :length],
+                    self.attention[sentence, slot, :, :length] if self.attention is not None else None,
+                )
+                for slot, length in enumerate(lengths[sentence][:count])
+            ]
+            finalized.append(best_first(in_order, scores[sentence, :count]))
+        return finalized
