@@ -20,9 +20,9 @@ from typing import Dict, List
 
 import torch
 
-from .search import CASES, FAST_VARIANTS, Case, cpu_name
+from .search import CASES, FAST_VARIANTS, Case, cpu_name, default_variants
 
-GENERATORS = ["stock", *FAST_VARIANTS]
+GENERATORS = ["stock", *default_variants("cpu")]
 
 
 def child(case_json: str, label: str) -> Dict:

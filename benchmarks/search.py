@@ -24,7 +24,7 @@ import platform
 import statistics
 import time
 from argparse import Namespace
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -38,13 +38,14 @@ from fairseq.tasks import FairseqTask
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_fastseq import logit_edits, model_steps
+from fairseq_fastseq import graphs, logit_edits, model_steps
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.demo import read_lines
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.generator import FastSequenceGenerator
 
 from . import bible
+from .host_syncs import counting_host_syncs
 from .memory import RssPeak, highest, peak_rss
 
 # Ablation: the fast search loop alone (fairseq's modules and attention), + encoder
@@ -64,9 +65,14 @@ FAST_VARIANTS = {
     # encoder keys/values once per sentence, and EL-attention (no encoder keys/values).
     "grouped": FastGeneratorConfig(on_unsupported="error", encoder_projection="grouped"),
     "el": FastGeneratorConfig(on_unsupported="error", encoder_projection="el_attention"),
+    # The static-shape loop (--fast-cuda-graphs on): its decoder step captured in CUDA graphs on
+    # a GPU; on CPU uncaptured, which shows what keeping finished sentences in the batch costs.
+    "graphs": FastGeneratorConfig(on_unsupported="error", cuda_graphs="on"),
 }
+# Variants run by default on a GPU only (``--variants`` names them on CPU).
+GPU_VARIANTS = ("graphs",)
 # Their scores are compared within this.
-ROUNDING_TOLERANCE = {"grouped": 1e-4, "el": 1e-4, "fused": 1e-4}
+ROUNDING_TOLERANCE = {"grouped": 1e-4, "el": 1e-4, "fused": 1e-4, "graphs": 1e-4}
 # Variants whose agreement with stock is reported, not required ("identical" leaves them out).
 APPROXIMATE = ("int8",)
 # What counts as time in the model: fairseq's ensemble calls (stock), the fast loop's model steps.
@@ -209,6 +215,7 @@ class _Spans:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self._spans: list = []
+        self._depth = 0  # a wrapped call within a wrapped call (an override calling its base) counts once
 
     def _mark(self):
         if not self.cuda:
@@ -219,11 +226,15 @@ class _Spans:
 
     def wrap(self, function):
         def wrapper(*args, **kwargs):
+            if self._depth:
+                return function(*args, **kwargs)
+            self._depth += 1
             start = self._mark()
             try:
                 return function(*args, **kwargs)
             finally:
                 self._spans.append((start, self._mark()))
+                self._depth -= 1
 
         return wrapper
 
@@ -256,7 +267,9 @@ def model_time(generator, device: torch.device) -> Iterator[_Spans]:
     decoder steps, cache reorders), or stock's calls of its model ensemble."""
     spent = _Spans(device)
     if isinstance(generator, FastSequenceGenerator):
-        with _wrapped(model_steps.LeanSteps, STEP_METHODS, spent), _wrapped(model_steps.ModuleSteps, STEP_METHODS, spent):
+        with ExitStack() as wrapped:
+            for steps_class in (model_steps.LeanSteps, model_steps.ModuleSteps, graphs.StaticSteps):
+                wrapped.enter_context(_wrapped(steps_class, STEP_METHODS, spent))
             yield spent
     else:
         with _wrapped(generator.model, MODEL_METHODS, spent):
@@ -306,6 +319,14 @@ def run_once(generator, model, task, batches, device: torch.device) -> Run:
     return Run(wall, in_model.seconds(), blocking.seconds(), peak, rss, hypotheses)
 
 
+def syncs_of_one_batch(generator, model, task, batch: Dict) -> int:
+    """The host syncs of generating ``batch`` once more, untimed (``benchmarks.host_syncs``)."""
+    with counting_host_syncs() as syncs, torch.no_grad():
+        torch.manual_seed(0)
+        task.inference_step(generator, [model], batch)
+    return syncs.total
+
+
 def agreement(stock: Sequence, fast: Sequence) -> Tuple[int, int, float]:
     """(hypotheses with the same tokens, hypotheses, the largest |score difference| among
     those, final or per token) of two runs given sentence by sentence. A sentence whose
@@ -335,6 +356,11 @@ def detokenized_bleu(task, batches: Sequence[Dict], hypotheses: Sequence) -> flo
     return bible.bleu([best[i] for i in range(len(best))], references)
 
 
+def default_variants(device: str) -> Dict[str, FastGeneratorConfig]:
+    """Every variant on a GPU; on CPU all but ``GPU_VARIANTS``."""
+    return {label: knobs for label, knobs in FAST_VARIANTS.items() if device == "cuda" or label not in GPU_VARIANTS}
+
+
 def bench_case(
     name: str,
     case: Case,
@@ -344,9 +370,9 @@ def bench_case(
     dtype: str = "fp32",
     variants: Optional[Dict[str, FastGeneratorConfig]] = None,
 ) -> Dict:
-    """Stock and each fast variant (default: the ablation ``FAST_VARIANTS``) on the case,
-    alternating within each repeat; medians, ratios, agreement with stock, shares, peaks."""
-    variants = FAST_VARIANTS if variants is None else variants
+    """Stock and each fast variant (default: ``default_variants``) on the case, alternating
+    within each repeat; medians, ratios, agreement with stock, shares, peaks, host syncs."""
+    variants = default_variants(device) if variants is None else variants
     device = torch.device(device)
     if case.model not in models:
         models[case.model] = build_model(case.model, device=device, dtype=DTYPES[dtype])
@@ -364,6 +390,7 @@ def bench_case(
     for _ in range(repeats):
         for label, generator in generators.items():
             runs[label].append(run_once(generator, model, task, batches, device))
+    host_syncs = {label: syncs_of_one_batch(generator, model, task, batches[0]) for label, generator in generators.items()}
     median = {label: statistics.median(run.wall for run in label_runs) for label, label_runs in runs.items()}
     # Stock's n-gram blocker bans nothing unless fairseq's CUDA extension is built and usable.
     blocks = "no_repeat_ngram_size" in case.options and not generators["stock"].repeat_ngram_blocker.use_extension
@@ -394,6 +421,7 @@ def bench_case(
         "approximate": {} if blocks else {label: agreements[label] for label in variants if label in APPROXIMATE},
         "model_share": {label: statistics.median(r.in_model / r.wall for r in label_runs) for label, label_runs in runs.items()},
         "blocking_share": statistics.median(r.blocking / r.wall for r in runs["fast"]) if blocks and "fast" in runs else None,
+        "host_syncs": host_syncs,
         "peak_mib": {label: max(run.peak_gpu_bytes for run in label_runs) / 2**20 for label, label_runs in runs.items()},
         "rss": {label: highest([run.rss for run in label_runs]) for label, label_runs in runs.items()},
         "bleu": {label: detokenized_bleu(task, batches, output) for label, output in outputs.items()}
@@ -443,23 +471,25 @@ def _verdict(row: Dict, dtype: str) -> str:
 
 
 def markdown(rows: List[Dict], threads: int, repeats: int, device: str = "cpu", dtype: str = "fp32") -> str:
-    labels = ["stock", *FAST_VARIANTS]
+    labels = list(rows[0]["sent_s"])  # stock and the variants run
+    variants = labels[1:]
     columns = [
         ("case", lambda r: r["case"]),
         ("batch", lambda r: r["batch"]),
         ("sentences", lambda r: r["sentences"]),
         ("options", lambda r: r["options"]),
         *[(f"{label} sent/s", lambda r, label=label: f"{r['sent_s'][label]:.2f}") for label in labels],
-        *[(f"{label}/stock", lambda r, label=label: f"{r['ratio'][label]:.2f}x") for label in FAST_VARIANTS],
+        *[(f"{label}/stock", lambda r, label=label: f"{r['ratio'][label]:.2f}x") for label in variants],
         ("identical", lambda r: _identical_cell(r, device, dtype)),
         *[(f"model share {label}", lambda r, label=label: f"{r['model_share'][label]:.0%}") for label in labels],
         ("n-gram blocking share (fast)", lambda r: "-" if r["blocking_share"] is None else f"{r['blocking_share']:.1%}"),
+        *[(f"host syncs {label}", lambda r, label=label: r["host_syncs"][label]) for label in labels],
     ]
     columns += [
         (f"peak RSS MiB {label}", lambda r, label=label: "-" if r["rss"][label].mib is None else f"{r['rss'][label].mib:.0f}")
         for label in labels
     ]
-    note = ", peak RSS = the process's while a generator ran"
+    note = ", peak RSS = the process's while a generator ran, host syncs = those of one more run of the first batch"
     if device == "cuda":
         columns += [(f"peak MiB {label}", lambda r, label=label: f"{r['peak_mib'][label]:.0f}") for label in labels]
         note += (
@@ -493,14 +523,18 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16 needs --device cuda")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(FAST_VARIANTS), help=f"the fast variants (default: all; on CPU all but {', '.join(GPU_VARIANTS)})"
+    )
     args = parser.parse_args(argv)
     check_device(parser, args.device, args.dtype)
     torch.set_num_threads(args.threads)
+    variants = {label: FAST_VARIANTS[label] for label in args.variants} if args.variants else default_variants(args.device)
     models: Dict = {}
     rows = []
     table = dict(threads=torch.get_num_threads(), repeats=args.repeats, device=args.device, dtype=args.dtype)
     for name in args.cases:
-        rows.append(bench_case(name, CASES[name], args.repeats, models, args.device, args.dtype))
+        rows.append(bench_case(name, CASES[name], args.repeats, models, args.device, args.dtype, variants))
         print(markdown(rows[-1:], **table).splitlines()[-1], flush=True)
     print()
     print(markdown(rows, **table))

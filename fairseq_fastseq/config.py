@@ -75,14 +75,14 @@ class FastGeneratorConfig(FairseqDataclass):
         },
     )
     cuda_graphs: CUDA_GRAPHS_CHOICES = field(
-        default="auto",
+        default="off",
         metadata={
-            "help": "the static-shape search loop (finished sentences masked, not dropped; a host "
-            "sync every few steps, not every step) with its decoder step captured in CUDA graphs "
-            "and replayed: 'auto' runs it on a GPU for the searches it covers (plain beam search "
-            "and greedy on the lean step), 'on' also on CPU, uncaptured (to check it), 'off' never. "
-            "Tokens equal stock's; scores equal up to rounding (the self-attention spans a bucket "
-            "of 16 positions with the rest masked)"
+            "help": "the static-shape search loop (finished sentences kept in the batch, not dropped; "
+            "a host sync every few steps, not every step) with its decoder step captured in CUDA "
+            "graphs and replayed: 'auto' runs it on a GPU for the searches it covers (beam search "
+            "and greedy on the lean step), 'on' also on CPU, uncaptured (to check it), 'off' (the "
+            "default until it is measured on a GPU) never. Tokens equal stock's; scores equal up to "
+            "rounding (the self-attention spans a bucket of 16 positions, the rest masked)"
         },
     )
     threads: str = field(

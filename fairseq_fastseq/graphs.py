@@ -100,7 +100,7 @@ class StaticSteps(LeanSteps):
         """What one graph holds: the beam reorder of the caches, then the decoder step."""
         for caches in self.caches:
             caches.reorder_beams(self.order)
-        return super().decode(self.newest.unsqueeze(1), 0)  # the step itself is the clock's
+        return self.decode_newest(self.newest, 0)  # the step itself is the clock's
 
     @contextmanager
     def _identity_order(self) -> Iterator[None]:

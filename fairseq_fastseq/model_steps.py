@@ -57,7 +57,10 @@ class LeanSteps:
     def decode(self, tokens: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
         """Log-probabilities (rows, vocab) and attention (rows, src_len) or None after
         ``tokens`` (rows, step + 1)."""
-        newest = tokens[:, step]
+        return self.decode_newest(tokens[:, step], step)
+
+    def decode_newest(self, newest: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """``decode`` given only the newest token of each row (rows,)."""
         outputs = [
             decoder.step(newest, step, caches, self.need_attention, self.temperature)
             for decoder, caches in zip(self.decoders, self.caches)

@@ -10,7 +10,7 @@ from benchmarks.search import FAST_VARIANTS, Case, bench_case, markdown
 @pytest.fixture(scope="module")
 def tiny_row():
     case = Case("mt-base", batch_size=2, sentences=3, source_tokens=(3, 6), options=dict(beam=2, max_len_a=0, max_len_b=3))
-    return bench_case("tiny", case, repeats=1, models={})
+    return bench_case("tiny", case, repeats=1, models={}, variants=FAST_VARIANTS)  # the GPU variants too
 
 
 def test_bench_case_reports_every_generator_and_consistent_ratios(tiny_row):
@@ -23,14 +23,17 @@ def test_bench_case_reports_every_generator_and_consistent_ratios(tiny_row):
     assert row["identical"] is True
     assert all(0 < share <= 1 for share in row["model_share"].values())
     table = markdown([row], threads=1, repeats=1)
-    assert "| tiny | 2 | 3 |" in table
+    assert "| tiny | 2 | 3 |" in table and "| host syncs graphs |" in table
     assert table.splitlines()[2].count("|") == table.splitlines()[-1].count("|")
+    assert set(row["host_syncs"]) == set(labels)
+    # 4 steps: the dynamic loop syncs at each, the static-shape loop not within them
+    assert row["host_syncs"]["graphs"] < row["host_syncs"]["fast"]
 
 
 def test_language_model_case_continues_prompts_identically():
     case = Case("lm-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=8))
     row = bench_case("tiny-lm", case, repeats=1, models={})
-    assert row["identical"] is True and set(row["ratio"]) == {"stock", *FAST_VARIANTS}
+    assert row["identical"] is True and set(row["ratio"]) == {"stock", *search.default_variants("cpu")}
 
 
 def test_fp16_table_gives_the_share_of_identical_hypotheses(tiny_row):
@@ -53,17 +56,18 @@ def test_gpu_check_runs_on_cpu(toy_models, tmp_path, capsys, two_fixture_checks)
     status = gpu_check.main(argv)
     out = capsys.readouterr().out
     assert status == 0, out
-    assert out.count("\nPASS ") == 4 + 2 and "FAIL" not in out
+    assert out.count("\nPASS ") == 4 + 2 * 2 and "FAIL" not in out
     report = (tmp_path / "gpu_check.md").read_text()
-    assert "| transformer | beam4_ngram2 | 48 | 192/192 | 0.00e+00 |" in report
+    assert "| transformer | beam4_ngram2 | fast | 48 | 192/192 | 0.00e+00 |" in report
+    assert "| transformer | beam4_ngram2 | graphs | 48 | 192/192 |" in report
     assert "**all checks passed**" in report
 
 
 def test_gpu_check_fails_on_missing_fixtures(tmp_path, capsys, two_fixture_checks):
     argv = ["--device", "cpu", "--out", str(tmp_path), "--fixtures", str(tmp_path / "missing"), "--parts", "fixtures"]
     assert gpu_check.main(argv) == 1
-    assert capsys.readouterr().out.count("FAIL fixtures transformer") == 2
-    assert "**2 failed:" in (tmp_path / "gpu_check.md").read_text()
+    assert capsys.readouterr().out.count("FAIL fixtures transformer") == 2 * 2
+    assert "**4 failed:" in (tmp_path / "gpu_check.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

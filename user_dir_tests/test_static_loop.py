@@ -166,9 +166,10 @@ def test_auto_off_a_gpu_keeps_the_dynamic_loop_without_a_word(toy_models, caplog
     toy_model = toy_models["transformer"]
     models, task, _ = load((str(toy_model.checkpoint),), str(toy_model.data_bin), 16)
     with caplog.at_level(logging.INFO, logger="fairseq_fastseq"):
-        generator = accelerate(task.build_generator(models, GenerationConfig(beam=4)), FastGeneratorConfig())
+        generator = accelerate(task.build_generator(models, GenerationConfig(beam=4)), FastGeneratorConfig(cuda_graphs="auto"))
     assert not generator.static_loop
     assert "search loop" not in caplog.text
+    assert FastGeneratorConfig().cuda_graphs == "off"  # until the GPU path is measured
 
 
 def test_decoder_layerdrop_is_a_reason(toy_models):
