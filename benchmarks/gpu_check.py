@@ -14,7 +14,7 @@
   hypothesis has the same tokens and scores (final and per token) within 1e-4. Each row
   also gives the host syncs per batch.
 - ``fp16``: the random-weight transformer-base of ``benchmarks.search``, each fast variant vs
-  stock in fp32 and then fp16: the share of hypotheses with the same tokens and the largest
+  stock in fp32, then fp16 and bf16: the share of hypotheses with the same tokens and the largest
   score difference among them. Informational: it documents the fp16 tolerance.
 
 One PASS/FAIL/INFO line per check on stdout; the report is ``DIR/gpu_check.md``. The exit
@@ -185,7 +185,7 @@ def _check_fixture(report: Report, device: torch.device, checkpoint: Path, model
 def check_fp16(report: Report, device: torch.device, args) -> None:
     case = FP16_CASES[device.type]
     report.table(
-        "c. fast vs stock on transformer-base (random weights), fp32 and fp16 (informational)",
+        "c. fast vs stock on transformer-base (random weights), fp32, fp16 and bf16 (informational)",
         f"{case.sentences} sentences, batch {case.batch_size}, "
         + " ".join(f"{k}={v}" for k, v in case.options.items())
         + "; each fast variant vs stock in the same dtype; the score difference is over hypotheses with the same tokens.",
@@ -194,7 +194,7 @@ def check_fp16(report: Report, device: torch.device, args) -> None:
     model, task = build_model(case.model, device=device)
     batches = make_batches(task, case, device=device)
     gen_cfg = GenerationConfig(**case.options)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model.to(dtype)
         generators = {"stock": task.build_generator([model], gen_cfg)}
         for label, knobs in FAST_VARIANTS.items():
@@ -203,7 +203,7 @@ def check_fp16(report: Report, device: torch.device, args) -> None:
             runs = {label: [s for b in batches for s in g.generate([model], b)] for label, g in generators.items()}
         for label in FAST_VARIANTS:
             same, total, worst = agreement(runs["stock"], runs[label])
-            dtype_name = str(dtype).replace("torch.float", "fp")
+            dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
             report.check(
                 "INFO", f"{dtype_name} {label}", f"{same}/{total} ({same / total:.1%}) same tokens, max |score diff| {worst:.2e}",
                 [dtype_name, label, f"{same}/{total} ({same / total:.1%})", f"{worst:.2e}"],

@@ -1,7 +1,8 @@
 """Stock vs fast generation, side by side in one process: same model, batches and threads.
 
     python -m benchmarks.search [--cases mt-greedy mt-beam5 ...] [--threads 1] [--repeats 3]
-                                [--device {cpu,cuda}] [--dtype {fp32,fp16}]
+                                [--device {cpu,cuda}] [--dtype {fp32,fp16,bf16}]
+                                [--variants fast graphs ...]
 
 Models have transformer-base / BART-base dimensions and random weights: realistic per-token
 cost, but they rarely emit EOS, so outputs run to the length limit (each case states it).
@@ -10,10 +11,10 @@ alternately), the ratio fast/stock, whether every hypothesis is identical, and a
 the share of wall time inside the model (encoder, decoder, cache and encoder-output
 reorders) versus everything else (search, bookkeeping, n-gram blocking).
 
-On CUDA (``--device cuda``, optionally ``--dtype fp16``) each generator first runs the first
+On CUDA (``--device cuda``, optionally ``--dtype fp16`` or ``bf16``) each generator first runs the first
 batch once, untimed (warm-up); wall times are taken between ``torch.cuda.synchronize()``
 calls; time inside the model comes from CUDA events around each model call, so measuring it
-adds no host sync; and the peak GPU memory of each generator's runs is reported. In fp16 a
+adds no host sync; and the peak GPU memory of each generator's runs is reported. In fp16 (bf16) a
 hypothesis may legitimately differ (rounding breaks near-ties another way), so "identical"
 is the share of hypotheses with the same tokens. The cases named ``-s<N>`` are sized for a GPU;
 the default ``--cases`` are the CPU cases.
@@ -78,7 +79,7 @@ APPROXIMATE = ("int8",)
 # What counts as time in the model: fairseq's ensemble calls (stock), the fast loop's model steps.
 MODEL_METHODS = ("forward_encoder", "forward_decoder", "reorder_incremental_state", "reorder_encoder_out")
 STEP_METHODS = ("start", "decode", "reorder")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Scores must match bitwise on CPU (as in the tests); cuBLAS may pick other kernels per shape.
 SCORE_TOLERANCE = {"cpu": 0.0, "cuda": 1e-4}
 NGRAM_NOT_COMPARED = {
@@ -522,7 +523,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16 needs --device cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16 and bf16 need --device cuda")
     parser.add_argument(
         "--variants", nargs="+", choices=list(FAST_VARIANTS), help=f"the fast variants (default: all; on CPU all but {', '.join(GPU_VARIANTS)})"
     )

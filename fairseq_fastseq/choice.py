@@ -103,7 +103,7 @@ def _choose_search_loop(fast: FastSequenceGenerator, cuda_graphs: str) -> None:
     if fast.static_loop:
         captured = "captured in CUDA graphs" if device.type == "cuda" else "not captured (not on a GPU)"
         logger.info(
-            "search loop: static shapes (finished sentences masked, a host sync every %d steps), decoder step %s; "
+            "search loop: static shapes (finished sentences kept in the batch, a host sync every %d steps), decoder step %s; "
             "tokens as stock's, scores equal up to rounding", SYNC_EVERY, captured,
         )  # fmt: skip
     elif cuda_graphs == "on" or (cuda_graphs == "auto" and device.type == "cuda"):

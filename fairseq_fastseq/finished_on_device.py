@@ -17,7 +17,7 @@ from .finished import best_first, final_scores, finished_rows, hypothesis
 
 class FinishedOnDevice:
     """Per-sentence store of up to ``beam_size`` finished hypotheses, with ``add`` and
-    ``to_hypotheses`` as ``FinishedHypotheses`` has them; no sentence ever leaves the batch."""
+    ``to_hypotheses`` as ``FinishedHypotheses`` has them."""
 
     def __init__(self, bsz: int, beam_size: int, max_len: int, scores: Tensor) -> None:
         slots, width, device = beam_size + 1, max_len + 1, scores.device  # slot beam_size: the unread one
@@ -28,7 +28,6 @@ class FinishedOnDevice:
         self.positional = scores.new_zeros(bsz, slots, width)
         self.scores = scores.new_zeros(bsz, slots)
         self.attention: Optional[Tensor] = None  # (bsz, slots, src_len, width), once there is any
-        self._sentences = torch.arange(bsz, device=device).unsqueeze(1)
 
     def add(
         self,
@@ -44,11 +43,12 @@ class FinishedOnDevice:
         too_long: Optional[Tensor],
         eos: int,
     ) -> Tuple[Tensor, Tensor]:
-        """``FinishedHypotheses.add`` for a batch whose ``sentences`` are all still there."""
+        """``FinishedHypotheses.add``: ``sentences`` maps the active rows to batch rows."""
         bsz, beam_size = eos_mask.shape
-        slots = self.counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
+        counts = self.counts[sentences]
+        slots = counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
         accepted = eos_mask & (slots < beam_size)
-        where = (self._sentences, torch.where(accepted, slots, beam_size))
+        where = (sentences.unsqueeze(1), torch.where(accepted, slots, beam_size))
         rows, raw = eos_bbsz_idx.reshape(-1), eos_scores.reshape(-1)
         hypo_tokens, positional = finished_rows(step, rows, raw, tokens, scores, eos)
         self.tokens[where + (slice(0, step + 1),)] = hypo_tokens.reshape(bsz, beam_size, -1)
@@ -61,8 +61,9 @@ class FinishedOnDevice:
                 self.attention = attn.new_zeros(*self.positional.shape[:2], attn.size(1), self.positional.size(2))
             finished_attention = attn.index_select(0, rows)[:, :, 1 : step + 2]
             self.attention[where + (slice(None), slice(0, step + 1))] = finished_attention.reshape(bsz, beam_size, *finished_attention.shape[1:])
-        self.counts = self.counts + accepted.sum(1)
-        return self.counts, eos_mask.any(1)
+        new_counts = counts + accepted.sum(1)
+        self.counts[sentences] = new_counts
+        return new_counts, eos_mask.any(1)
 
     def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first (the

@@ -14,6 +14,7 @@ reorders and overwrites: the warm-up changes nothing the search sees. On CPU not
 captured, but the same sequence runs (warm-up, then the step), so the CPU tests exercise it.
 """
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Dict, Iterator, Optional, Tuple
 
@@ -23,6 +24,8 @@ from torch import Tensor
 from .model_steps import LeanSteps
 from .step.kernels import ExactKernels
 from .step.static import StaticLeanDecoder, StepClock
+
+logger = logging.getLogger("fairseq_fastseq.generator")
 
 StepOutput = Tuple[Tensor, Optional[Tensor]]
 
@@ -59,14 +62,20 @@ class StepGraph:
             with torch.cuda.stream(side):
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.step()
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.outputs = self.step()
+                self.graph = graph
+            except RuntimeError as error:  # the step then runs uncaptured: the same arithmetic
+                logger.warning("cuda graphs: capturing the decoder step failed (%s); it runs uncaptured", error)
+                self.capture, self.graph, self.outputs = False, None, None
 
 
 class StaticSteps(LeanSteps):
     """``LeanSteps`` on static shapes: ``start``, ``decode``, ``reorder`` as the search loop
-    calls them, with no sentence ever leaving the batch (``kept`` is always None)."""
+    calls them; the shapes change only where sentences leave the batch (rarely: see
+    ``static_loop.COMPACT_AT``)."""
 
     def __init__(self, *args, **kwargs) -> None:  # ``LeanSteps``'s
         self.clock = StepClock()
@@ -93,8 +102,20 @@ class StaticSteps(LeanSteps):
         return self.graph.run(self.clock.span)
 
     def reorder(self, order: Tensor, kept: Optional[Tensor]) -> None:
-        assert kept is None, "a static-shape search keeps every sentence"
-        self.order.copy_(order)
+        """The next step reorders by ``order`` (in its graph); if sentences left (``kept``), the
+        caches shrink now, outside any graph, and the next step is captured anew."""
+        if kept is None:
+            self.order.copy_(order)
+            return
+        for caches in self.caches:
+            caches.keep_sentences(kept)
+            for cache in caches.self_attention:
+                cache.keep_rows(order)
+            caches.spare = torch.zeros_like(caches.self_attention[0].keys) if caches.self_attention else None
+        self.clock.rows = rows = order.numel()
+        self.newest = self.newest.new_zeros(rows)
+        self.order = torch.arange(rows, device=order.device)
+        self.graph = StepGraph(self._step, self._identity_order, capture=self.graph.capture)
 
     def _step(self) -> StepOutput:
         """What one graph holds: the beam reorder of the caches, then the decoder step."""

@@ -8,8 +8,10 @@ every tensor, and so must read how many finished at every step (a host sync). He
 - finished sentences stay in the batch: their rows are computed and ignored (a finished
   sentence has ``beam`` hypotheses, so none of its candidates is accepted any more);
 - finished hypotheses go to fixed device buffers (``finished_on_device.py``);
-- the host asks whether every sentence is done once every ``SYNC_EVERY`` steps; the steps
-  run after the last sentence finished change nothing.
+- the host reads how many sentences are live once every ``SYNC_EVERY`` steps: it stops when
+  none is (the steps run after the last one finished change nothing), and drops the finished
+  ones when they are most of the batch (``COMPACT_AT``), so that a long search does not
+  compute mostly dead rows.
 
 The active sentences see the same steps as in the dynamic loop, so the tokens are stock's;
 the decoder step's scores equal the lean step's up to rounding (``step/static.py``).
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 # Steps between the host's checks whether every sentence is done: at most this many - 1
 # steps run after the last one finished, against one host sync per step saved.
 SYNC_EVERY = 8
+# At a check, the finished sentences leave the batch once the live ones are at most this
+# share of it: the batch halves at most log2(bsz) times, each time with new graphs.
+COMPACT_AT = 0.5
 
 
 def why_not_static(generator: "FastSequenceGenerator", cuda_graphs: str, device: torch.device) -> Optional[str]:
@@ -81,8 +86,15 @@ def static_search(
             # fairseq's assertion for a sentence still unfinished here (a prefix can cause it)
             assert bool(done.all()), f"{step} < {max_len}"
             break
-        if (step + 1) % SYNC_EVERY == 0 and bool(done.all()):
-            break
+        kept = None
+        if (step + 1) % SYNC_EVERY == 0:
+            live = int(done.logical_not().sum())  # the host's check
+            if live == 0:
+                break
+            if live <= COMPACT_AT * state.bsz:  # a smaller batch from here on (and new graphs)
+                kept, candidates = state.drop(step, done, candidates)
+                g.search.prune_sentences(kept)
+                done = done[kept]
         _, parents = state.advance(step, candidates)
-        steps.reorder(parents, None)
+        steps.reorder(g._rows_before_drop(parents, kept), kept)
     return finished.to_hypotheses()

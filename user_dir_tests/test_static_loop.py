@@ -3,6 +3,7 @@
 dropped, a host sync every few steps instead of every step, and the decoder step run as it
 is captured on a GPU (warm-up, then the step); its fallbacks and their log lines."""
 
+import contextlib
 import logging
 
 import pytest
@@ -18,8 +19,8 @@ from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.graphs import StaticSteps, StepGraph
 from fairseq_fastseq.model_steps import LeanSteps
 from fairseq_fastseq.search_state import SearchState
-from fairseq_fastseq.static_loop import SYNC_EVERY, why_not_static
-from fairseq_fastseq.step.static import SPAN
+from fairseq_fastseq.static_loop import COMPACT_AT, SYNC_EVERY, why_not_static
+from fairseq_fastseq.step.static import SPAN, StaticSelfAttentionCache
 from testsupport import toy
 
 from .equivalence import assert_fast_matches_stock, generate_all, load
@@ -105,11 +106,25 @@ def _syncs_and_steps(toy_model, knobs):
 def test_static_loop_syncs_every_few_steps_not_every_step(toy_models):
     syncs, steps, batches = _syncs_and_steps(toy_models["transformer"], STATIC)
     assert steps > SYNC_EVERY * batches
-    # the checks every SYNC_EVERY steps, and 8 per batch outside the loop: fairseq's encoder (3)
-    # and position tables (2), the encoder padding (1), the results (2)
-    assert syncs <= steps // SYNC_EVERY + 8 * batches, (syncs, steps, batches)
+    # the checks every SYNC_EVERY steps (one more where the batch shrinks), and 8 per batch
+    # outside the loop: fairseq's encoder (3) and position tables (2), the encoder padding (1),
+    # the results (2)
+    assert syncs <= 2 * (steps // SYNC_EVERY) + 8 * batches, (syncs, steps, batches)
     dynamic_syncs, dynamic_steps, _ = _syncs_and_steps(toy_models["transformer"], FastGeneratorConfig())
     assert dynamic_syncs >= 2 * dynamic_steps  # the dynamic loop's: at least one per step
+
+
+def test_finished_sentences_leave_once_they_are_most_of_the_batch(toy_models, monkeypatch):
+    rows = []
+    keep_rows = StaticSelfAttentionCache.keep_rows
+
+    def counted(self, order):
+        rows.append((self.keys.size(1), order.numel()))
+        keep_rows(self, order)
+
+    monkeypatch.setattr(StaticSelfAttentionCache, "keep_rows", counted)
+    assert_fast_matches_stock(toy_models["transformer_shared_8heads"], knobs=STATIC, atol=ROUNDING, beam=4)
+    assert rows and all(after <= COMPACT_AT * before for before, after in rows)
 
 
 def test_static_steps_equal_lean_steps_up_to_rounding(toy_models):
@@ -186,3 +201,27 @@ def test_command_line_and_hydra_select_the_static_loop(toy_models):
 
     log = assert_flag_and_override_give_stocks_tokens(toy_models["transformer"], ["--fast-cuda-graphs", "on"], "fastseq.cuda_graphs=on")
     assert "search loop: static shapes" in log
+
+
+def test_a_step_that_cannot_be_captured_runs_uncaptured_and_says_so(monkeypatch, caplog):
+    """What CUDA is asked, faked on CPU: streams that need no waiting, a capture that fails."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def failing_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    calls = []
+    graph = StepGraph(lambda: calls.append(1) or (torch.ones(1), None), contextlib.nullcontext, capture=True)
+    with caplog.at_level(logging.WARNING, logger="fairseq_fastseq"):
+        outputs = [graph.run(bucket) for bucket in (16, 16, 32)]
+    assert all(torch.equal(lprobs, torch.ones(1)) for lprobs, _ in outputs)
+    assert len(calls) == 2 + 3  # the warm-ups of buckets 16 and 32 (the failed capture ran nothing), the three steps
+    assert caplog.text.count("cuda graphs: capturing the decoder step failed (operation not permitted") == 1

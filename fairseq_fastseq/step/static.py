@@ -15,8 +15,8 @@ depend on a Python value that changes per step. So, unlike the lean step of ``de
 - the padding of the newest token is always tracked (testing whether there is any would
   be a host sync).
 
-The rows of finished sentences stay in the batch (the search masks them): the caches keep
-one shape for the whole search.
+The rows of finished sentences stay in the batch until most of it has finished (the search
+then drops them, ``keep_rows``): the caches keep one shape between those drops.
 """
 
 from typing import Optional, Tuple
@@ -91,6 +91,12 @@ class StaticSelfAttentionCache(SelfAttentionCache):
             buffer[:span].copy_(spare[:span])
         self.padding[:span] = self.padding[:span].index_select(1, order)
         return spare
+
+
+    def keep_rows(self, order: Tensor) -> None:
+        """Fewer rows from here on: new row ``i`` is old row ``order[i]`` (new buffers)."""
+        self.keys, self.values = self.keys.index_select(1, order), self.values.index_select(1, order)
+        self.padding = self.padding.index_select(1, order)
 
 
 class StaticLeanDecoder(LeanDecoder):
