@@ -10,24 +10,15 @@ contiguous; this shows what that buys and checks that the values are the same bi
 """
 
 import argparse
-import statistics
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+
+from .search import median_ms
 
 # (sentences, beams, heads, source tokens): long sources at BART-base size, and MT at
 # transformer-base size (batch 32 and 128).
 SHAPES = [(8, 4, 12, 913), (32, 5, 8, 30), (128, 5, 8, 30)]
-
-
-def _median_ms(step: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 def compare(sentences: int, beams: int, heads: int, src_len: int, head_dim: int = 64, repeats: int = 11) -> dict:
@@ -44,8 +35,8 @@ def compare(sentences: int, beams: int, heads: int, src_len: int, head_dim: int 
         return torch.bmm(torch.softmax(torch.bmm(query, key.transpose(1, 2)), dim=-1), value)
 
     same = torch.equal(attend(*strided), attend(*contiguous))
-    fairseq_ms = _median_ms(lambda: attend(*strided), repeats)
-    ours_ms = _median_ms(lambda: attend(*contiguous), repeats)
+    fairseq_ms = median_ms(lambda: attend(*strided), repeats)
+    ours_ms = median_ms(lambda: attend(*contiguous), repeats)
     return dict(shape=(sentences, beams, heads, src_len), fairseq_ms=fairseq_ms, contiguous_ms=ours_ms, same=same)
 
 

@@ -10,15 +10,13 @@ is already scaled, as fairseq scales it, so SDPA runs with ``scale=1.0``.
 """
 
 import argparse
-import statistics
-import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairseq import utils
 
-from .search import check_device, cpu_name, device_name, synchronize
+from .search import check_device, cpu_name, device_name, median_ms
 
 # (rows, heads, cached steps, head dim): transformer-base at batch 1 / 32 / 128 x beam 5,
 # a long output, BART-base at batch 8 x beam 4.
@@ -35,17 +33,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
-def _milliseconds(function: Callable, args: Sequence, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        function(*args)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
-
 def compare(shape: Tuple[int, int, int, int], repeats: int, device: str = "cpu") -> Dict:
     rows, heads, steps, head_dim = shape
     device = torch.device(device)
@@ -58,8 +45,8 @@ def compare(shape: Tuple[int, int, int, int], repeats: int, device: str = "cpu")
     q = (torch.randn(rows * heads, 1, head_dim, generator=generator) * head_dim**-0.5).to(device)
     with torch.no_grad():
         bitwise = torch.equal(fairseq_attention(q, k, v), sdpa(q, k, v))
-        fairseq_ms = _milliseconds(fairseq_attention, (q, k, v), repeats, device)
-        sdpa_ms = _milliseconds(sdpa, (q, k, v), repeats, device)
+        fairseq_ms = median_ms(lambda: fairseq_attention(q, k, v), repeats, device)
+        sdpa_ms = median_ms(lambda: sdpa(q, k, v), repeats, device)
     return {"shape": shape, "bitwise": bitwise, "fairseq_ms": fairseq_ms, "sdpa_ms": sdpa_ms}
 
 

@@ -27,7 +27,7 @@ import time
 from argparse import Namespace
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq.data import Dictionary
@@ -288,6 +288,19 @@ def ngram_blocking_time(device: torch.device) -> Iterator[_Spans]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """The median wall time of ``repeats`` calls of ``step``, in milliseconds (each between
+    device synchronizations on a GPU)."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 @dataclass

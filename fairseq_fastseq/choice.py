@@ -12,7 +12,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
 from fairseq.sequence_scorer import SequenceScorer
 
-from .attention import describe
+from .attention_plan import describe
 from .config import FastGeneratorConfig
 from .generator import FastSequenceGenerator, FastSequenceGeneratorWithAlignment
 from .static_loop import SYNC_EVERY, why_not_static

@@ -10,7 +10,7 @@ from fairseq.search import DiverseBeamSearch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator, SequenceGeneratorWithAlignment
 from torch import Tensor
 
-from .attention import cache_steps, decoder_beam_size, fast_attention
+from .attention_plan import cache_steps, decoder_beam_size, fast_attention
 from .beam_step import adds_in_place, beam_step_in_place
 from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
@@ -68,7 +68,7 @@ class FastSequenceGenerator(SequenceGenerator):
         self.static_loop = False  # whether searches run on static shapes (``static_loop.py``)
 
     def attention_options(self) -> Dict[str, Union[bool, str]]:
-        """The knobs as ``attention.fast_attention`` arguments."""
+        """The knobs as ``attention_plan.fast_attention`` arguments."""
         return dict(time_major_self_attn=self.knobs.self_attn_cache == "time_major", encoder=self.knobs.encoder_projection)
 
     def why_not_lean(self) -> Optional[str]:

@@ -18,7 +18,7 @@ has the same table):
 | 6 | Hydra schema node ``config`` (``config.extend_hydra_schema``) | re-stored as fairseq's ``FairseqConfig`` plus ``generator`` and ``fastseq`` | at import (fields with defaults: inert) |
 | 7 | torch's safe unpickler (``safe_load.py``) | allow-lists the plain-data classes of fairseq checkpoints | at import, every ``torch.load`` |
 | 8 | ``batch_by_size`` of the dataset object (``tasks.py``) | set on that object for one ``get_batch_iterator`` call: the sentences fairseq's batching drops get one more batch | ``--task translation_fast`` |
-| 9 | ``__class__`` of ``MultiheadAttention`` modules (``attention.fast_attention``) and of a model (``models.as_fast_variant``) | the fast attention paths; for a search, restored afterwards | during a fast ``generate()``; ``as_fast_variant`` when called |
+| 9 | ``__class__`` of ``MultiheadAttention`` modules (``attention_plan.fast_attention``) and of a model (``models.as_fast_variant``) | the fast attention paths; for a search, restored afterwards | during a fast ``generate()``; ``as_fast_variant`` when called |
 | 10 | registries | adds ``--generator {stock,fast}``, ``--task translation_fast``, ``--arch *_fast`` | choices only |
 
 Rows 1 and 2 act on every run because they cannot know the choice earlier: row 1 adds
@@ -31,7 +31,7 @@ row 5, unless it selected ``fast``.
 import functools
 import sys
 from argparse import ArgumentParser, Namespace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import fairseq.dataclass.utils as fairseq_dataclass_utils
 import fairseq.options

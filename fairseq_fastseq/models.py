@@ -18,7 +18,7 @@ from fairseq.models.transformer import TransformerModel, base_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from torch import nn
 
-from .attention import install_fast_attention
+from .attention_plan import install_fast_attention
 
 
 def _fast(model: nn.Module, encoder: str = "per_sentence") -> nn.Module:

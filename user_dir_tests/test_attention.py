@@ -6,12 +6,8 @@ import pytest
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 
-from fairseq_fastseq.attention import (
-    SentenceProjectedEncoderAttention,
-    TimeMajorCachedSelfAttention,
-    describe,
-    fast_attention,
-)
+from fairseq_fastseq.attention import SentenceProjectedEncoderAttention, TimeMajorCachedSelfAttention
+from fairseq_fastseq.attention_plan import describe, fast_attention
 
 
 def _pair(embed_dim=16, heads=4):
@@ -153,7 +149,7 @@ def test_fast_generator_uses_each_optimization_per_knob(toy_models, monkeypatch,
 
 
 def test_cache_is_never_allocated_beyond_the_searchs_steps():
-    from fairseq_fastseq.attention import cache_steps
+    from fairseq_fastseq.attention_plan import cache_steps
 
     stock, fast = _pair()
     stock_state, fast_state = {}, {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 
-from fairseq_fastseq.attention import describe
+from fairseq_fastseq.attention_plan import describe
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.el_attention import ELEncoderAttention
 

@@ -23,7 +23,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from ..attention import FAST_CLASSES
+from ..attention_plan import FAST_CLASSES
 
 # fairseq's model-level get_normalized_probs: the base one, and the transformer's restatement
 # of it (for TorchScript); both hand the work to the decoder.
