@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .model_steps import LeanSteps
+from .step.caches import LayerCaches
 from .step.kernels import ExactKernels
 from .step.static import StaticLeanDecoder, StepClock
 
@@ -99,6 +100,8 @@ class StaticSteps(LeanSteps):
     def decode(self, tokens: Tensor, step: int) -> StepOutput:
         self.newest.copy_(tokens[:, step])
         self.clock.set(step)
+        if self.clock.span != self.graph.bucket:  # a new bucket: room for it before its graph
+            self._reserve(self.clock.span)
         return self.graph.run(self.clock.span)
 
     def reorder(self, order: Tensor, kept: Optional[Tensor]) -> None:
@@ -111,11 +114,17 @@ class StaticSteps(LeanSteps):
             caches.keep_sentences(kept)
             for cache in caches.self_attention:
                 cache.keep_rows(order)
-            caches.spare = torch.zeros_like(caches.self_attention[0].keys) if caches.self_attention else None
+            caches.spare = _spare_for(caches)
         self.clock.rows = rows = order.numel()
         self.newest = self.newest.new_zeros(rows)
         self.order = torch.arange(rows, device=order.device)
         self.graph = StepGraph(self._step, self._identity_order, capture=self.graph.capture)
+
+    def _reserve(self, span: int) -> None:
+        for caches in self.caches:
+            for cache in caches.self_attention:
+                cache.reserve(span)
+            caches.spare = _spare_for(caches)
 
     def _step(self) -> StepOutput:
         """What one graph holds: the beam reorder of the caches, then the decoder step."""
@@ -132,3 +141,9 @@ class StaticSteps(LeanSteps):
             yield
         finally:
             self.order.copy_(real)
+
+
+def _spare_for(caches: LayerCaches) -> Optional[Tensor]:
+    """The buffer the layers' in-place reorders go through (fairseq's layers all have one
+    shape), for the caches as they are now."""
+    return torch.zeros_like(caches.self_attention[0].keys) if caches.self_attention else None

@@ -135,9 +135,12 @@ def test_static_steps_equal_lean_steps_up_to_rounding(toy_models):
     args = (batches[0], beam, dictionary.eos(), dictionary.pad(), len(dictionary))
     with torch.no_grad():
         expected = _drive(LeanSteps(EnsembleModel([model]), beam, num_steps, True, 1.0), *args, 7, num_steps, sentences_leave=False)
-        static = StaticSteps(EnsembleModel([model]), beam, num_steps, True, 1.0)
+        static = StaticSteps(EnsembleModel([model]), beam, 100, True, 1.0)  # room for 100 steps, 37 taken
         actual = _drive(static, *args, 7, num_steps, sentences_leave=False)
     assert static.graph.captures == -(-num_steps // SPAN)  # one warm-up per bucket
+    # the caches grew a bucket at a time: room for the steps taken, not for max_steps
+    first = static.caches[0].self_attention[0]
+    assert first.keys.size(0) == static.clock.span == 3 * SPAN < 100
     for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
         torch.testing.assert_close(got, want, atol=ROUNDING, rtol=0, msg=f"step {step}")
         torch.testing.assert_close(got_attention, want_attention, atol=ROUNDING, rtol=0, msg=f"step {step}")

@@ -6,8 +6,9 @@ depend on a Python value that changes per step. So, unlike the lean step of ``de
 
 - the step number is a device tensor (``StepClock.index``), read by the position embedding
   and by the cache write;
-- each layer's self-attention cache is allocated for the whole search, zeroed (a masked
-  position must weigh 0 x a finite value), written at ``index`` and reordered in place;
+- each layer's self-attention cache is zeroed (a masked position must weigh 0 x a finite
+  value), written at ``index`` and reordered in place, and grows by a bucket only between
+  two buckets' graphs;
 - the self-attention spans a *bucket* of ``SPAN`` positions (``StepClock.span``), the
   positions after the step masked like padding: one graph serves ``SPAN`` steps. A longer
   softmax and product sum the same terms in another order, so scores equal the lean step's
@@ -24,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .caches import LayerCaches, SelfAttentionCache
+from .caches import SelfAttentionCache
 from .decoder import LeanDecoder
 from .kernels import ExactKernels
 
@@ -62,9 +63,21 @@ class StaticSelfAttentionCache(SelfAttentionCache):
     def __init__(self, heads: int, head_dim: int, clock: StepClock, like: Tensor) -> None:
         super().__init__(heads, head_dim, clock.max_steps)
         self.clock = clock
-        shape = (clock.max_steps, clock.rows, heads, head_dim)
+        shape = (min(SPAN, clock.max_steps), clock.rows, heads, head_dim)
         self.keys, self.values = like.new_zeros(shape), like.new_zeros(shape)
-        self.padding = torch.zeros(clock.max_steps, clock.rows, dtype=torch.bool, device=like.device)
+        self.padding = torch.zeros(shape[:2], dtype=torch.bool, device=like.device)
+
+    def reserve(self, span: int) -> None:
+        """Room for ``span`` positions (new buffers, outside any graph: a bucket's graph is
+        captured after its cache has grown), so the cache holds at most one bucket unused."""
+        if self.keys.size(0) >= span:
+            return
+        filled = self.keys.size(0)
+        for name in ("keys", "values", "padding"):
+            buffer = getattr(self, name)
+            grown = buffer.new_zeros(span, *buffer.shape[1:])
+            grown[:filled] = buffer
+            setattr(self, name, grown)
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Write this step's keys/values at the clock's step; return the bucket's keys and
@@ -105,12 +118,6 @@ class StaticLeanDecoder(LeanDecoder):
     def __init__(self, model: nn.Module, kernels: ExactKernels, clock: StepClock) -> None:
         super().__init__(model, kernels)
         self.clock = clock
-
-    def start(self, encoder_out, beams: int, max_steps: int) -> LayerCaches:
-        caches = super().start(encoder_out, beams, max_steps)
-        if caches.self_attention:  # fairseq's layers all have one shape: one spare for their reorders
-            caches.spare = torch.zeros_like(caches.self_attention[0].keys)
-        return caches
 
     def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int) -> SelfAttentionCache:
         return StaticSelfAttentionCache(heads, head_dim, self.clock, self.embed_tokens)
