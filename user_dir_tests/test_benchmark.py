@@ -147,13 +147,16 @@ def test_peak_rss_table_runs_each_generator_in_a_fresh_process(monkeypatch, caps
 
 
 def test_ngram_case_compares_the_rounding_variants_with_fast():
-    """Stock bans nothing on the CPU, so grouped/EL/fused are checked against the bitwise fast."""
+    """Stock bans nothing on the CPU, so grouped/EL/fused are checked against the bitwise fast,
+    and int8's agreement with it is shown."""
     case = Case("mt-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=4, no_repeat_ngram_size=2))
     row = bench_case("tiny-ngram", case, repeats=1, models={})
-    assert row["identical"] is None and set(row["same_as_fast"]) == {"grouped", "el", "fused"}
-    assert all(same == total == 2 * 2 for same, total, _ in row["same_as_fast"].values())  # 2 sentences x 2 beams
+    assert row["identical"] is None and set(row["same_as_fast"]) == {"grouped", "el", "fused", "int8"}
+    rounding = {label: row["same_as_fast"][label] for label in ("grouped", "el", "fused")}
+    assert all(same == total == 2 * 2 for same, total, _ in rounding.values())  # 2 sentences x 2 beams
     cell = markdown([row], threads=1, repeats=1).splitlines()[-1]
     assert "grouped: 4/4 same tokens as fast" in cell and "el: 4/4 same tokens as fast" in cell
+    assert "int8: " in cell and "/4 same tokens as fast" in cell
 
 
 def test_a_variant_that_differs_is_named_in_the_table(tiny_row):
