@@ -63,6 +63,16 @@ def test_gpu_check_runs_on_cpu(toy_models, tmp_path, capsys, two_fixture_checks)
     assert "**all checks passed**" in report
 
 
+def test_gpu_check_dtype_part_runs_every_variant_in_each_dtype_on_cpu(tmp_path, capsys):
+    """Part fp16 (fp32, fp16, bf16) on CPU: the tiny case, every variant (int8 on a half
+    model runs fused); informational lines only."""
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--parts", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert all(f"INFO {dtype} {label}: " in out for label in FAST_VARIANTS), out
+
+
 def test_gpu_check_fails_on_missing_fixtures(tmp_path, capsys, two_fixture_checks):
     argv = ["--device", "cpu", "--out", str(tmp_path), "--fixtures", str(tmp_path / "missing"), "--parts", "fixtures"]
     assert gpu_check.main(argv) == 1

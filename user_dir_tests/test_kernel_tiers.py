@@ -150,11 +150,11 @@ def test_a_tier_that_rounds_differently_says_so(toy_models, caplog, tier, said):
     assert said in caplog.text and generator.kernels.name == tier
 
 
-def test_int8_off_the_cpu_runs_fused_and_says_so(caplog):
-    model = nn.Linear(2, 2).to("meta")
+@pytest.mark.parametrize("model", [nn.Linear(2, 2).to("meta"), nn.Linear(2, 2).half()], ids=["off_the_cpu", "half_precision"])
+def test_int8_without_a_float32_cpu_model_runs_fused_and_says_so(caplog, model):
     with caplog.at_level(logging.WARNING, logger="fairseq_fastseq"):
         assert kernels.kernel_tier("int8", [model]).name == "fused"
-    assert "kernels: fused instead of int8 (its int8 kernels run on the CPU only)" in caplog.text
+    assert "kernels: fused instead of int8 (its int8 kernels take a float32 model on the CPU only)" in caplog.text
 
 
 def test_a_model_outside_the_lean_step_keeps_exact_kernels_and_says_so(toy_models, caplog):

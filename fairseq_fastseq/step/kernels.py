@@ -233,9 +233,10 @@ MEASURED = {
 
 def kernel_tier(name: str, models: Sequence[nn.Module]) -> ExactKernels:
     """The kernels of tier ``name`` for ``models``, with a log line for a tier that rounds
-    differently; int8 needs the CPU (fbgemm), elsewhere ``fused`` runs instead."""
-    if name == "int8" and any(p.device.type != "cpu" for model in models for p in model.parameters()):
-        logger.warning("kernels: fused instead of int8 (its int8 kernels run on the CPU only)")
+    differently; int8 needs a float32 model on the CPU (fbgemm), elsewhere ``fused`` runs
+    instead."""
+    if name == "int8" and any(p.device.type != "cpu" or p.dtype != torch.float32 for model in models for p in model.parameters()):
+        logger.warning("kernels: fused instead of int8 (its int8 kernels take a float32 model on the CPU only)")
         name = "fused"
     if name != "exact":
         logger.info(
