@@ -12,6 +12,11 @@ step is one graph. PyTorch runs a function once before capturing it (the warm-up
 reorders by the identity and writes this step's keys and values, which the real step then
 reorders and overwrites: the warm-up changes nothing the search sees. On CPU nothing is
 captured, but the same sequence runs (warm-up, then the step), so the CPU tests exercise it.
+
+A search captures one graph per 16-step bucket (``step/static.py``) and per batch shape;
+each capture costs a warm-up step and ``torch.cuda.graph``'s emptying of the allocator's
+cache. Whether that is paid back is for the GPU figures to show (``BENCHMARKS.md``,
+"Static-shape loop and CUDA graphs").
 """
 
 import logging
@@ -39,6 +44,7 @@ class StepGraph:
         self.bucket: Optional[int] = None
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.outputs: Optional[StepOutput] = None
+        self.pool = None  # the CUDA graphs' memory pool, once one is captured
         self.captures = 0
 
     def run(self, bucket: int) -> StepOutput:
@@ -64,8 +70,10 @@ class StepGraph:
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
             try:
+                if self.pool is None:  # one memory pool for the search's graphs: one is live at a time
+                    self.pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=self.pool):
                     self.outputs = self.step()
                 self.graph = graph
             except RuntimeError as error:  # the step then runs uncaptured: the same arithmetic

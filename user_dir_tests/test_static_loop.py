@@ -213,13 +213,14 @@ def test_a_step_that_cannot_be_captured_runs_uncaptured_and_says_so(monkeypatch,
         def wait_stream(self, other):
             pass
 
-    def failing_capture(graph):
+    def failing_capture(graph, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     monkeypatch.setattr(torch.cuda, "graph", failing_capture)
     calls = []
     graph = StepGraph(lambda: calls.append(1) or (torch.ones(1), None), contextlib.nullcontext, capture=True)
