@@ -26,6 +26,36 @@ class _Chunk:
     attention: Optional[Tensor]  # (k, src_len, step+1)
 
 
+@dataclass
+class StepEnds:
+    """What a step hands a store of finished hypotheses (``FinishedHypotheses``, or
+    ``FinishedOnDevice`` for the static-shape loop).
+
+    ``eos_mask``/``eos_bbsz_idx``/``eos_scores`` are (active bsz, beam): the top candidates
+    that end in EOS, their hypothesis rows and raw scores. ``sentences`` maps active rows to
+    original batch rows. ``normalize`` divides final scores (the length penalty);
+    ``too_long`` (active bsz,) marks sentences whose hypotheses score -inf
+    (``--match-source-len``). As in fairseq, a sentence keeps the first ``beam_size``
+    hypotheses in candidate order.
+    """
+
+    step: int
+    eos_mask: Tensor
+    eos_bbsz_idx: Tensor
+    eos_scores: Tensor
+    sentences: Tensor
+    tokens: Tensor  # (rows, max_len + 2): the hypotheses so far
+    scores: Tensor  # (rows, max_len + 1): their cumulative scores
+    attn: Optional[Tensor]  # (rows, src_len, max_len + 2), if kept
+    normalize: Optional[float]
+    too_long: Optional[Tensor]
+    eos: int
+
+    def tokens_and_positional_scores(self, rows: Tensor, eos_scores: Tensor) -> Tuple[Tensor, Tensor]:
+        """``finished_rows`` of hypothesis ``rows`` with these cumulative ``eos_scores``."""
+        return finished_rows(self.step, rows, eos_scores, self.tokens, self.scores, self.eos)
+
+
 class FinishedHypotheses:
     """Per-sentence store of up to ``beam_size`` finished hypotheses."""
 
@@ -34,45 +64,25 @@ class FinishedHypotheses:
         self.counts = torch.zeros(bsz, dtype=torch.long, device=device)
         self._chunks: List[_Chunk] = []
 
-    def add(
-        self,
-        step: int,
-        eos_mask: Tensor,
-        eos_bbsz_idx: Tensor,
-        eos_scores: Tensor,
-        sentences: Tensor,
-        tokens: Tensor,
-        scores: Tensor,
-        attn: Optional[Tensor],
-        normalize: Optional[float],
-        too_long: Optional[Tensor],
-        eos: int,
-    ) -> Tuple[Tensor, Tensor]:
+    def add(self, ends: StepEnds) -> Tuple[Tensor, Tensor]:
         """Store this step's EOS hypotheses; return, per active sentence, how many it has
-        now and whether it finished one at this step.
-
-        ``eos_mask``/``eos_bbsz_idx``/``eos_scores`` are (active bsz, beam): the top
-        candidates that end in EOS, their hypothesis rows and raw scores. ``sentences``
-        maps active rows to original batch rows. ``normalize`` divides final scores (the
-        length penalty); ``too_long`` (active bsz,) marks sentences whose hypotheses score
-        -inf (``--match-source-len``). As in fairseq, a sentence keeps the first
-        ``beam_size`` hypotheses in candidate order.
-        """
+        now and whether it finished one at this step."""
+        step, eos_mask, sentences = ends.step, ends.eos_mask, ends.sentences
         counts = self.counts[sentences]  # (active bsz,)
         slots = counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
         accepted = eos_mask & (slots < self.beam_size)
         rows, cols = accepted.nonzero(as_tuple=True)
         if rows.numel() > 0:
-            bbsz_idx = eos_bbsz_idx[rows, cols]
-            hypo_tokens, positional = finished_rows(step, bbsz_idx, eos_scores[rows, cols], tokens, scores, eos)
+            bbsz_idx, eos_scores, too_long = ends.eos_bbsz_idx[rows, cols], ends.eos_scores[rows, cols], ends.too_long
+            hypo_tokens, positional = ends.tokens_and_positional_scores(bbsz_idx, eos_scores)
             self._chunks.append(
                 _Chunk(
                     sentences=sentences[rows],
                     slots=slots[rows, cols],
                     tokens=hypo_tokens,
-                    scores=final_scores(eos_scores[rows, cols], normalize, too_long[rows] if too_long is not None else None),
+                    scores=final_scores(eos_scores, ends.normalize, too_long[rows] if too_long is not None else None),
                     positional_scores=positional,
-                    attention=(attn.index_select(0, bbsz_idx)[:, :, 1 : step + 2] if attn is not None else None),
+                    attention=(ends.attn.index_select(0, bbsz_idx)[:, :, 1 : step + 2] if ends.attn is not None else None),
                 )
             )
         new_counts = counts + accepted.sum(1)

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .finished import best_first, final_scores, finished_rows, hypothesis
+from .finished import StepEnds, best_first, final_scores, hypothesis
 
 
 class FinishedOnDevice:
@@ -29,41 +29,29 @@ class FinishedOnDevice:
         self.scores = scores.new_zeros(bsz, slots)
         self.attention: Optional[Tensor] = None  # (bsz, slots, src_len, width), once there is any
 
-    def add(
-        self,
-        step: int,
-        eos_mask: Tensor,
-        eos_bbsz_idx: Tensor,
-        eos_scores: Tensor,
-        sentences: Tensor,
-        tokens: Tensor,
-        scores: Tensor,
-        attn: Optional[Tensor],
-        normalize: Optional[float],
-        too_long: Optional[Tensor],
-        eos: int,
-    ) -> Tuple[Tensor, Tensor]:
-        """``FinishedHypotheses.add``: ``sentences`` maps the active rows to batch rows."""
-        bsz, beam_size = eos_mask.shape
+    def add(self, ends: StepEnds) -> Tuple[Tensor, Tensor]:
+        """``FinishedHypotheses.add``, with every top candidate written (no host sync)."""
+        step, sentences = ends.step, ends.sentences
+        bsz, candidates = ends.eos_mask.shape
         counts = self.counts[sentences]
-        slots = counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
-        accepted = eos_mask & (slots < beam_size)
-        where = (sentences.unsqueeze(1), torch.where(accepted, slots, beam_size))
-        rows, raw = eos_bbsz_idx.reshape(-1), eos_scores.reshape(-1)
-        hypo_tokens, positional = finished_rows(step, rows, raw, tokens, scores, eos)
-        self.tokens[where + (slice(0, step + 1),)] = hypo_tokens.reshape(bsz, beam_size, -1)
-        self.positional[where + (slice(0, step + 1),)] = positional.reshape(bsz, beam_size, -1)
-        long_ones = too_long.unsqueeze(1).expand(bsz, beam_size).reshape(-1) if too_long is not None else None
-        self.scores[where] = final_scores(raw, normalize, long_ones).view(bsz, beam_size)
+        slots = counts.unsqueeze(1) + ends.eos_mask.cumsum(1) - 1
+        accepted = ends.eos_mask & (slots < self.beam_size)
+        where = (sentences.unsqueeze(1), torch.where(accepted, slots, self.beam_size))  # else the unread slot
+        rows, raw = ends.eos_bbsz_idx.reshape(-1), ends.eos_scores.reshape(-1)
+        hypo_tokens, positional = ends.tokens_and_positional_scores(rows, raw)
+        self.tokens[where + (slice(0, step + 1),)] = hypo_tokens.reshape(bsz, candidates, -1)
+        self.positional[where + (slice(0, step + 1),)] = positional.reshape(bsz, candidates, -1)
+        too_long = ends.too_long.unsqueeze(1).expand(bsz, candidates).reshape(-1) if ends.too_long is not None else None
+        self.scores[where] = final_scores(raw, ends.normalize, too_long).view(bsz, candidates)
         self.lengths[where] = step + 1
-        if attn is not None:
+        if ends.attn is not None:
             if self.attention is None:
-                self.attention = attn.new_zeros(*self.positional.shape[:2], attn.size(1), self.positional.size(2))
-            finished_attention = attn.index_select(0, rows)[:, :, 1 : step + 2]
-            self.attention[where + (slice(None), slice(0, step + 1))] = finished_attention.reshape(bsz, beam_size, *finished_attention.shape[1:])
+                self.attention = ends.attn.new_zeros(*self.positional.shape[:2], ends.attn.size(1), self.positional.size(2))
+            finished_attention = ends.attn.index_select(0, rows)[:, :, 1 : step + 2]
+            self.attention[where + (slice(None), slice(0, step + 1))] = finished_attention.reshape(bsz, candidates, *finished_attention.shape[1:])
         new_counts = counts + accepted.sum(1)
         self.counts[sentences] = new_counts
-        return new_counts, eos_mask.any(1)
+        return new_counts, ends.eos_mask.any(1)
 
     def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first (the

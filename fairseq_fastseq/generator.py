@@ -15,7 +15,8 @@ from .beam_step import adds_in_place, beam_step_in_place
 from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
 from .errors import explain_out_of_memory
-from .finished import FinishedHypotheses
+from .finished import FinishedHypotheses, StepEnds
+from .finished_on_device import FinishedOnDevice
 from .graphs import StaticSteps
 from .logit_edits import edits_for_batch
 from .model_steps import LeanSteps, ModuleSteps
@@ -209,23 +210,25 @@ class FastSequenceGenerator(SequenceGenerator):
         return state.candidates(scores, indices, beams, self.eos)
 
     def _finish(
-        self, step: int, candidates: Candidates, state: SearchState, finished: FinishedHypotheses, max_len: int
+        self, step: int, candidates: Candidates, state: SearchState, finished: Union[FinishedHypotheses, FinishedOnDevice], max_len: int
     ) -> Tensor:
         """Store the hypotheses that end in EOS among the top ``beam`` candidates; return which
         sentences are done (bsz,) bool: ``beam`` finished hypotheses, or the last step."""
         beam_size = self.beam_size
         counts, ended_one = finished.add(
-            step,
-            candidates.eos_mask[:, :beam_size],
-            candidates.bbsz_idx[:, :beam_size],
-            candidates.scores[:, :beam_size],
-            state.sentences,
-            state.tokens,
-            state.scores,
-            state.attn,
-            (step + 1) ** self.len_penalty if self.normalize_scores else None,
-            step > state.src_lengths if self.match_source_len else None,
-            self.eos,
+            StepEnds(
+                step,
+                candidates.eos_mask[:, :beam_size],
+                candidates.bbsz_idx[:, :beam_size],
+                candidates.scores[:, :beam_size],
+                state.sentences,
+                state.tokens,
+                state.scores,
+                state.attn,
+                (step + 1) ** self.len_penalty if self.normalize_scores else None,
+                step > state.src_lengths if self.match_source_len else None,
+                self.eos,
+            )
         )
         return ended_one & ((counts == beam_size) | (step == max_len))
 
