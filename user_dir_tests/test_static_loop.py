@@ -25,7 +25,7 @@ from testsupport import toy
 
 from .equivalence import assert_fast_matches_stock, generate_all, load
 from .naive import with_correct_ngram_blocking
-from .test_lean_step import _drive, _fresh_model
+from .test_lean_step import FAMILIES, _drive, _fresh_model
 
 STATIC = FastGeneratorConfig(on_unsupported="error", cuda_graphs="on")
 # The self-attention over a bucket of positions sums in another order: scores on the fixtures
@@ -144,6 +144,24 @@ def test_static_steps_equal_lean_steps_up_to_rounding(toy_models):
     for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
         torch.testing.assert_close(got, want, atol=ROUNDING, rtol=0, msg=f"step {step}")
         torch.testing.assert_close(got_attention, want_attention, atol=ROUNDING, rtol=0, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_steps_follow_sentences_leaving_in_every_family(toy_models, name):
+    """As above with sentences leaving at random steps (each time new, smaller caches), for
+    every layout of the encoder keys/values (per beam, BART's shared, none)."""
+    model, task, batches = _fresh_model(toy_models[name])
+    beam, dictionary = 3, task.target_dictionary
+    if hasattr(model, "set_beam_size"):
+        model.set_beam_size(beam)  # what fairseq's generator does for BART
+    args = (batches[0], beam, dictionary.eos(), dictionary.pad(), len(dictionary))
+    with torch.no_grad():
+        expected = _drive(LeanSteps(EnsembleModel([model]), beam, 40, True, 1.0), *args, 3, SPAN + 8)
+        actual = _drive(StaticSteps(EnsembleModel([model]), beam, 40, True, 1.0), *args, 3, SPAN + 8)
+    for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
+        torch.testing.assert_close(got, want, atol=ROUNDING, rtol=0, msg=f"step {step}")
+        if want_attention is not None:
+            torch.testing.assert_close(got_attention, want_attention, atol=ROUNDING, rtol=0, msg=f"step {step}")
 
 
 def test_step_graph_warms_up_each_new_bucket_once():
