@@ -43,8 +43,10 @@ step() {
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step gpu_check 130 python3 -m benchmarks.gpu_check --device cuda --out "$OUT" --fixtures .gpu_fixtures
-step search_fp32 110 python3 -m benchmarks.search --device cuda --dtype fp32 --repeats 3 --cases \
-    mt-beam5-b128-s256 mt-beam5-b1-s4 mt-greedy-b1-s4 sum-beam4-ngram3-b32-s64 mt-beam4-ngram3-b128-s256
+# The ablation's module-path variants were measured on the GPU before (BENCHMARKS.md): the
+# default loop, fused and the CUDA graphs here, at batch 1, 32 and 128.
+step search_fp32 110 python3 -m benchmarks.search --device cuda --dtype fp32 --repeats 3 --variants fast fused graphs \
+    --cases mt-beam5-b128-s256 mt-beam5-b32 mt-beam5-b1-s4 mt-greedy-b1-s4 sum-beam4-ngram3-b32-s64 mt-beam4-ngram3-b128-s256
 for dtype in fp16 bf16; do
     step "search_$dtype" 60 python3 -m benchmarks.search --device cuda --dtype "$dtype" --repeats 3 \
         --variants fast fused graphs --cases mt-beam5-b128-s256 mt-beam5-b1-s4 sum-beam4-ngram3-b32-s64
