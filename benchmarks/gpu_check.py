@@ -13,8 +13,8 @@
   tests' (a correct n-gram blocker; diverse beams indexed by batch row). PASS: every
   hypothesis has the same tokens and scores (final and per token) within 1e-4. Each row
   also gives the host syncs per batch.
-- ``fp16``: the random-weight transformer-base of ``benchmarks.search``, each fast variant vs
-  stock in fp32, then fp16 and bf16: the share of hypotheses with the same tokens and the largest
+- ``fp16``: the random-weight transformer-base of ``benchmarks.search``, the fast variants of
+  ``DTYPE_VARIANTS`` vs stock in fp32, then fp16 and bf16: the share of hypotheses with the same tokens and the largest
   score difference among them. Informational: it documents the fp16 tolerance.
 
 One PASS/FAIL/INFO line per check on stdout; the report is ``DIR/gpu_check.md``. The exit
@@ -73,7 +73,9 @@ OPTION_SETS = {
 }
 # Part fixtures: the generators compared with stock.
 FIXTURE_GENERATORS = {"fast": FAST_VARIANTS["fast"], "graphs": FAST_VARIANTS["graphs"]}
-# Part fp16: GPU-sized, or tiny on CPU.
+# Part fp16: the variants compared with stock in each dtype (the module path's ablation steps
+# and int8, which is fused off the CPU, left out), on a GPU-sized case, or a tiny one on CPU.
+DTYPE_VARIANTS = ("fast", "fused", "grouped", "el", "graphs")
 FP16_CASES = {
     "cuda": Case("mt-base", 64, 128, (10, 40), dict(beam=5, max_len_a=0, max_len_b=40)),
     "cpu": Case("mt-base", 2, 2, (5, 10), dict(beam=2, max_len_a=0, max_len_b=5)),
@@ -197,11 +199,11 @@ def check_fp16(report: Report, device: torch.device, args) -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model.to(dtype)
         generators = {"stock": task.build_generator([model], gen_cfg)}
-        for label, knobs in FAST_VARIANTS.items():
-            generators[label] = accelerate(task.build_generator([model], gen_cfg), knobs)
+        for label in DTYPE_VARIANTS:
+            generators[label] = accelerate(task.build_generator([model], gen_cfg), FAST_VARIANTS[label])
         with torch.no_grad():
             runs = {label: [s for b in batches for s in g.generate([model], b)] for label, g in generators.items()}
-        for label in FAST_VARIANTS:
+        for label in DTYPE_VARIANTS:
             same, total, worst = agreement(runs["stock"], runs[label])
             dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
             report.check(
