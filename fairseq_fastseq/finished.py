@@ -51,9 +51,9 @@ class StepEnds:
     too_long: Optional[Tensor]
     eos: int
 
-    def tokens_and_positional_scores(self, rows: Tensor, eos_scores: Tensor) -> Tuple[Tensor, Tensor]:
+    def tokens_and_positional_scores(self, rows: Tensor, eos_scores: Tensor, columns: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """``finished_rows`` of hypothesis ``rows`` with these cumulative ``eos_scores``."""
-        return finished_rows(self.step, rows, eos_scores, self.tokens, self.scores, self.eos)
+        return finished_rows(self.step, rows, eos_scores, self.tokens, self.scores, self.eos, columns)
 
 
 class FinishedHypotheses:
@@ -104,12 +104,16 @@ class FinishedHypotheses:
         return finalized
 
 
-def finished_rows(step: int, rows: Tensor, eos_scores: Tensor, tokens: Tensor, scores: Tensor, eos: int) -> Tuple[Tensor, Tensor]:
+def finished_rows(
+    step: int, rows: Tensor, eos_scores: Tensor, tokens: Tensor, scores: Tensor, eos: int, columns: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
     """The tokens (k, step + 1), ending in EOS, and per-token scores of the hypotheses
-    ``rows`` (k,) that finish at ``step`` with the cumulative scores ``eos_scores`` (k,)."""
-    hypo_tokens = tokens.index_select(0, rows)[:, 1 : step + 2]
+    ``rows`` (k,) that finish at ``step`` with the cumulative scores ``eos_scores`` (k,);
+    with ``columns``, that many columns (those after the step hold nothing of use)."""
+    columns = step + 1 if columns is None else columns
+    hypo_tokens = tokens.index_select(0, rows)[:, 1 : columns + 1]
     hypo_tokens[:, step] = eos
-    positional = scores.index_select(0, rows)[:, : step + 1]
+    positional = scores.index_select(0, rows)[:, :columns]
     positional[:, step] = eos_scores
     positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
     return hypo_tokens, positional

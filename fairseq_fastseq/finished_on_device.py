@@ -2,8 +2,10 @@
 
 ``FinishedHypotheses`` keeps the rows that finished at each step, and how many there are is
 a host sync (``nonzero``). Here every top candidate of every sentence is written at each
-step, with one scatter per buffer: an accepted hypothesis into its sentence's next slot, any
-other candidate into one extra slot that is never read. The values are
+step, as whole rows with one ``index_copy_`` per buffer: an accepted hypothesis into its
+sentence's next slot, any other candidate into one extra slot that is never read (where
+several land, which one stays does not matter). A row's columns after its length hold
+nothing of use. The values are
 ``FinishedHypotheses``'s (the same functions on the same rows), and so is the result.
 """
 
@@ -21,7 +23,7 @@ class FinishedOnDevice:
 
     def __init__(self, bsz: int, beam_size: int, max_len: int, scores: Tensor) -> None:
         slots, width, device = beam_size + 1, max_len + 1, scores.device  # slot beam_size: the unread one
-        self.beam_size = beam_size
+        self.beam_size, self.slots = beam_size, slots
         self.counts = torch.zeros(bsz, dtype=torch.long, device=device)
         self.lengths = torch.zeros(bsz, slots, dtype=torch.long, device=device)
         self.tokens = torch.zeros(bsz, slots, width, dtype=torch.long, device=device)
@@ -30,25 +32,24 @@ class FinishedOnDevice:
         self.attention: Optional[Tensor] = None  # (bsz, slots, src_len, width), once there is any
 
     def add(self, ends: StepEnds) -> Tuple[Tensor, Tensor]:
-        """``FinishedHypotheses.add``, with every top candidate written (no host sync)."""
+        """``FinishedHypotheses.add``, every top candidate written as a whole row (no host sync)."""
         step, sentences = ends.step, ends.sentences
-        bsz, candidates = ends.eos_mask.shape
         counts = self.counts[sentences]
         slots = counts.unsqueeze(1) + ends.eos_mask.cumsum(1) - 1
         accepted = ends.eos_mask & (slots < self.beam_size)
-        where = (sentences.unsqueeze(1), torch.where(accepted, slots, self.beam_size))  # else the unread slot
+        # (sentence, slot) as a row of the flattened buffers; the unread slot unless accepted
+        where = sentences.unsqueeze(1).mul(self.slots).add(torch.where(accepted, slots, self.beam_size)).view(-1)
         rows, raw = ends.eos_bbsz_idx.reshape(-1), ends.eos_scores.reshape(-1)
-        hypo_tokens, positional = ends.tokens_and_positional_scores(rows, raw)
-        self.tokens[where + (slice(0, step + 1),)] = hypo_tokens.reshape(bsz, candidates, -1)
-        self.positional[where + (slice(0, step + 1),)] = positional.reshape(bsz, candidates, -1)
-        too_long = ends.too_long.unsqueeze(1).expand(bsz, candidates).reshape(-1) if ends.too_long is not None else None
-        self.scores[where] = final_scores(raw, ends.normalize, too_long).view(bsz, candidates)
-        self.lengths[where] = step + 1
+        hypo_tokens, positional = ends.tokens_and_positional_scores(rows, raw, self.tokens.size(-1))
+        self.tokens.view(-1, self.tokens.size(-1)).index_copy_(0, where, hypo_tokens)
+        self.positional.view(-1, self.positional.size(-1)).index_copy_(0, where, positional)
+        too_long = ends.too_long.repeat_interleave(ends.eos_mask.size(1)) if ends.too_long is not None else None
+        self.scores.view(-1).index_copy_(0, where, final_scores(raw, ends.normalize, too_long))
+        self.lengths.view(-1).index_fill_(0, where, step + 1)
         if ends.attn is not None:
             if self.attention is None:
                 self.attention = ends.attn.new_zeros(*self.positional.shape[:2], ends.attn.size(1), self.positional.size(2))
-            finished_attention = ends.attn.index_select(0, rows)[:, :, 1 : step + 2]
-            self.attention[where + (slice(None), slice(0, step + 1))] = finished_attention.reshape(bsz, candidates, *finished_attention.shape[1:])
+            self.attention.view(-1, *self.attention.shape[2:]).index_copy_(0, where, ends.attn.index_select(0, rows)[:, :, 1:])
         new_counts = counts + accepted.sum(1)
         self.counts[sentences] = new_counts
         return new_counts, ends.eos_mask.any(1)
