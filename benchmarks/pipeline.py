@@ -15,6 +15,7 @@ inline variant), i.e. what overlapping can hide at most.
 
 import argparse
 import filecmp
+import gc
 import logging
 import statistics
 import tempfile
@@ -74,7 +75,13 @@ def generate_args(
 def run_variant(common: Sequence[str], extra: Sequence[str], results: Path) -> Tuple[float, float]:
     """Wall seconds of one fairseq-generate run writing ``results/generate-test.txt``, and the
     seconds of its generation loop (inside ``task.inference_step``, which fairseq times as
-    "Translated N sentences ... in X s")."""
+    "Translated N sentences ... in X s").
+
+    A run leaves its data loader's iterator in a reference cycle; when the garbage collector
+    finds it, its ``__del__`` joins the loader's worker process, which took seconds. Left to
+    chance, that happened inside the next run's timed loop (found with ``py-spy dump``: a
+    run in the middle of ``to_hypotheses``, waiting in ``_shutdown_workers``), so each run's
+    garbage is collected here, after its timing."""
     parser = options.get_generation_parser()
     args = options.parse_args_and_arch(parser, input_args=[*common, *extra, "--results-path", str(results)])
     inference_step = FairseqTask.inference_step
@@ -94,6 +101,7 @@ def run_variant(common: Sequence[str], extra: Sequence[str], results: Path) -> T
         return time.perf_counter() - started, in_loop[0]
     finally:
         FairseqTask.inference_step = inference_step
+        gc.collect()  # this run's data loader workers are joined now, not in the next run
 
 
 def bench(common: Sequence[str], repeats: int, workdir: Path, variants: Optional[Dict[str, List[str]]] = None) -> Dict:

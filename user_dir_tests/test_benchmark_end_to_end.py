@@ -55,3 +55,16 @@ def test_busy_machine_benchmark_reports_each_thread_setting(toy_models, capsys):
     assert [row[0][2:] for row in rows] == [busy_machine.DEFAULT, "--fast-threads 1"]
     assert int(rows[0][1]) >= 1 and rows[1][1] == "1"
     assert min(row[4] for row in rows) == "1.00x |"
+
+
+def test_a_run_leaves_no_data_loader_for_the_next_runs_timing(toy_models, tmp_path):
+    """Its iterator sits in a reference cycle; collected later, its worker would be joined
+    inside another run's timed loop."""
+    import gc
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    model = toy_models["transformer_sentencepiece"]
+    common = pipeline.generate_args(str(model.data_bin), str(model.checkpoint), str(model.bpe_model), "src", "tgt", batch_size=16)
+    pipeline.run_variant([*common, "--num-workers", "1"], [], tmp_path / "stock")
+    assert not [obj for obj in gc.get_objects() if isinstance(obj, _MultiProcessingDataLoaderIter)]
