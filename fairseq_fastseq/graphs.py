@@ -122,13 +122,14 @@ class StaticSteps(LeanSteps):
             caches.keep_sentences(kept)
             for cache in caches.self_attention:
                 cache.keep_rows(order)
-            caches.spare = _spare_for(caches)
         self.clock.rows = rows = order.numel()
         self.newest = self.newest.new_zeros(rows)
         self.order = torch.arange(rows, device=order.device)
         self.graph = StepGraph(self._step, self._identity_order, capture=self.graph.capture)
 
     def _reserve(self, span: int) -> None:
+        """Before a bucket's first step (and the first after sentences left): room for
+        ``span`` positions in every cache, and a spare of their shape."""
         for caches in self.caches:
             for cache in caches.self_attention:
                 cache.reserve(span)
@@ -153,5 +154,8 @@ class StaticSteps(LeanSteps):
 
 def _spare_for(caches: LayerCaches) -> Optional[Tensor]:
     """The buffer the layers' in-place reorders go through (fairseq's layers all have one
-    shape), for the caches as they are now."""
-    return torch.zeros_like(caches.self_attention[0].keys) if caches.self_attention else None
+    shape), for the caches as they are now: the current one if it still fits."""
+    if not caches.self_attention:
+        return None
+    keys = caches.self_attention[0].keys
+    return caches.spare if caches.spare is not None and caches.spare.shape == keys.shape else torch.zeros_like(keys)
