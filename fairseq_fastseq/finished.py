@@ -52,8 +52,32 @@ class StepEnds:
     eos: int
 
     def tokens_and_positional_scores(self, rows: Tensor, eos_scores: Tensor, columns: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """``finished_rows`` of hypothesis ``rows`` with these cumulative ``eos_scores``."""
-        return finished_rows(self.step, rows, eos_scores, self.tokens, self.scores, self.eos, columns)
+        """The tokens (k, step + 1), ending in EOS, and per-token scores of the hypotheses
+        ``rows`` (k,) that finish at this step with the cumulative scores ``eos_scores`` (k,);
+        with ``columns``, that many columns (those after the step hold nothing of use)."""
+        step = self.step
+        columns = step + 1 if columns is None else columns
+        hypo_tokens = self.tokens.index_select(0, rows)[:, 1 : columns + 1]
+        hypo_tokens[:, step] = self.eos
+        positional = self.scores.index_select(0, rows)[:, :columns]
+        positional[:, step] = eos_scores
+        positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
+        return hypo_tokens, positional
+
+    def slots(self, all_counts: Tensor, beam_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per active sentence its count so far (active bsz,), and per top candidate the slot
+        an EOS there would take and whether it is accepted (active bsz, beam): a sentence keeps
+        its first ``beam_size``."""
+        counts = all_counts[self.sentences]
+        slots = counts.unsqueeze(1) + self.eos_mask.cumsum(1) - 1
+        return counts, slots, self.eos_mask & (slots < beam_size)
+
+    def recount(self, all_counts: Tensor, counts: Tensor, accepted: Tensor) -> Tuple[Tensor, Tensor]:
+        """Store the new counts in ``all_counts``; return them and which active sentences
+        finished a hypothesis at this step (what ``add`` returns)."""
+        new_counts = counts + accepted.sum(1)
+        all_counts[self.sentences] = new_counts
+        return new_counts, self.eos_mask.any(1)
 
 
 class FinishedHypotheses:
@@ -67,27 +91,22 @@ class FinishedHypotheses:
     def add(self, ends: StepEnds) -> Tuple[Tensor, Tensor]:
         """Store this step's EOS hypotheses; return, per active sentence, how many it has
         now and whether it finished one at this step."""
-        step, eos_mask, sentences = ends.step, ends.eos_mask, ends.sentences
-        counts = self.counts[sentences]  # (active bsz,)
-        slots = counts.unsqueeze(1) + eos_mask.cumsum(1) - 1
-        accepted = eos_mask & (slots < self.beam_size)
+        counts, slots, accepted = ends.slots(self.counts, self.beam_size)
         rows, cols = accepted.nonzero(as_tuple=True)
         if rows.numel() > 0:
             bbsz_idx, eos_scores, too_long = ends.eos_bbsz_idx[rows, cols], ends.eos_scores[rows, cols], ends.too_long
             hypo_tokens, positional = ends.tokens_and_positional_scores(bbsz_idx, eos_scores)
             self._chunks.append(
                 _Chunk(
-                    sentences=sentences[rows],
+                    sentences=ends.sentences[rows],
                     slots=slots[rows, cols],
                     tokens=hypo_tokens,
                     scores=final_scores(eos_scores, ends.normalize, too_long[rows] if too_long is not None else None),
                     positional_scores=positional,
-                    attention=(ends.attn.index_select(0, bbsz_idx)[:, :, 1 : step + 2] if ends.attn is not None else None),
+                    attention=(ends.attn.index_select(0, bbsz_idx)[:, :, 1 : ends.step + 2] if ends.attn is not None else None),
                 )
             )
-        new_counts = counts + accepted.sum(1)
-        self.counts[sentences] = new_counts
-        return new_counts, eos_mask.any(1)
+        return ends.recount(self.counts, counts, accepted)
 
     def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first."""
@@ -102,21 +121,6 @@ class FinishedHypotheses:
             in_order = [hypos[slot] for slot in sorted(hypos)]
             finalized[sentence] = best_first(in_order, torch.tensor([float(h["score"].item()) for h in in_order]))
         return finalized
-
-
-def finished_rows(
-    step: int, rows: Tensor, eos_scores: Tensor, tokens: Tensor, scores: Tensor, eos: int, columns: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
-    """The tokens (k, step + 1), ending in EOS, and per-token scores of the hypotheses
-    ``rows`` (k,) that finish at ``step`` with the cumulative scores ``eos_scores`` (k,);
-    with ``columns``, that many columns (those after the step hold nothing of use)."""
-    columns = step + 1 if columns is None else columns
-    hypo_tokens = tokens.index_select(0, rows)[:, 1 : columns + 1]
-    hypo_tokens[:, step] = eos
-    positional = scores.index_select(0, rows)[:, :columns]
-    positional[:, step] = eos_scores
-    positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
-    return hypo_tokens, positional
 
 
 def final_scores(eos_scores: Tensor, normalize: Optional[float], too_long: Optional[Tensor]) -> Tensor:

@@ -33,26 +33,21 @@ class FinishedOnDevice:
 
     def add(self, ends: StepEnds) -> Tuple[Tensor, Tensor]:
         """``FinishedHypotheses.add``, every top candidate written as a whole row (no host sync)."""
-        step, sentences = ends.step, ends.sentences
-        counts = self.counts[sentences]
-        slots = counts.unsqueeze(1) + ends.eos_mask.cumsum(1) - 1
-        accepted = ends.eos_mask & (slots < self.beam_size)
+        counts, slots, accepted = ends.slots(self.counts, self.beam_size)
         # (sentence, slot) as a row of the flattened buffers; the unread slot unless accepted
-        where = sentences.unsqueeze(1).mul(self.slots).add(torch.where(accepted, slots, self.beam_size)).view(-1)
+        where = ends.sentences.unsqueeze(1).mul(self.slots).add(torch.where(accepted, slots, self.beam_size)).view(-1)
         rows, raw = ends.eos_bbsz_idx.reshape(-1), ends.eos_scores.reshape(-1)
         hypo_tokens, positional = ends.tokens_and_positional_scores(rows, raw, self.tokens.size(-1))
         self.tokens.view(-1, self.tokens.size(-1)).index_copy_(0, where, hypo_tokens)
         self.positional.view(-1, self.positional.size(-1)).index_copy_(0, where, positional)
         too_long = ends.too_long.repeat_interleave(ends.eos_mask.size(1)) if ends.too_long is not None else None
         self.scores.view(-1).index_copy_(0, where, final_scores(raw, ends.normalize, too_long))
-        self.lengths.view(-1).index_fill_(0, where, step + 1)
+        self.lengths.view(-1).index_fill_(0, where, ends.step + 1)
         if ends.attn is not None:
             if self.attention is None:
                 self.attention = ends.attn.new_zeros(*self.positional.shape[:2], ends.attn.size(1), self.positional.size(2))
             self.attention.view(-1, *self.attention.shape[2:]).index_copy_(0, where, ends.attn.index_select(0, rows)[:, :, 1:])
-        new_counts = counts + accepted.sum(1)
-        self.counts[sentences] = new_counts
-        return new_counts, ends.eos_mask.any(1)
+        return ends.recount(self.counts, counts, accepted)
 
     def to_hypotheses(self) -> List[List[Dict[str, Tensor]]]:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first (the

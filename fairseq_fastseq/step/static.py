@@ -58,7 +58,10 @@ class StepClock:
 
 
 class StaticSelfAttentionCache(SelfAttentionCache):
-    """One layer's self-attention keys and values for the whole search, at fixed addresses."""
+    """One layer's self-attention keys and values (and padding), at addresses that stay put
+    within a bucket: new buffers only when the cache grows by a bucket or loses rows."""
+
+    BUFFERS = ("keys", "values", "padding")
 
     def __init__(self, heads: int, head_dim: int, clock: StepClock, like: Tensor) -> None:
         super().__init__(heads, head_dim, clock.max_steps)
@@ -73,7 +76,7 @@ class StaticSelfAttentionCache(SelfAttentionCache):
         if self.keys.size(0) >= span:
             return
         filled = self.keys.size(0)
-        for name in ("keys", "values", "padding"):
+        for name in self.BUFFERS:
             buffer = getattr(self, name)
             grown = buffer.new_zeros(span, *buffer.shape[1:])
             grown[:filled] = buffer
@@ -105,11 +108,10 @@ class StaticSelfAttentionCache(SelfAttentionCache):
         self.padding[:span] = self.padding[:span].index_select(1, order)
         return spare
 
-
     def keep_rows(self, order: Tensor) -> None:
         """Fewer rows from here on: new row ``i`` is old row ``order[i]`` (new buffers)."""
-        self.keys, self.values = self.keys.index_select(1, order), self.values.index_select(1, order)
-        self.padding = self.padding.index_select(1, order)
+        for name in self.BUFFERS:
+            setattr(self, name, getattr(self, name).index_select(1, order))
 
 
 class StaticLeanDecoder(LeanDecoder):
