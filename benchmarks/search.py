@@ -383,9 +383,11 @@ def bench_case(
     device: str = "cpu",
     dtype: str = "fp32",
     variants: Optional[Dict[str, FastGeneratorConfig]] = None,
+    count_syncs: bool = True,
 ) -> Dict:
     """Stock and each fast variant (default: ``default_variants``) on the case, alternating
-    within each repeat; medians, ratios, agreement with stock, shares, peaks, host syncs."""
+    within each repeat; medians, ratios, agreement with stock, shares, peaks, and (unless
+    ``count_syncs`` is off: one more run of the first batch each) host syncs."""
     variants = default_variants(device) if variants is None else variants
     device = torch.device(device)
     if case.model not in models:
@@ -404,7 +406,7 @@ def bench_case(
     for _ in range(repeats):
         for label, generator in generators.items():
             runs[label].append(run_once(generator, model, task, batches, device))
-    host_syncs = {label: syncs_of_one_batch(generator, model, task, batches[0]) for label, generator in generators.items()}
+    host_syncs = {label: syncs_of_one_batch(generator, model, task, batches[0]) for label, generator in generators.items()} if count_syncs else None
     median = {label: statistics.median(run.wall for run in label_runs) for label, label_runs in runs.items()}
     # Stock's n-gram blocker bans nothing unless fairseq's CUDA extension is built and usable.
     blocks = "no_repeat_ngram_size" in case.options and not generators["stock"].repeat_ngram_blocker.use_extension

@@ -30,6 +30,15 @@ def test_bench_case_reports_every_generator_and_consistent_ratios(tiny_row):
     assert row["host_syncs"]["graphs"] < row["host_syncs"]["fast"]
 
 
+def test_host_syncs_are_counted_only_when_asked(monkeypatch):
+    """The suite does not report them, so it does not pay the extra run of a batch."""
+    counted = []
+    monkeypatch.setattr(search, "syncs_of_one_batch", lambda *args: counted.append(args) or 0)
+    case = Case("mt-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=3))
+    row = bench_case("tiny", case, repeats=1, models={}, variants={"fast": FAST_VARIANTS["fast"]}, count_syncs=False)
+    assert row["host_syncs"] is None and not counted
+
+
 def test_language_model_case_continues_prompts_identically():
     case = Case("lm-base", batch_size=2, sentences=2, source_tokens=(3, 5), options=dict(beam=2, max_len_a=0, max_len_b=8))
     row = bench_case("tiny-lm", case, repeats=1, models={})
