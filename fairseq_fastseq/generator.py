@@ -48,7 +48,8 @@ class FastSequenceGenerator(SequenceGenerator):
       wrong penalties on real data).
 
     The one host sync per step is the number of sentences that finished: it sets the
-    shape of the next step's batch. ``need_attention``: whether the hypotheses carry the
+    shape of the next step's batch. With ``--fast-cuda-graphs`` the static-shape loop of
+    ``static_loop.py`` runs instead, for the searches it covers (``static_loop``). ``need_attention``: whether the hypotheses carry the
     attention over the source, as fairseq's do (a caller that reads none can save it).
     """
 
