@@ -228,3 +228,17 @@ def test_kernel_swaps_times_every_swapped_kernel_and_shows_its_difference():
     assert max(row["int8_diff"] for row in rows) > 1e-3  # int8 really runs int8
     table = kernel_swaps.markdown(rows, "title").splitlines()
     assert len(table) == 4 + 6 and table[2].count("|") == table[-1].count("|")
+
+
+def test_linear_sweep_flags_where_the_rule_picks_the_slower_kernel():
+    from benchmarks import linear_sweep
+
+    results = linear_sweep.measure(rows=[1, 3], shapes=[(8, 16)], budget=1e-4, repeats=1)
+    assert [(r["rows"], r["in"], r["out"]) for r in results] == [(1, 8, 16), (3, 8, 16)]
+    assert all(r["rule_picks_onednn"] is False for r in results)  # tiny products: F.linear on any CPU
+    clear_win = dict(results[0], mkl_ms=2.0, onednn_ms=1.0)
+    close_call = dict(results[0], mkl_ms=1.05, onednn_ms=1.0)
+    rows = linear_sweep.markdown([clear_win, close_call, dict(clear_win, rule_picks_onednn=True)], "title").splitlines()
+    assert rows[-3].endswith("| F.linear | **no** |") and rows[-2].endswith("| yes |") and rows[-1].endswith("| oneDNN | yes |")
+    with pytest.raises(SystemExit):
+        linear_sweep.main(["--shapes", "512"])

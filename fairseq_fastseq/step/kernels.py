@@ -104,7 +104,7 @@ class FusedKernels(ExactKernels):
         packed = self.prepared(("onednn",), tensors, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 160))
 
         def project(x: Tensor) -> Tensor:
-            if prepacked_is_faster(x.numel() // x.size(-1), weight.size(0)):
+            if prepacked_is_faster(x.numel() // x.size(-1), weight.size(1), weight.size(0)):
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
             out = F.linear(x, weight, bias)
             return torch.relu_(out) if relu else out
@@ -161,20 +161,37 @@ class Int8Kernels(FusedKernels):
         return self.prepared(("int8",), tensors, lambda: _int8(weight, bias))
 
 
-def prepacked_is_faster(rows: int, out_features: int) -> bool:
-    """Where oneDNN's prepacked linear beat MKL's ``F.linear`` on one core (an Intel Xeon with
-    AVX-512, ``BENCHMARKS.md`` "Kernel tiers"): from a few rows on, unless the product is
-    tiny (its call costs more) or very large (MKL's blocking wins)."""
-    return 2 <= rows <= 320 and rows * out_features >= 16384
+def prepacked_is_faster(rows: int, in_features: int, out_features: int) -> bool:
+    """Where oneDNN's prepacked linear beat MKL's ``F.linear`` on one core (sweeps over shapes,
+    ``BENCHMARKS.md`` "Kernel tiers"). On an Intel CPU: from a few rows on, unless the product
+    is tiny (its call costs more) or above ~320 rows (MKL's own blocking wins again). Elsewhere
+    (measured on an AMD EPYC, where MKL runs a generic path at a third to a half of oneDNN's
+    speed at small row counts): every product of at least ~0.5M multiply-adds, one row included."""
+    if CPU_VENDOR == "GenuineIntel":
+        return 2 <= rows <= PREPACKED_MAX_ROWS_ON_INTEL and rows * out_features >= 16384
+    return rows * in_features * out_features >= PREPACKED_MIN_WORK_ELSEWHERE
+
+
+PREPACKED_MAX_ROWS_ON_INTEL = 320
+PREPACKED_MIN_WORK_ELSEWHERE = 2**19
+
+
+def _cpu_info(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.split(":", 1)[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
+# "GenuineIntel", "AuthenticAMD", ... ("" unknown: treated as not Intel).
+CPU_VENDOR = _cpu_info("vendor_id")
 
 
 def _has_vnni() -> bool:
     """Whether the CPU has VNNI (int8 dot products summed into 32 bits); unknown counts as no."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(flag in line.split() for line in cpuinfo if line.startswith("flags") for flag in ("avx512_vnni", "avx_vnni"))
-    except OSError:
-        return False
+    return any(flag in _cpu_info("flags").split() for flag in ("avx512_vnni", "avx_vnni"))
 
 
 # fbgemm's int8 kernels without VNNI sum pairs of products in 16 bits, which saturates unless
