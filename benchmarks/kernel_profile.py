@@ -11,7 +11,8 @@ Two views:
   softmax, top-k, the Python interpreter, ...), turned into milliseconds per decoder step.
   CTranslate2 has no profiler in its wheel, so this is the view that compares all three.
   Without ``perf`` (or where the kernel forbids it) the table says so.
-- ``torch.profiler`` for stock and fast: self time per aten op, per decoder step.
+- ``torch.profiler`` for stock, fast and its kernel tiers: self time per operator, per
+  decoder step.
 
 Decoder steps are counted as log-softmax calls of the fairseq engine (one per step); the
 columns of the other engines (the fast generator's other kernel tiers, CTranslate2) are
@@ -51,6 +52,12 @@ CATEGORIES: List[Tuple[str, str]] = [
     ("torch dispatch, allocation, bookkeeping", r"libtorch|libc10|malloc|free|_int_|operator new|tcmalloc"),
 ]
 OTHER = "other"
+# The profiler's names of the operators that multiply matrices: fairseq's (MKL) and the kernel
+# tiers' (oneDNN's prepacked linear, fbgemm's dynamic int8 linear).
+MATRIX_PRODUCT_OPS = (
+    "aten::addmm", "aten::mm", "aten::bmm",
+    "mkldnn::_linear_pointwise", "quantized::linear_dynamic", "quantized::linear_relu_dynamic",
+)  # fmt: skip
 
 
 def categorize(location: str) -> str:
@@ -185,11 +192,11 @@ def aten_table(per_engine: Dict[str, Tuple[Dict[str, float], int, float]], top: 
         for ops, steps, wall in per_engine.values():
             cells += [f"{ops.get(op, 0.0) * 1000 / steps:.3f}", f"{ops.get(op, 0.0) / wall:.1%}"]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    matmul = ("aten::addmm", "aten::mm", "aten::bmm")
     cells = []
     for ops, steps, wall in per_engine.values():
-        cells += [f"{sum(ops.get(op, 0.0) for op in matmul) * 1000 / steps:.3f}", f"{sum(ops.get(op, 0.0) for op in matmul) / wall:.1%}"]
-    lines.append("| **matrix products (addmm + mm + bmm)** | " + " | ".join(cells) + " |")
+        matrix_products = sum(ops.get(op, 0.0) for op in MATRIX_PRODUCT_OPS)
+        cells += [f"{matrix_products * 1000 / steps:.3f}", f"{matrix_products / wall:.1%}"]
+    lines.append("| **matrix products (" + " + ".join(op.split("::")[1] for op in MATRIX_PRODUCT_OPS) + ")** | " + " | ".join(cells) + " |")
     cells = []
     for _, steps, wall in per_engine.values():
         cells += [f"{wall * 1000 / steps:.3f}", "100%"]
@@ -218,9 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for engine in engines.values():
             if engine.translate is not None:
                 engine.translate(batches[0])  # warm-up
-        aten = {name: aten_profile(engines[name], batches) for name in (peers.STOCK, peers.FAST)}
+        aten = {name: aten_profile(engines[name], batches) for name in (peers.STOCK, peers.FAST, *peers.FAST_TIERS)}
         steps = {name: aten[name][1] for name in aten}
-        for name in (*peers.FAST_TIERS, peers.CT2_FP32, peers.CT2_INT8):
+        for name in (peers.CT2_FP32, peers.CT2_INT8):
             steps[name] = steps[peers.FAST]
         sampled, notes = {}, []
         for name in ENGINES:

@@ -219,6 +219,19 @@ def test_perf_samples_of_generated_gemm_code_count_as_matrix_products():
     assert abs(shares[matrix] - 0.75) < 1e-9 and OTHER not in shares
 
 
+def test_aten_table_counts_the_kernel_tiers_linear_layers_as_matrix_products():
+    """fused's oneDNN and int8's fbgemm linear layers are matrix products too, not "other"."""
+    from benchmarks.kernel_profile import aten_table
+
+    profiles = {
+        "exact": ({"aten::addmm": 3.0, "aten::mm": 1.0, "aten::topk": 1.0}, 10, 10.0),
+        "fused": ({"mkldnn::_linear_pointwise": 2.0, "aten::bmm": 1.0, "aten::topk": 1.0}, 10, 8.0),
+        "int8": ({"quantized::linear_dynamic": 1.0, "quantized::linear_relu_dynamic": 0.5, "aten::topk": 1.0}, 10, 5.0),
+    }
+    matrix_row = next(line for line in aten_table(profiles).splitlines() if line.startswith("| **matrix products"))
+    assert matrix_row.split(" | ")[1:] == ["400.000", "40.0%", "300.000", "37.5%", "150.000", "30.0% |"]
+
+
 def test_kernel_swaps_times_every_swapped_kernel_and_shows_its_difference():
     from benchmarks import bible, kernel_swaps
 
