@@ -168,36 +168,41 @@ def prepacked_is_faster(rows: int, in_features: int, out_features: int) -> bool:
     (measured on an AMD EPYC, where MKL runs a generic path at a third to a half of oneDNN's
     speed at small row counts): every product of at least ~0.5M multiply-adds, one row included."""
     if CPU_VENDOR == "GenuineIntel":
-        return 2 <= rows <= PREPACKED_MAX_ROWS_ON_INTEL and rows * out_features >= 16384
+        return 2 <= rows <= PREPACKED_MAX_ROWS_ON_INTEL and rows * out_features >= PREPACKED_MIN_OUTPUTS_ON_INTEL
     return rows * in_features * out_features >= PREPACKED_MIN_WORK_ELSEWHERE
 
 
 PREPACKED_MAX_ROWS_ON_INTEL = 320
+PREPACKED_MIN_OUTPUTS_ON_INTEL = 16384
 PREPACKED_MIN_WORK_ELSEWHERE = 2**19
 
 
-def _cpu_info(field: str) -> str:
-    """The first ``field`` line of /proc/cpuinfo ("" where it cannot be read)."""
+def _first_processor() -> Dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo (empty where it cannot be read)."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.split(":", 1)[0].strip() == field), "")
+            for line in cpuinfo:
+                if not line.strip():
+                    break
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
     except OSError:
-        return ""
+        pass
+    return fields
 
 
+_PROCESSOR = _first_processor()
 # "GenuineIntel", "AuthenticAMD", ... ("" unknown: treated as not Intel).
-CPU_VENDOR = _cpu_info("vendor_id")
-
-
-def _has_vnni() -> bool:
-    """Whether the CPU has VNNI (int8 dot products summed into 32 bits); unknown counts as no."""
-    return any(flag in _cpu_info("flags").split() for flag in ("avx512_vnni", "avx_vnni"))
+CPU_VENDOR = _PROCESSOR.get("vendor_id", "")
+# VNNI: int8 dot products summed into 32 bits (unknown counts as none).
+_HAS_VNNI = any(flag in _PROCESSOR.get("flags", "").split() for flag in ("avx512_vnni", "avx_vnni"))
 
 
 # fbgemm's int8 kernels without VNNI sum pairs of products in 16 bits, which saturates unless
 # activations use 7 bits ("reduce range"); with VNNI the full 8 bits are safe and closer to
 # float32 (figures: BENCHMARKS.md, "Kernel tiers").
-REDUCE_RANGE = not _has_vnni()
+REDUCE_RANGE = not _HAS_VNNI
 
 
 def _scaled(module: nn.Linear, scaling: float) -> nn.Linear:
