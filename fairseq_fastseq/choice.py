@@ -16,6 +16,7 @@ from .attention_plan import describe
 from .config import FastGeneratorConfig
 from .generator import FastSequenceGenerator, FastSequenceGeneratorWithAlignment
 from .static_loop import SYNC_EVERY, why_not_static
+from .step.encoder import describe_encoders
 from .step.kernels import kernel_tier
 
 logger = logging.getLogger("fairseq_fastseq.generator")  # the log lines users grep for keep their logger
@@ -76,6 +77,9 @@ def accelerate(
         if reason is None:
             logger.info("decoder step: lean (typed caches, encoder keys/values once per sentence)")
             fast.kernels = kernel_tier(knobs.kernels, fast.model.models)
+            encoders = describe_encoders(fast.model.models, fast.kernels)
+            if encoders is not None:
+                logger.info("kernels: %s", encoders)
         else:
             logger.info("decoder step: fairseq's modules (outside the lean step: %s)", reason)
             logger.info("attention: %s", describe(fast.model.models, **fast.attention_options()))

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .step.caches import LayerCaches
 from .step.decoder import LeanDecoder
+from .step.encoder import encoder_for
 from .step.kernels import ExactKernels
 
 
@@ -41,6 +42,7 @@ class LeanSteps:
         self.need_attention, self.temperature = need_attention, temperature
         kernels = kernels or ExactKernels()
         self.decoders = [self._decoder(model, kernels) for model in ensemble.models]
+        self.encoders = [encoder_for(model, kernels) for model in ensemble.models] if ensemble.has_encoder() else None
         self.caches: List[LayerCaches] = []
 
     def _decoder(self, model: torch.nn.Module, kernels: ExactKernels) -> LeanDecoder:
@@ -48,7 +50,7 @@ class LeanSteps:
 
     def start(self, net_input: Dict[str, Tensor], sentences: int) -> None:
         """Encode the batch and project every layer's encoder keys/values."""
-        encoder_outs = self.ensemble.forward_encoder(net_input) if self.ensemble.has_encoder() else None
+        encoder_outs = [encode(net_input) for encode in self.encoders] if self.encoders is not None else None
         self.caches = [
             decoder.start(encoder_outs[i] if encoder_outs is not None else None, self.beam_size, self.max_steps)
             for i, decoder in enumerate(self.decoders)

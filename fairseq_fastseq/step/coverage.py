@@ -52,13 +52,13 @@ def why_not_lean(model: nn.Module) -> Optional[str]:
         lambda: _overridden_decoder_method(decoder),
         lambda: _normalizer(model),
         lambda: _decoder_option(decoder),
-        lambda: _first(_layer_reason(layer, index) for index, layer in enumerate(decoder.layers)),
+        lambda: first_reason(_layer_reason(layer, index) for index, layer in enumerate(decoder.layers)),
         lambda: _beam_size_reason(model),
-        lambda: _first(_active_dropout(module, label) for label, module in decoder.named_modules()),
-        lambda: _first(_hook(module, label) for label, module in decoder.named_modules()),
-        _global_hooks,
+        lambda: first_reason(active_dropout(module, label) for label, module in decoder.named_modules()),
+        lambda: first_reason(hook_reason(module, label) for label, module in decoder.named_modules()),
+        global_hooks_reason,
     )
-    reason = _first(check() for check in checks)
+    reason = first_reason(check() for check in checks)
     return None if reason is None else f"{name}: {reason}"
 
 
@@ -78,7 +78,7 @@ def plain_output_projection(model: nn.Module) -> Optional[Tensor]:
     return decoder.output_projection.weight if plain else None
 
 
-def _first(reasons: Iterable[Optional[str]]) -> Optional[str]:
+def first_reason(reasons: Iterable[Optional[str]]) -> Optional[str]:
     return next((reason for reason in reasons if reason is not None), None)
 
 
@@ -132,20 +132,23 @@ def _layer_reason(layer: nn.Module, index: int) -> Optional[str]:
     if layer.cross_self_attention:
         return f"{where} uses cross-self-attention"
     norms = ("self_attn_layer_norm", "final_layer_norm") + (("encoder_attn_layer_norm",) if layer.encoder_attn is not None else ())
-    for label in norms:
-        if type(getattr(layer, label)) is not nn.LayerNorm:
-            return f"{where}'s {label} is {type(getattr(layer, label)).__name__}"
-    for label in ("fc1", "fc2"):
-        if type(getattr(layer, label)) is not nn.Linear:
-            return f"{where}'s {label} is {type(getattr(layer, label)).__name__}"
-    return _attention_reason(layer.self_attn, f"{where}'s self-attention", self_attention=True) or (
-        _attention_reason(layer.encoder_attn, f"{where}'s encoder attention", self_attention=False)
+    return plain_parts_reason(layer, where, norms) or attention_reason(layer.self_attn, f"{where}'s self-attention", self_attention=True) or (
+        attention_reason(layer.encoder_attn, f"{where}'s encoder attention", self_attention=False)
         if layer.encoder_attn is not None
         else None
     )
 
 
-def _attention_reason(module: nn.Module, where: str, self_attention: bool) -> Optional[str]:
+def plain_parts_reason(layer: nn.Module, where: str, norms: Iterable[str]) -> Optional[str]:
+    """A reason if a layer's ``norms`` are not plain layer norms or its feed-forward layers
+    not plain linear layers (the lean code calls their functions, not their modules)."""
+    for label, cls in [*((norm, nn.LayerNorm) for norm in norms), ("fc1", nn.Linear), ("fc2", nn.Linear)]:
+        if type(getattr(layer, label)) is not cls:
+            return f"{where}'s {label} is {type(getattr(layer, label)).__name__}"
+    return None
+
+
+def attention_reason(module: nn.Module, where: str, self_attention: bool) -> Optional[str]:
     # The fast variants' modules (``attention.py``) are fairseq's with other cache paths.
     if type(module) not in (MultiheadAttention, *FAST_CLASSES):
         return f"{where} is {type(module).__name__}"
@@ -174,7 +177,7 @@ def _beam_size_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _active_dropout(module: nn.Module, label: str) -> Optional[str]:
+def active_dropout(module: nn.Module, label: str) -> Optional[str]:
     active = False
     if isinstance(module, FairseqDropout):
         active = module.p > 0 and (module.training or module.apply_during_inference)
@@ -183,7 +186,7 @@ def _active_dropout(module: nn.Module, label: str) -> Optional[str]:
     return f"dropout stays on in inference at {label or 'the decoder'} (--retain-dropout)" if active else None
 
 
-def _hook(module: nn.Module, label: str) -> Optional[str]:
+def hook_reason(module: nn.Module, label: str) -> Optional[str]:
     """A forward hook, or a forward replaced on the object itself: fairseq would call it."""
     where = label or "the decoder"
     if "forward" in vars(module):
@@ -198,7 +201,7 @@ def _plain_or_none(module: Optional[nn.Module], cls: type) -> bool:
     return module is None or type(module) is cls
 
 
-def _global_hooks() -> Optional[str]:
+def global_hooks_reason() -> Optional[str]:
     """A reason if torch's global module hooks are set (every module call would run them)."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"

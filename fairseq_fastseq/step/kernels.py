@@ -38,6 +38,8 @@ class ExactKernels:
     name = "exact"
     # Encoder keys/values per beam, except where fairseq itself shares them (BART).
     grouped_encoder_attention = False
+    # The encoder on the tier's kernels (``encoder.py``) rather than fairseq's modules.
+    tier_encoder = False
 
     def linear(self, module: nn.Linear) -> Projection:
         weight, bias = module.weight, module.bias
@@ -78,6 +80,7 @@ class FusedKernels(ExactKernels):
 
     name = "fused"
     grouped_encoder_attention = True
+    tier_encoder = True
 
     def __init__(self) -> None:
         self._prepared: Dict[Tuple, object] = {}

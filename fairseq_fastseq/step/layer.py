@@ -215,7 +215,11 @@ class LayerStep:
         return self.fc2(self.fc1(h))
 
     def _residual(self, x: Tensor, norm: Callable[[Tensor], Tensor], block: Callable[[Tensor], Tensor]) -> Tensor:
-        """fairseq's sublayer: (norm before) -> block -> + residual -> (norm after)."""
-        out = block(norm(x) if self.normalize_before else x)
-        out += x
-        return out if self.normalize_before else norm(out)
+        return sublayer(x, norm, block, self.normalize_before)
+
+
+def sublayer(x: Tensor, norm: Callable[[Tensor], Tensor], block: Callable[[Tensor], Tensor], normalize_before: bool) -> Tensor:
+    """fairseq's sublayer: (norm before) -> block -> + residual -> (norm after)."""
+    out = block(norm(x) if normalize_before else x)
+    out += x
+    return out if normalize_before else norm(out)

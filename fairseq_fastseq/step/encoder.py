@@ -1,0 +1,149 @@
+"""The encoder on the kernels of a tier that rounds differently (``fused``, ``int8``).
+
+fairseq's ``TransformerEncoderBase.forward`` with ``return_all_hiddens`` off: fairseq's own
+embedding stage (``forward_embedding``), then each ``TransformerEncoderLayerBase`` through
+the tier's linear layers (one projection for queries, keys and values; oneDNN's prepacked
+or int8 kernels) instead of MKL's ``F.linear`` in fairseq's modules, then the final norm and
+fairseq's output dictionary. ``exact`` keeps fairseq's encoder (its kernels on its shapes:
+bitwise). An encoder outside what this covers runs as fairseq's, with the reason in the log.
+Figures: ``BENCHMARKS.md`` ("Kernel tiers").
+"""
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+import torch
+from fairseq.models.transformer.transformer_encoder import TransformerEncoderBase
+from fairseq.modules.layer_drop import LayerDropModuleList
+from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+from torch import Tensor, nn
+
+from .coverage import active_dropout, attention_reason, first_reason, global_hooks_reason, hook_reason, plain_parts_reason
+from .kernels import ExactKernels
+from .layer import layer_norm, sublayer
+
+logger = logging.getLogger(__name__)
+
+EncoderOut = Dict[str, List[Tensor]]
+# Encoder methods whose stock code this module restates or calls.
+_ENCODER_METHODS = ("forward", "forward_scriptable", "forward_torchscript", "forward_non_torchscript", "forward_embedding")
+
+
+def why_not_tier_encoder(encoder: nn.Module) -> Optional[str]:
+    """None if ``TierEncoder`` computes what fairseq's ``encoder`` computes (up to the tier's
+    rounding); else the first reason it does not."""
+    if not isinstance(encoder, TransformerEncoderBase):
+        return f"the encoder is {type(encoder).__name__}, not fairseq's transformer encoder"
+    for method in _ENCODER_METHODS:
+        if getattr(type(encoder), method) is not getattr(TransformerEncoderBase, method):
+            return f"its encoder overrides {method}"
+    if encoder.training:
+        return "the encoder is in training mode"
+    checks = (
+        lambda: first_reason(_layer_reason(layer, index) for index, layer in enumerate(encoder.layers)),
+        lambda: first_reason(active_dropout(module, label or "the encoder") for label, module in encoder.named_modules()),
+        lambda: first_reason(hook_reason(module, label or "the encoder") for label, module in encoder.named_modules()),
+        global_hooks_reason,
+    )
+    return first_reason(check() for check in checks)
+
+
+def _layer_reason(layer: nn.Module, index: int) -> Optional[str]:
+    where = f"encoder layer {index}"
+    if not isinstance(layer, TransformerEncoderLayerBase) or type(layer).forward is not TransformerEncoderLayerBase.forward:
+        return f"{where} is {type(layer).__name__}, not fairseq's transformer encoder layer"
+    if layer.return_fc:
+        return f"{where} returns its feed-forward output (return_fc)"
+    return plain_parts_reason(layer, where, ("self_attn_layer_norm", "final_layer_norm")) or attention_reason(layer.self_attn, f"{where}'s self-attention", self_attention=True)
+
+
+class _TierEncoderLayer:
+    """``TransformerEncoderLayerBase.forward`` on (src_len * sentences, dim) rows."""
+
+    def __init__(self, layer: TransformerEncoderLayerBase, kernels: ExactKernels) -> None:
+        attention = layer.self_attn
+        self.normalize_before = layer.normalize_before
+        self.projections = kernels.self_projections(attention)
+        self.out = kernels.linear(attention.out_proj)
+        self.fc1 = kernels.feed_forward_in(layer.fc1, layer.activation_fn)
+        self.fc2 = kernels.linear(layer.fc2)
+        self.attention_norm = layer_norm(layer.self_attn_layer_norm)
+        self.final_norm = layer_norm(layer.final_layer_norm)
+        self.heads, self.head_dim = attention.num_heads, attention.head_dim
+
+    def __call__(self, x: Tensor, sentences: int, padding: Optional[Tensor]) -> Tensor:
+        x = sublayer(x, self.attention_norm, lambda h: self._attend(h, sentences, padding), self.normalize_before)
+        return sublayer(x, self.final_norm, lambda h: self.fc2(self.fc1(h)), self.normalize_before)
+
+    def _attend(self, h: Tensor, sentences: int, padding: Optional[Tensor]) -> Tensor:
+        """Self-attention of time-major rows h (src_len * sentences, dim); ``padding``
+        (sentences, 1, 1, src_len) bool or None masks padded source positions as keys."""
+        merged = sentences * self.heads
+        src_len = h.size(0) // sentences
+        q, k, v = (t.reshape(src_len, merged, self.head_dim).transpose(0, 1) for t in self.projections(h))
+        weights = torch.bmm(q, k.transpose(1, 2))  # (sentences * heads, src_len, src_len)
+        if padding is not None:
+            weights.view(sentences, self.heads, src_len, src_len).masked_fill_(padding, float("-inf"))
+        context = torch.bmm(torch.softmax(weights, dim=-1), v)  # (sentences * heads, src_len, head_dim)
+        return self.out(context.transpose(0, 1).reshape(h.size(0), -1))
+
+
+class TierEncoder:
+    """fairseq's encoder (covered by ``why_not_tier_encoder``) on the tier's kernels."""
+
+    def __init__(self, encoder: TransformerEncoderBase, kernels: ExactKernels) -> None:
+        self.encoder = encoder
+        self.layers = [_TierEncoderLayer(layer, kernels) for layer in encoder.layers]
+        self.final_norm = layer_norm(encoder.layer_norm) if encoder.layer_norm is not None else None
+        # fairseq's LayerDropModuleList draws one random number per layer whenever the encoder
+        # iterates its layers, in inference too: sampling after it sees that draw.
+        self.layerdrop_draws = len(encoder.layers) if isinstance(encoder.layers, LayerDropModuleList) else 0
+
+    def __call__(self, net_input: Dict[str, Tensor]) -> EncoderOut:
+        encoder, src_tokens = self.encoder, net_input["src_tokens"]
+        padding = src_tokens.eq(encoder.padding_idx)
+        has_pads = bool(padding.any())
+        x, embedding = encoder.forward_embedding(src_tokens)
+        if has_pads:  # fairseq multiplies by (1 - padding): the same as zeroing those rows
+            x = x.masked_fill(padding.unsqueeze(-1), 0.0)
+        sentences, src_len, dim = x.shape
+        x = x.transpose(0, 1).reshape(src_len * sentences, dim)  # time-major rows
+        key_padding = padding.view(sentences, 1, 1, src_len) if has_pads else None
+        if self.layerdrop_draws:
+            torch.empty(self.layerdrop_draws).uniform_()
+        for layer in self.layers:
+            x = layer(x, sentences, key_padding)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        src_lengths = src_tokens.ne(encoder.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        return {
+            "encoder_out": [x.view(src_len, sentences, dim)],
+            "encoder_padding_mask": [padding],
+            "encoder_embedding": [embedding],
+            "encoder_states": [],
+            "fc_results": [],
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+        }
+
+
+def encoder_for(model: nn.Module, kernels: ExactKernels) -> Callable[[Dict[str, Tensor]], EncoderOut]:
+    """``model``'s encoder as the search calls it: on the tier's kernels where the tier takes
+    the encoder (``fused``, ``int8``) and ``why_not_tier_encoder`` finds nothing against it,
+    else fairseq's."""
+    if kernels.tier_encoder and why_not_tier_encoder(model.encoder) is None:
+        return TierEncoder(model.encoder, kernels)
+    return model.encoder.forward_torchscript
+
+
+def describe_encoders(models: List[nn.Module], kernels: ExactKernels) -> Optional[str]:
+    """For the log: which encoders a tier that takes the encoder runs on its kernels."""
+    if not kernels.tier_encoder:
+        return None
+    reasons = [why_not_tier_encoder(model.encoder) for model in models if hasattr(model, "encoder")]
+    if not reasons:
+        return None
+    failing = next((reason for reason in reasons if reason is not None), None)
+    if failing is None:
+        return f"encoder on the {kernels.name} kernels too"
+    return f"fairseq's encoder and kernels ({failing})"
