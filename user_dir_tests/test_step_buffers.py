@@ -15,6 +15,7 @@ from fairseq_fastseq.beam_step import adds_in_place, beam_step_in_place
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.ensemble import BufferedEnsembleModel
 from fairseq_fastseq.choice import accelerate
+from fairseq_fastseq.step.output import BufferedOutput
 
 from .equivalence import load
 
@@ -114,3 +115,18 @@ def test_in_place_step_gives_fairseqs_candidates(bsz, beam, vocab, step):
     actual = beam_step_in_place(lprobs, scores, step)
     for want, got in zip(expected, actual):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probabilities_are_written_over_the_logits_with_fairseqs_values(temperature):
+    """One vocabulary-sized buffer per batch: the log-softmax runs in place over the logits
+    (the same bits as into a second buffer), and fewer rows reuse the buffer."""
+    torch.manual_seed(0)
+    weight, features = torch.randn(50, 8), torch.randn(6, 8)
+    output = BufferedOutput(weight)
+    for rows in (6, 3):
+        got = output(features[:rows], temperature)
+        logits = torch.mm(features[:rows], weight.t())
+        logits.div_(temperature)
+        assert torch.equal(got, torch.log_softmax(logits, dim=-1))
+        assert got.data_ptr() == output._buffer.data_ptr()

@@ -81,7 +81,7 @@ class LeanDecoder:
                 logits = project(features)
                 if temperature != 1.0:
                     logits.div_(temperature)
-                return torch.log_softmax(logits, dim=-1)
+                return torch.log_softmax(logits, dim=-1, out=logits)  # in place: as ``output.py``
 
             return projected
         weight = bufferable_projection(self.model)

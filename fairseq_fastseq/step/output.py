@@ -1,16 +1,17 @@
-"""The output stage of a decoder step on CPU float32: the output projection and the
-log-softmax written into two (rows x vocabulary) buffers made once per batch.
+"""The output stage of a decoder step on CPU float32: the output projection written into a
+(rows x vocabulary) buffer made once per batch, and the log-softmax in place over it.
 
 On CPU such a tensor is large at large batches: 640 rows (batch 128, beam 5) x 32k tokens
 is 82 MB, above glibc's largest mmap threshold (32 MB), so each fresh one is an ``mmap``
 whose pages the kernel faults in and zeroes; fairseq allocates two per decoder step (the
 logits and their log-softmax). Figures: ``BENCHMARKS.md`` ("Allocator and encoder-cache
 layout"). The arithmetic is fairseq's: the same ``mm`` and ``log_softmax`` kernels, given
-``out=``. On a GPU, PyTorch's caching allocator already reuses memory, so this is for CPU
+``out=`` (the log-softmax kernel reads each row's logits before it writes that row, so in place
+it gives the same bits and touches one buffer instead of two). On a GPU, PyTorch's caching allocator already reuses memory, so this is for CPU
 float32 only.
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,24 +28,23 @@ def bufferable_projection(model: nn.Module) -> Optional[Tensor]:
 
 
 class BufferedOutput:
-    """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight``, into buffers
+    """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight``, into a buffer
     that the next call overwrites: the caller consumes them within the step."""
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight
-        self._buffers: Dict[str, Tensor] = {}
+        self._buffer: Optional[Tensor] = None
 
     def __call__(self, features: Tensor, temperature: float) -> Tensor:
         rows, weight = features.size(0), self.weight
-        logits = torch.mm(features, weight.t(), out=self._buffer("logits", rows))
+        logits = torch.mm(features, weight.t(), out=self._rows(rows))
         if temperature != 1.0:  # x / 1.0 == x exactly, so fairseq's division is skipped then
             logits.div_(temperature)
-        return torch.log_softmax(logits, dim=-1, out=self._buffer("lprobs", rows))
+        return torch.log_softmax(logits, dim=-1, out=logits)
 
-    def _buffer(self, name: str, rows: int) -> Tensor:
-        """The first ``rows`` rows of a buffer made at the batch's first step (the batch only
+    def _rows(self, rows: int) -> Tensor:
+        """The first ``rows`` rows of the buffer made at the batch's first step (the batch only
         shrinks afterwards)."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.size(0) < rows:
-            buffer = self._buffers[name] = self.weight.new_empty(rows, self.weight.size(0))
-        return buffer[:rows]
+        if self._buffer is None or self._buffer.size(0) < rows:
+            self._buffer = self.weight.new_empty(rows, self.weight.size(0))
+        return self._buffer[:rows]
