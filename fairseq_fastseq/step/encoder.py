@@ -13,6 +13,7 @@ import logging
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from fairseq.models.transformer.transformer_encoder import TransformerEncoderBase
 from fairseq.modules.layer_drop import LayerDropModuleList
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
@@ -71,21 +72,19 @@ class _TierEncoderLayer:
         self.final_norm = layer_norm(layer.final_layer_norm)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
 
-    def __call__(self, x: Tensor, sentences: int, padding: Optional[Tensor]) -> Tensor:
-        x = sublayer(x, self.attention_norm, lambda h: self._attend(h, sentences, padding), self.normalize_before)
+    def __call__(self, x: Tensor, sentences: int, attended: Optional[Tensor]) -> Tensor:
+        x = sublayer(x, self.attention_norm, lambda h: self._attend(h, sentences, attended), self.normalize_before)
         return sublayer(x, self.final_norm, lambda h: self.fc2(self.fc1(h)), self.normalize_before)
 
-    def _attend(self, h: Tensor, sentences: int, padding: Optional[Tensor]) -> Tensor:
-        """Self-attention of time-major rows h (src_len * sentences, dim); ``padding``
-        (sentences, 1, 1, src_len) bool or None masks padded source positions as keys."""
-        merged = sentences * self.heads
+    def _attend(self, h: Tensor, sentences: int, attended: Optional[Tensor]) -> Tensor:
+        """Self-attention of time-major rows h (src_len * sentences, dim); ``attended``
+        (sentences, 1, 1, src_len) bool, False at padded source positions, or None.
+        PyTorch's fused attention: 1.0-2.8x the speed of bmm/softmax/bmm here, more the longer
+        the source (``BENCHMARKS.md``, "Kernel tiers")."""
         src_len = h.size(0) // sentences
-        q, k, v = (t.reshape(src_len, merged, self.head_dim).transpose(0, 1) for t in self.projections(h))
-        weights = torch.bmm(q, k.transpose(1, 2))  # (sentences * heads, src_len, src_len)
-        if padding is not None:
-            weights.view(sentences, self.heads, src_len, src_len).masked_fill_(padding, float("-inf"))
-        context = torch.bmm(torch.softmax(weights, dim=-1), v)  # (sentences * heads, src_len, head_dim)
-        return self.out(context.transpose(0, 1).reshape(h.size(0), -1))
+        q, k, v = (t.reshape(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3) for t in self.projections(h))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attended, scale=1.0)  # queries already scaled
+        return self.out(context.permute(2, 0, 1, 3).reshape(h.size(0), -1))
 
 
 class TierEncoder:
@@ -108,11 +107,11 @@ class TierEncoder:
             x = x.masked_fill(padding.unsqueeze(-1), 0.0)
         sentences, src_len, dim = x.shape
         x = x.transpose(0, 1).reshape(src_len * sentences, dim)  # time-major rows
-        key_padding = padding.view(sentences, 1, 1, src_len) if has_pads else None
+        attended = padding.logical_not().view(sentences, 1, 1, src_len) if has_pads else None
         if self.layerdrop_draws:
             torch.empty(self.layerdrop_draws).uniform_()
         for layer in self.layers:
-            x = layer(x, sentences, key_padding)
+            x = layer(x, sentences, attended)
         if self.final_norm is not None:
             x = self.final_norm(x)
         src_lengths = src_tokens.ne(encoder.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
