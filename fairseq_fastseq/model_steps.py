@@ -44,6 +44,11 @@ class LeanSteps:
         self.decoders = [self._decoder(model, kernels) for model in ensemble.models]
         self.encoders = [encoder_for(model, kernels) for model in ensemble.models] if ensemble.has_encoder() else None
         self.caches: List[LayerCaches] = []
+        # Step 0 on one row per sentence (its beams all read the same first token), expanded
+        # to the beams after the step, as CTranslate2 starts its beams: for the tiers that
+        # round differently (a row count changes the last bits of some kernels).
+        self.first_step_per_sentence = kernels.first_step_per_sentence and beam_size > 1
+        self._rows_are_sentences = False  # the caches hold one row per sentence (after step 0)
 
     def _decoder(self, model: torch.nn.Module, kernels: ExactKernels) -> LeanDecoder:
         return LeanDecoder(model, kernels)
@@ -59,6 +64,11 @@ class LeanSteps:
     def decode(self, tokens: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
         """Log-probabilities (rows, vocab) and attention (rows, src_len) or None after
         ``tokens`` (rows, step + 1)."""
+        if step == 0 and self.first_step_per_sentence:
+            self._rows_are_sentences = True
+            lprobs, attention = self.decode_newest(tokens[:: self.beam_size, 0], step)
+            lprobs = lprobs.repeat_interleave(self.beam_size, dim=0)
+            return lprobs, None if attention is None else attention.repeat_interleave(self.beam_size, dim=0)
         return self.decode_newest(tokens[:, step], step)
 
     def decode_newest(self, newest: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -74,6 +84,8 @@ class LeanSteps:
         if kept is not None:
             for caches in self.caches:
                 caches.keep_sentences(kept)
+        if self._rows_are_sentences:  # each new row's parent row -> that row's sentence
+            order, self._rows_are_sentences = order.div(self.beam_size, rounding_mode="floor"), False
         if self.beam_size > 1 or kept is not None:
             for caches in self.caches:
                 caches.reorder_beams(order)

@@ -125,6 +125,23 @@ def test_grouped_encoder_attention_is_per_beam_attention_up_to_rounding(toy_mode
         torch.testing.assert_close(got_attention, want_attention, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tier, rows_per_sentence", [(kernels.ExactKernels, 3), (kernels.FusedKernels, 1)], ids=["exact", "fused"])
+def test_the_tiers_run_step_0_once_per_sentence(toy_models, tier, rows_per_sentence):
+    """A sentence's beams read the same first token: the tiers that round differently decode it
+    once and expand it to the beams (their values against exact's: the test above)."""
+    model, task, batches = _fresh_model(toy_models["transformer"])
+    dictionary = task.target_dictionary
+    steps = LeanSteps(EnsembleModel([model]), 3, 15, True, 1.0, tier())
+    rows_seen = []
+    decoder_step = steps.decoders[0].step
+    steps.decoders[0].step = lambda tokens, *args: rows_seen.append(tokens.size(0)) or decoder_step(tokens, *args)
+    with torch.no_grad():
+        outputs = _drive(steps, batches[0], 3, dictionary.eos(), dictionary.pad(), len(dictionary), seed=2, num_steps=3, sentences_leave=False)
+    sentences = batches[0]["net_input"]["src_tokens"].size(0)
+    assert rows_seen == [sentences * rows_per_sentence, sentences * 3, sentences * 3]
+    assert all(lprobs.size(0) == sentences * 3 for lprobs, _ in outputs)
+
+
 def test_prepared_weights_are_made_once_and_again_after_a_weight_changes():
     attention = _attention(self_attention=True)
     tier = kernels.FusedKernels()

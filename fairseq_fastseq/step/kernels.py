@@ -40,6 +40,8 @@ class ExactKernels:
     grouped_encoder_attention = False
     # The encoder on the tier's kernels (``encoder.py``) rather than fairseq's modules.
     tier_encoder = False
+    # Step 0 on one row per sentence (``model_steps.LeanSteps``).
+    first_step_per_sentence = False
 
     def linear(self, module: nn.Linear) -> Projection:
         weight, bias = module.weight, module.bias
@@ -81,6 +83,7 @@ class FusedKernels(ExactKernels):
     name = "fused"
     grouped_encoder_attention = True
     tier_encoder = True
+    first_step_per_sentence = True
 
     def __init__(self) -> None:
         self._prepared: Dict[Tuple, object] = {}
