@@ -11,6 +11,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.models.transformer import TransformerModel, base_architecture
+from fairseq.modules.layer_drop import LayerDropModuleList
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq.sequence_generator import EnsembleModel
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -199,3 +200,26 @@ def test_a_checkpoint_loaded_twice_is_covered_each_time(toy_models):
     for _ in range(2):
         models, _ = checkpoint_utils.load_model_ensemble([str(toy.checkpoint)])
         assert why_not_lean(models[0].eval()) is None
+
+
+def test_decoder_layerdrop_draws_as_fairseqs_decoder(toy_models):
+    """fairseq's LayerDropModuleList draws a random number per layer at every decoder step in
+    inference too: what runs after the step (sampling) sees the same generator state."""
+    model, _, batches = _fresh_model(toy_models["transformer"])
+    model.decoder.layers = LayerDropModuleList(0.1, list(model.decoder.layers))
+    net_input = batches[0]["net_input"]
+    sentences = net_input["src_tokens"].size(0)
+    tokens = torch.full((sentences, 1), model.decoder.dictionary.eos())
+    ensemble = EnsembleModel([model])
+    steps = LeanSteps(ensemble, 1, 5, False, 1.0)
+    states = []
+    with torch.no_grad():
+        encoder_outs = ensemble.forward_encoder(net_input)
+        steps.start(net_input, sentences)
+        torch.manual_seed(5)
+        ensemble.forward_decoder(tokens, encoder_outs, [{}], 1.0)
+        states.append(torch.get_rng_state())
+        torch.manual_seed(5)
+        steps.decode(tokens, 0)
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)

@@ -11,13 +11,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairseq.modules.layer_drop import LayerDropModuleList
 from torch import Tensor, nn
 
 from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, LayerCaches, SelfAttentionCache
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
-from .layer import LayerStep, layer_norm
+from .layer import LayerStep, draw_as_layerdrop, layer_norm
 from .output import BufferedOutput, bufferable_projection
 
 
@@ -34,10 +33,8 @@ class LeanDecoder:
         self.project_in = kernels.linear(decoder.project_in_dim) if decoder.project_in_dim is not None else None
         self.embed_positions = decoder.embed_positions
         self.embedding_norm = layer_norm(decoder.layernorm_embedding) if decoder.layernorm_embedding is not None else None
+        self.fairseq_layers = decoder.layers
         self.layers = [LayerStep(layer, kernels) for layer in decoder.layers]
-        # fairseq's LayerDropModuleList draws one random number per layer each time the decoder
-        # iterates its layers, in inference too: sampling after it sees that draw.
-        self.layerdrop_draws = len(decoder.layers) if isinstance(decoder.layers, LayerDropModuleList) else 0
         self.final_norm = layer_norm(decoder.layer_norm) if decoder.layer_norm is not None else None
         self.project_out = kernels.linear(decoder.project_out_dim) if decoder.project_out_dim is not None else None
         self._output: Optional[Callable[[Tensor, float], Tensor]] = None
@@ -97,8 +94,7 @@ class LeanDecoder:
         # fairseq masks the self-attention positions whose input was padding (never emitted
         # by the search, but a prefix or BOS could be).
         pad = self._padding(tokens)
-        if self.layerdrop_draws:
-            torch.empty(self.layerdrop_draws).uniform_()
+        draw_as_layerdrop(self.fairseq_layers)
         attention = None
         last = len(self.layers) - 1
         for index, (layer, self_cache, cross_cache) in enumerate(zip(self.layers, caches.self_attention, caches.cross_attention)):

@@ -9,21 +9,17 @@ bitwise). An encoder outside what this covers runs as fairseq's, with the reason
 Figures: ``BENCHMARKS.md`` ("Kernel tiers").
 """
 
-import logging
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from fairseq.models.transformer.transformer_encoder import TransformerEncoderBase
-from fairseq.modules.layer_drop import LayerDropModuleList
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from torch import Tensor, nn
 
 from .coverage import active_dropout, attention_reason, first_reason, global_hooks_reason, hook_reason, plain_parts_reason
 from .kernels import ExactKernels
-from .layer import layer_norm, sublayer
-
-logger = logging.getLogger(__name__)
+from .layer import draw_as_layerdrop, layer_norm, sublayer
 
 EncoderOut = Dict[str, List[Tensor]]
 # Encoder methods whose stock code this module restates or calls.
@@ -94,9 +90,6 @@ class TierEncoder:
         self.encoder = encoder
         self.layers = [_TierEncoderLayer(layer, kernels) for layer in encoder.layers]
         self.final_norm = layer_norm(encoder.layer_norm) if encoder.layer_norm is not None else None
-        # fairseq's LayerDropModuleList draws one random number per layer whenever the encoder
-        # iterates its layers, in inference too: sampling after it sees that draw.
-        self.layerdrop_draws = len(encoder.layers) if isinstance(encoder.layers, LayerDropModuleList) else 0
 
     def __call__(self, net_input: Dict[str, Tensor]) -> EncoderOut:
         encoder, src_tokens = self.encoder, net_input["src_tokens"]
@@ -108,8 +101,7 @@ class TierEncoder:
         sentences, src_len, dim = x.shape
         x = x.transpose(0, 1).reshape(src_len * sentences, dim)  # time-major rows
         attended = padding.logical_not().view(sentences, 1, 1, src_len) if has_pads else None
-        if self.layerdrop_draws:
-            torch.empty(self.layerdrop_draws).uniform_()
+        draw_as_layerdrop(encoder.layers)
         for layer in self.layers:
             x = layer(x, sentences, attended)
         if self.final_norm is not None:
@@ -142,7 +134,7 @@ def describe_encoders(models: List[nn.Module], kernels: ExactKernels) -> Optiona
     reasons = [why_not_tier_encoder(model.encoder) for model in models if hasattr(model, "encoder")]
     if not reasons:
         return None
-    failing = next((reason for reason in reasons if reason is not None), None)
+    failing = first_reason(reasons)
     if failing is None:
         return f"encoder on the {kernels.name} kernels too"
     return f"fairseq's encoder and kernels ({failing})"

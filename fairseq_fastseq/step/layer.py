@@ -14,6 +14,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq.modules.layer_drop import LayerDropModuleList
 from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
@@ -223,3 +224,10 @@ def sublayer(x: Tensor, norm: Callable[[Tensor], Tensor], block: Callable[[Tenso
     out = block(norm(x) if normalize_before else x)
     out += x
     return out if normalize_before else norm(out)
+
+
+def draw_as_layerdrop(layers: nn.Module) -> None:
+    """fairseq's ``LayerDropModuleList`` draws one random number per layer each time a stack
+    iterates its layers, in inference too: the same draw, so that sampling after it sees it."""
+    if isinstance(layers, LayerDropModuleList):
+        torch.empty(len(layers)).uniform_()

@@ -7,8 +7,8 @@ whose pages the kernel faults in and zeroes; fairseq allocates two per decoder s
 logits and their log-softmax). Figures: ``BENCHMARKS.md`` ("Allocator and encoder-cache
 layout"). The arithmetic is fairseq's: the same ``mm`` and ``log_softmax`` kernels, given
 ``out=`` (the log-softmax kernel reads each row's logits before it writes that row, so in place
-it gives the same bits and touches one buffer instead of two). On a GPU, PyTorch's caching allocator already reuses memory, so this is for CPU
-float32 only.
+it gives the same bits and touches one buffer instead of two). On a GPU, PyTorch's caching
+allocator already reuses memory, so this is for CPU float32 only.
 """
 
 from typing import Optional
