@@ -22,6 +22,7 @@ from fairseq_fastseq.step import kernels
 
 from .kernel_swaps import seconds_per_call
 from .search import cpu_name
+from .tables import markdown_table
 
 DEFAULT_SHAPES = ["512x512", "512x1536", "1024x256", "256x1024", "512x2048", "2048x512", "512x8008", "512x32000"]
 
@@ -59,22 +60,19 @@ def measure(rows: List[int], shapes: List[Tuple[int, int]], budget: float, repea
     return results
 
 
+COLUMNS = ("rows x in x out", "F.linear (MKL) ms", "oneDNN prepacked ms", "oneDNN speed-up", "bitwise", "the rule picks", "faster pick")
+
+
 def markdown(results: List[Dict], title: str) -> str:
-    lines = [
-        title, "",
-        "| rows x in x out | F.linear (MKL) ms | oneDNN prepacked ms | oneDNN speed-up | bitwise | the rule picks | faster pick |",
-        "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    rows = []
     for r in results:
         speedup = r["mkl_ms"] / r["onednn_ms"]
         picked = "oneDNN" if r["rule_picks_onednn"] else "F.linear"
         # within 10% either pick is as good (timings this small vary that much between runs)
         verdict = "yes" if (speedup >= 1) == r["rule_picks_onednn"] or 0.9 <= speedup <= 1.1 else "**no**"
-        lines.append(
-            f"| {r['rows']} x {r['in']} x {r['out']} | {r['mkl_ms']:.4f} | {r['onednn_ms']:.4f} | {speedup:.2f}x"
-            f" | {'yes' if r['bitwise'] else 'no'} | {picked} | {verdict} |"
-        )
-    return "\n".join(lines)
+        shape, bitwise = f"{r['rows']} x {r['in']} x {r['out']}", "yes" if r["bitwise"] else "no"
+        rows.append((shape, f"{r['mkl_ms']:.4f}", f"{r['onednn_ms']:.4f}", f"{speedup:.2f}x", bitwise, picked, verdict))
+    return f"{title}\n\n{markdown_table(COLUMNS, rows)}"
 
 
 def main(argv=None) -> None:

@@ -34,6 +34,7 @@ from fairseq_fastseq import formatting
 from .bible import MODEL_DIR as BIBLE
 from .memory import RssPeak, highest, peak_rss
 from .search import cpu_name
+from .tables import markdown_table
 
 PLUGIN = ["--user-dir", str(Path(fairseq_fastseq.__file__).parent)]
 
@@ -163,16 +164,16 @@ def markdown(result: Dict, threads: int, repeats: int, description: str) -> str:
         f"inline: {result['postprocess_seconds']:.2f} s, {share:.1%} of stock's wall time.",
         f"Stock's result: `{result['score_line']['stock']}`",
         "",
-        "| variant | wall s | speed-up vs stock | generation loop s | loop speed-up | output file identical to stock |",
-        "|---|---|---|---|---|---|",
     ]
-    for label in VARIANTS:
-        same = "yes" if result["identical"][label] else "NO"
-        lines.append(
-            f"| {label} | {result['seconds'][label]:.2f} | {result['ratio'][label]:.2f}x | "
-            f"{result['loop_seconds'][label]:.2f} | {result['loop_ratio'][label]:.2f}x | {same} |"
-        )
-    return "\n".join(lines)
+    columns = ("variant", "wall s", "speed-up vs stock", "generation loop s", "loop speed-up", "output file identical to stock")
+    rows = [
+        (
+            label, f"{result['seconds'][label]:.2f}", f"{result['ratio'][label]:.2f}x", f"{result['loop_seconds'][label]:.2f}",
+            f"{result['loop_ratio'][label]:.2f}x", "yes" if result["identical"][label] else "NO",
+        )  # fmt: skip
+        for label in VARIANTS
+    ]
+    return "\n".join(lines) + "\n" + markdown_table(columns, rows)
 
 
 def main(argv=None) -> None:

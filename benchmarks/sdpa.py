@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fairseq import utils
 
 from .search import check_device, cpu_name, device_name, median_ms
+from .tables import markdown_table
 
 # (rows, heads, cached steps, head dim): transformer-base at batch 1 / 32 / 128 x beam 5,
 # a long output, BART-base at batch 8 x beam 4.
@@ -55,16 +56,13 @@ def markdown(results: Sequence[Dict], threads: int, repeats: int, device: str) -
         f"torch {torch.__version__}, device {device_name(device)}, threads {threads} (`torch.get_num_threads()`), "
         f"{cpu_name()}, median of {repeats}",
         "",
-        "| rows | heads | cached steps | head dim | bitwise equal | fairseq bmm/softmax/bmm ms | SDPA ms | SDPA speed-up |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        rows, heads, steps, head_dim = r["shape"]
-        lines.append(
-            f"| {rows} | {heads} | {steps} | {head_dim} | {'yes' if r['bitwise'] else 'NO'} | {r['fairseq_ms']:.3f} "
-            f"| {r['sdpa_ms']:.3f} | {r['fairseq_ms'] / r['sdpa_ms']:.2f}x |"
-        )
-    return "\n".join(lines)
+    columns = ("rows", "heads", "cached steps", "head dim", "bitwise equal", "fairseq bmm/softmax/bmm ms", "SDPA ms", "SDPA speed-up")
+    rows = [
+        (*r["shape"], "yes" if r["bitwise"] else "NO", f"{r['fairseq_ms']:.3f}", f"{r['sdpa_ms']:.3f}", f"{r['fairseq_ms'] / r['sdpa_ms']:.2f}x")
+        for r in results
+    ]
+    return "\n".join(lines) + "\n" + markdown_table(columns, rows)
 
 
 def main(argv=None) -> None:

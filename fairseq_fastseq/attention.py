@@ -15,7 +15,7 @@ The arithmetic is fairseq's: the same projections, the same ``bmm`` shapes over 
 values (strided views instead of contiguous copies), the same float32 softmax.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from fairseq import utils
@@ -34,44 +34,82 @@ _LENGTH = "time_major_length"  # a Python int: how many time slices are filled
 _GROWTH = 16
 
 
-class TimeMajorCachedSelfAttention(MultiheadAttention):
+class AttentionCall(NamedTuple):
+    """The arguments of fairseq's ``MultiheadAttention.forward`` by name (its signature, so
+    ``AttentionCall(*args, **kwargs)`` binds a call as fairseq's forward would): the module
+    path's attention classes take a path of their own for some calls and hand the others,
+    as they came, to fairseq's forward."""
+
+    query: Tensor
+    key: Optional[Tensor]
+    value: Optional[Tensor]
+    key_padding_mask: Optional[Tensor] = None
+    incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None
+    need_weights: bool = True
+    static_kv: bool = False
+    attn_mask: Optional[Tensor] = None
+    before_softmax: bool = False
+    need_head_weights: bool = False
+
+    def state(self, attention: MultiheadAttention) -> Optional[Dict[str, Optional[Tensor]]]:
+        """``attention``'s entry in the incremental state, or None without one."""
+        return attention._get_input_buffer(self.incremental_state) if self.incremental_state is not None else None
+
+
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+
+class OwnStateAttention(MultiheadAttention):
+    """A ``MultiheadAttention`` whose incremental state can hold entries of its own (present
+    when ``own_key`` is): it reorders those itself and leaves fairseq's entries to fairseq."""
+
+    own_key = ""
+
+    @torch.jit.unused
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> IncrementalState:
+        state = self._get_input_buffer(incremental_state)
+        if self.own_key not in state:
+            return super().reorder_incremental_state(incremental_state, new_order)
+        self.reorder_own_state(incremental_state, state, new_order)
+        return self._set_input_buffer(incremental_state, state)
+
+    def reorder_own_state(self, incremental_state: IncrementalState, state: Dict[str, Optional[Tensor]], new_order: Tensor) -> None:
+        """Row ``i`` of ``state`` takes old row ``new_order[i]``."""
+        raise NotImplementedError
+
+
+class TimeMajorCachedSelfAttention(OwnStateAttention):
     """fairseq's ``MultiheadAttention``; only incremental self-attention takes the new path."""
 
+    own_key = _KEY
     # How many decoder steps the running search can take, if known (``cache_steps``): the
     # capacity never goes beyond it.
     max_steps: Optional[int] = None
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Optional[Tensor],
-        value: Optional[Tensor],
-        key_padding_mask: Optional[Tensor] = None,
-        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-        need_weights: bool = True,
-        *args,
-        **kwargs,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
         """The time-major path for one decoding step of self-attention, else fairseq's forward
-        (``args``/``kwargs``: static_kv, attn_mask, before_softmax, need_head_weights)."""
-        state = self._get_input_buffer(incremental_state) if incremental_state is not None else None
+        (the arguments are fairseq's: ``AttentionCall``)."""
+        call = AttentionCall(*args, **kwargs)
+        state = call.state(self)
         fast_path = (
             state is not None
             and "prev_key" not in state  # a cache fairseq's own path started
             and self.self_attention
-            and query.size(0) == 1
-            and key_padding_mask is None
-            and not need_weights
-            and not args
-            and not any(kwargs.values())  # no attn_mask, before_softmax, need_head_weights
+            and call.query.size(0) == 1
+            and call.key_padding_mask is None
+            and not call.need_weights
+            and not call.static_kv
+            and call.attn_mask is None
+            and not call.before_softmax
+            and not call.need_head_weights
             and self.bias_k is None
             and not self.add_zero_attn
         )
         if not fast_path:
             if state is not None and _KEY in state:
-                self._hand_cache_to_fairseq(incremental_state, state)
-            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights, *args, **kwargs)
-        return self._incremental_self_attention(query, incremental_state, state), None
+                self._hand_cache_to_fairseq(call.incremental_state, state)
+            return super().forward(*args, **kwargs)
+        return self._incremental_self_attention(call.query, call.incremental_state, state), None
 
     def _incremental_self_attention(self, query: Tensor, incremental_state, state) -> Tensor:
         _, bsz, embed_dim = query.size()  # (1, bsz, embed_dim)
@@ -123,13 +161,7 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
         state.update(fairseq_state)
         self._set_input_buffer(incremental_state, state)
 
-    @torch.jit.unused
-    def reorder_incremental_state(
-        self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor
-    ) -> Dict[str, Dict[str, Optional[Tensor]]]:
-        state = self._get_input_buffer(incremental_state)
-        if _KEY not in state:
-            return super().reorder_incremental_state(incremental_state, new_order)
+    def reorder_own_state(self, incremental_state: IncrementalState, state: Dict[str, Optional[Tensor]], new_order: Tensor) -> None:
         length = state[_LENGTH]
         spares = incremental_state.setdefault(_SPARE, {})
         for name in (_KEY, _VALUE):
@@ -139,7 +171,6 @@ class TimeMajorCachedSelfAttention(MultiheadAttention):
                 spare = buffer.new_empty(shape)
             torch.index_select(buffer[:length], 1, new_order, out=spare[:length])
             state[name], spares["buffer"] = spare, buffer  # the next copy (values, next layer) goes there
-        return self._set_input_buffer(incremental_state, state)
 
 
 class SentenceProjectedEncoderAttention(MultiheadAttention):
@@ -156,27 +187,17 @@ class SentenceProjectedEncoderAttention(MultiheadAttention):
     anyway, are projected per beam as fairseq does.
     """
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Optional[Tensor],
-        value: Optional[Tensor],
-        key_padding_mask: Optional[Tensor] = None,
-        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-        need_weights: bool = True,
-        static_kv: bool = False,
-        *args,
-        **kwargs,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """fairseq's forward, after seeding the cache on the first step of a beam search."""
-        if incremental_state is not None and static_kv and key is not None and query.size(1) != key.size(1):
-            state = self._get_input_buffer(incremental_state)
+    def forward(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
+        """fairseq's forward (its arguments: ``AttentionCall``), after seeding the cache on the
+        first step of a beam search."""
+        call = AttentionCall(*args, **kwargs)
+        key = call.key
+        if call.incremental_state is not None and call.static_kv and key is not None and call.query.size(1) != key.size(1):
+            state = call.state(self)
             if "prev_key" not in state:
-                self._project_once_per_sentence(key, value, key_padding_mask, query.size(1) // key.size(1), state)
-                self._set_input_buffer(incremental_state, state)
-        return super().forward(
-            query, key, value, key_padding_mask, incremental_state, need_weights, static_kv, *args, **kwargs
-        )
+                self._project_once_per_sentence(key, call.value, call.key_padding_mask, call.query.size(1) // key.size(1), state)
+                self._set_input_buffer(call.incremental_state, state)
+        return super().forward(*args, **kwargs)
 
     def _project_once_per_sentence(self, key, value, key_padding_mask, beams: int, state) -> None:
         src_len, sentences, _ = key.size()  # (src_len, bsz, embed_dim)

@@ -12,57 +12,47 @@ per-layer key/value cache), at more compute per step (each head attends in the m
 dimension instead of the head dimension), which favours GPUs with long sources.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from fairseq import utils
-from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
+
+from .attention import AttentionCall, IncrementalState, OwnStateAttention
 
 _SOURCE, _MASK, _BEAMS = "el_source", "el_source_padding_mask", "el_beams"
 
 
-class ELEncoderAttention(MultiheadAttention):
+class ELEncoderAttention(OwnStateAttention):
     """fairseq's encoder-decoder ``MultiheadAttention``; incremental decoding fed the encoder
     output once per sentence takes the EL path."""
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Optional[Tensor],
-        value: Optional[Tensor],
-        key_padding_mask: Optional[Tensor] = None,
-        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-        need_weights: bool = True,
-        static_kv: bool = False,
-        attn_mask: Optional[Tensor] = None,
-        before_softmax: bool = False,
-        need_head_weights: bool = False,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """The EL path for a decoding step, else fairseq's forward."""
-        state = self._get_input_buffer(incremental_state) if incremental_state is not None else None
+    own_key = _SOURCE
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
+        """The EL path for a decoding step, else fairseq's forward (its arguments: ``AttentionCall``)."""
+        call = AttentionCall(*args, **kwargs)
+        state = call.state(self)
         el_path = (
             state is not None
-            and static_kv
+            and call.static_kv
             and "prev_key" not in state  # a cache fairseq's own path started
-            and (_SOURCE in state or key is not None)
-            and attn_mask is None
-            and not before_softmax
+            and (_SOURCE in state or call.key is not None)
+            and call.attn_mask is None
+            and not call.before_softmax
             and self.bias_k is None
             and not self.add_zero_attn
         )
         if not el_path:
-            return super().forward(
-                query, key, value, key_padding_mask, incremental_state, need_weights, static_kv,
-                attn_mask, before_softmax, need_head_weights,
-            )  # fmt: skip
+            return super().forward(*args, **kwargs)
         if _SOURCE not in state:
+            key = call.key
             sentences = key.size(1)
             state[_SOURCE] = key.transpose(0, 1).contiguous()  # (sentences, src_len, embed_dim)
-            state[_MASK] = key_padding_mask
-            state[_BEAMS] = query.size(1) // sentences
-            self._set_input_buffer(incremental_state, state)
-        return self._el_attention(query, state, need_weights or need_head_weights, need_head_weights)
+            state[_MASK] = call.key_padding_mask
+            state[_BEAMS] = call.query.size(1) // sentences
+            self._set_input_buffer(call.incremental_state, state)
+        return self._el_attention(call.query, state, call.need_weights or call.need_head_weights, call.need_head_weights)
 
     def _el_attention(
         self, query: Tensor, state, need_weights: bool, need_head_weights: bool
@@ -96,18 +86,11 @@ class ELEncoderAttention(MultiheadAttention):
             weights = weights if need_head_weights else weights.mean(dim=0)
         return self.out_proj(attn), weights
 
-    @torch.jit.unused
-    def reorder_incremental_state(
-        self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor
-    ) -> Dict[str, Dict[str, Optional[Tensor]]]:
+    def reorder_own_state(self, incremental_state: IncrementalState, state: Dict[str, Optional[Tensor]], new_order: Tensor) -> None:
         """Beams move within their sentence, so only finished sentences change the state."""
-        state = self._get_input_buffer(incremental_state)
-        if _SOURCE not in state:
-            return super().reorder_incremental_state(incremental_state, new_order)
         beams = state[_BEAMS]
         if new_order.numel() != state[_SOURCE].size(0) * beams:
             kept = new_order.view(-1, beams)[:, 0] // beams
             state[_SOURCE] = state[_SOURCE].index_select(0, kept)
             if state[_MASK] is not None:
                 state[_MASK] = state[_MASK].index_select(0, kept)
-        return self._set_input_buffer(incremental_state, state)

@@ -160,3 +160,20 @@ def test_cache_is_never_allocated_beyond_the_searchs_steps():
             keys = fast._get_input_buffer(fast_state)["time_major_key"]
             assert keys.size(0) == (16 if step < 16 else 20 if step < 20 else step + 1)
     assert fast.max_steps is None  # the limit ends with the block
+
+
+def test_attention_call_binds_arguments_as_fairseqs_forward():
+    """The module path's attention classes read their arguments through ``AttentionCall``:
+    its fields must be fairseq's forward parameters, in order, with fairseq's defaults (a
+    fairseq that renamed or reordered one would otherwise be read wrongly)."""
+    import inspect
+
+    from fairseq_fastseq.attention import AttentionCall
+
+    parameters = list(inspect.signature(MultiheadAttention.forward).parameters.values())[1:]  # after self
+    assert list(AttentionCall._fields) == [p.name for p in parameters]
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    assert AttentionCall._field_defaults == defaults
+    x = torch.zeros(1)
+    call = AttentionCall(x, x, x, None, {}, False, attn_mask=x)
+    assert call.incremental_state == {} and call.need_weights is False and call.attn_mask is x and call.static_kv is False
