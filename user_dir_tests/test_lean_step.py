@@ -21,14 +21,15 @@ from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
 from fairseq_fastseq.step import caches
 from fairseq_fastseq.step.coverage import why_not_lean
+from fairseq_fastseq.step.layer import MIN_ROWS_PROJECTED_ONCE
 
 from .equivalence import load
 
 FAMILIES = ["transformer", "transformer_prenorm_2heads", "transformer_shared_8heads", "bart", "transformer_lm"]
 
 
-def _fresh_model(toy):
-    models, task, batches = load((str(toy.checkpoint),), str(toy.data_bin), 6)
+def _fresh_model(toy, batch_size=6):
+    models, task, batches = load((str(toy.checkpoint),), str(toy.data_bin), batch_size)
     return copy.deepcopy(models[0]), task, batches  # a test of its own: BART's beam size, caches
 
 
@@ -79,6 +80,26 @@ def test_lean_steps_equal_fairseqs_modules(toy_models, name, beam, need_attentio
             assert got_attention is None or torch.equal(got_attention, want_attention), f"step {step}"
         else:
             assert got_attention is None
+
+
+@pytest.mark.parametrize("name, need_attention", [("transformer", True), ("transformer_prenorm_2heads", False)])
+def test_encoder_keys_once_per_sentence_give_fairseqs_per_beam_products(toy_models, name, need_attention):
+    """A batch large enough to project the encoder output once per sentence: each beam's
+    queries attend in turn to one copy of the keys/values per sentence (``PER_SENTENCE``),
+    with finished sentences kept in the cache, then compacted; bitwise fairseq's."""
+    model, task, batches = _fresh_model(toy_models[name], batch_size=40)
+    sample, beam, dictionary = batches[0], 3, task.target_dictionary
+    sentences, src_len = sample["net_input"]["src_tokens"].shape
+    assert sentences * src_len >= MIN_ROWS_PROJECTED_ONCE and sentences >= 12, (sentences, src_len)
+    args = (sample, beam, dictionary.eos(), dictionary.pad(), len(dictionary))
+    lean = LeanSteps(EnsembleModel([model]), beam, 15, need_attention, 1.0)
+    with torch.no_grad():
+        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=7)
+        actual = _drive(lean, *args, seed=7)
+    assert {cache.layout for cache in lean.caches[0].cross_attention} == {caches.PER_SENTENCE}
+    for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
+        assert torch.equal(got, want), f"step {step}"
+        assert got_attention is None if not need_attention else torch.equal(got_attention, want_attention), f"step {step}"
 
 
 def test_an_ensemble_and_a_temperature_combine_as_fairseqs(toy_models):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, LayerCaches, SelfAttentionCache
+from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, LayerCaches, SelfAttentionCache
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
@@ -66,7 +66,11 @@ class LeanDecoder:
             return GROUPED
         # BART's encoder attention shares the keys/values of a sentence's beams (its
         # ``set_beam_size``, which fairseq's generator sets for beams above 1).
-        return FAIRSEQ_SHARED if hasattr(self.model, "set_beam_size") and beams > 1 else PER_BEAM
+        if hasattr(self.model, "set_beam_size") and beams > 1:
+            return FAIRSEQ_SHARED
+        # Each beam in turn against one copy per sentence: checked bitwise against the per-beam
+        # products on CPU; elsewhere (GPU BLAS picks kernels by batch size) per beam, as fairseq.
+        return PER_SENTENCE if self.embed_tokens.device.type == "cpu" else PER_BEAM
 
     def _output_stage(self) -> Optional[Callable[[Tensor, float], Tensor]]:
         """Log-probabilities (rows, vocab) of features and a temperature: the tier's output

@@ -19,7 +19,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
-from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, CrossAttentionCache, SelfAttentionCache
+from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache, SelfAttentionCache
 from .kernels import ExactKernels
 
 # Below this many rows (source tokens x sentences) the encoder output is projected per beam,
@@ -99,21 +99,27 @@ class CrossAttentionStep(_Attention):
     def start(self, encoder_out: Tensor, padding: Optional[Tensor], beams: int, layout: str) -> CrossAttentionCache:
         """Project the encoder output (src_len, sentences, dim) to this layer's keys and values.
 
-        ``PER_BEAM``: ``encoder_keys_values_per_beam``. ``FAIRSEQ_SHARED``, exactly fairseq's
-        beam-shared attention: the first beam's copy of the beam-expanded output. ``GROUPED``:
-        the same layout from the encoder output itself (not bitwise: another kernel).
+        ``PER_BEAM``: ``encoder_keys_values_per_beam``. ``PER_SENTENCE``: its values once per
+        sentence (with one beam, or for products too small to project once per sentence:
+        ``PER_BEAM``). ``FAIRSEQ_SHARED``, exactly fairseq's beam-shared attention: the first
+        beam's copy of the beam-expanded output. ``GROUPED``: the layout of ``PER_SENTENCE``.
         """
         src_len, sentences, _ = encoder_out.size()
+        if layout == PER_SENTENCE and (beams == 1 or src_len * sentences < MIN_ROWS_PROJECTED_ONCE):
+            layout = PER_BEAM
         if layout == PER_BEAM:
             keys, values = (encoder_keys_values_per_beam(p, encoder_out, beams, self.heads, self.head_dim) for p in (self.k, self.v))
             mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
             return CrossAttentionCache(keys, values, mask, beams, self.heads, PER_BEAM)
-        if layout == GROUPED:  # contiguous per sentence and head, for one bmm per step
+        if layout in (PER_SENTENCE, GROUPED):  # contiguous per sentence and head
             keys, values = (
                 p(encoder_out.contiguous()).view(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3)
-                .reshape(sentences * self.heads, src_len, self.head_dim)
+                .contiguous().view(sentences * self.heads, src_len, self.head_dim)
                 for p in (self.k, self.v)
             )  # fmt: skip
+            if layout == PER_SENTENCE:
+                mask = None if padding is None else padding.view(sentences, 1, 1, src_len)
+                return CrossAttentionCache(keys, values, mask, beams, self.heads, PER_SENTENCE)
         else:
             expanded = encoder_out.repeat_interleave(beams, dim=1)  # fairseq's beam expansion
             source = expanded.view(src_len, -1, beams, expanded.size(2))[:, :, 0, :]
@@ -127,7 +133,10 @@ class CrossAttentionStep(_Attention):
     def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The attention output (rows, embed_dim) and, with ``need_weights``, the weights
         averaged over heads (rows, src_len), as fairseq's decoder reports them."""
-        q = self.heads_view(self.scaled_queries(x))  # (rows * heads, 1, head_dim)
+        queries = self.scaled_queries(x)
+        if cache.layout == PER_SENTENCE:
+            return self._each_beam_in_turn(queries, cache, need_weights)
+        q = self.heads_view(queries)  # (rows * heads, 1, head_dim)
         if cache.layout == GROUPED:
             return self._grouped(q, cache, need_weights)
         rows = x.size(0)
@@ -153,11 +162,34 @@ class CrossAttentionStep(_Attention):
             ).reshape(rows * self.heads, 1, self.head_dim)
         else:
             context = cache.live_part(torch.bmm(probs, cache.values))
-        averaged = None
-        if need_weights:  # fairseq: per-head weights, then the decoder's mean over heads
-            per_head = cache.live_part(probs_float).view(rows, self.heads, 1, -1).transpose(1, 0)
-            averaged = per_head.float().to(x).mean(dim=0)[:, -1, :]
+        averaged = _mean_over_heads(cache.live_part(probs_float).view(rows, self.heads, 1, -1), x) if need_weights else None
         return self.output(context, rows), averaged
+
+    def _each_beam_in_turn(self, queries: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """fairseq's per-beam products (each beam's and head's query row against its sentence's
+        keys, then values), matrix for matrix, from keys/values held once per sentence: one
+        ``bmm`` per beam over every sentence and head (a product's values do not depend on how
+        many others share the call), so no per-beam copy of the cache is made or read."""
+        heads, head_dim, beams = self.heads, self.head_dim, cache.beams
+        by_beam = cache.queries_by_beam(queries.view(-1, beams, heads, head_dim))  # (beams, cached sentences, heads, head_dim)
+        cached, src_len = by_beam.size(1), cache.keys.size(1)
+        weights = by_beam.new_empty(beams, cached * heads, 1, src_len)
+        for beam in range(beams):
+            torch.bmm(by_beam[beam].view(cached * heads, 1, head_dim), cache.keys.transpose(1, 2), out=weights[beam])
+        if cache.padding is not None:
+            weights.view(beams, cached, heads, 1, src_len).masked_fill_(cache.padding, float("-inf"))
+        probs_float, probs = _softmax(weights)
+        context = by_beam.new_empty(beams, cached * heads, 1, head_dim)
+        for beam in range(beams):
+            torch.bmm(probs[beam], cache.values, out=context[beam])
+        live = cache.live_sentences(context.view(beams, cached, heads * head_dim))  # (beams, live sentences, embed_dim)
+        rows = live.size(1) * beams
+        out = self.out(live.transpose(0, 1).reshape(rows, self.embed_dim))
+        averaged = None
+        if need_weights:
+            per_row = cache.live_sentences(probs_float.view(beams, cached, heads, src_len)).transpose(0, 1)
+            averaged = _mean_over_heads(per_row.reshape(rows, heads, 1, src_len), out)
+        return out, averaged
 
     def _grouped(self, q: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """A sentence's beams attend to its one copy of the keys/values as a group of queries:
@@ -177,6 +209,12 @@ class CrossAttentionStep(_Attention):
         if need_weights:
             averaged = probs_float.view(sentences, heads, beams, -1).float().to(out).mean(dim=1).view(rows, -1)
         return out, averaged
+
+
+def _mean_over_heads(per_row: Tensor, like: Tensor) -> Tensor:
+    """fairseq's decoder-side average of the attention weights (rows, heads, 1, src_len) over
+    heads (rows, src_len), in ``like``'s type: the same reduction over the same layout."""
+    return per_row.transpose(1, 0).float().to(like).mean(dim=0)[:, -1, :]
 
 
 class LayerStep:
