@@ -2,10 +2,10 @@
 
 The arithmetic is fairseq's ``TransformerDecoderLayerBase.forward`` with
 ``MultiheadAttention`` for one query position: with the ``exact`` kernels (``kernels.py``) the
-same linear layers (``F.linear`` on the same rows), the same ``bmm``/``einsum`` shapes,
-float32 softmax and layer norms, and the residual added in place (``a + b`` and ``b + a`` are
-the same float). Dropout is left out:
-the coverage check (``coverage.py``) only lets models through whose dropout is off in
+same linear layers (``F.linear`` on the same rows), the same ``bmm``/``einsum`` products
+(encoder attention: the same matrices, one ``bmm`` per beam), float32 softmax and layer
+norms, and the residual added in place (``a + b`` and ``b + a`` are the same float). Dropout
+is left out: the coverage check (``coverage.py``) only lets models through whose dropout is off in
 inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
 ``(1, rows, embed_dim)`` holds the same values in the same memory order.
 """
