@@ -10,7 +10,7 @@ inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
 ``(1, rows, embed_dim)`` holds the same values in the same memory order.
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,15 +173,22 @@ class CrossAttentionStep(_Attention):
         heads, head_dim, beams = self.heads, self.head_dim, cache.beams
         by_beam = cache.queries_by_beam(queries.view(-1, beams, heads, head_dim))  # (beams, cached sentences, heads, head_dim)
         cached, src_len = by_beam.size(1), cache.keys.size(1)
-        weights = by_beam.new_empty(beams, cached * heads, 1, src_len)
-        for beam in range(beams):
-            torch.bmm(by_beam[beam].view(cached * heads, 1, head_dim), cache.keys.transpose(1, 2), out=weights[beam])
+        matrices = cached * heads
+        by_beam = by_beam.view(beams, matrices, 1, head_dim)
+        weights = by_beam.new_empty(beams, matrices, 1, src_len)
+        context = by_beam.new_empty(beams, matrices, 1, head_dim)
+        chunks = _cache_resident_chunks(matrices, cache.keys[0].numel() * cache.keys.element_size())
+        for chunk in chunks:
+            keys = cache.keys[chunk].transpose(1, 2)
+            for beam in range(beams):
+                torch.bmm(by_beam[beam, chunk], keys, out=weights[beam, chunk])
         if cache.padding is not None:
             weights.view(beams, cached, heads, 1, src_len).masked_fill_(cache.padding, float("-inf"))
         probs_float, probs = _softmax(weights)
-        context = by_beam.new_empty(beams, cached * heads, 1, head_dim)
-        for beam in range(beams):
-            torch.bmm(probs[beam], cache.values, out=context[beam])
+        for chunk in chunks:
+            values = cache.values[chunk]
+            for beam in range(beams):
+                torch.bmm(probs[beam, chunk], values, out=context[beam, chunk])
         live = cache.live_sentences(context.view(beams, cached, heads * head_dim))  # (beams, live sentences, embed_dim)
         rows = live.size(1) * beams
         out = self.out(live.transpose(0, 1).reshape(rows, self.embed_dim))
@@ -209,6 +216,18 @@ class CrossAttentionStep(_Attention):
         if need_weights:
             averaged = probs_float.view(sentences, heads, beams, -1).float().to(out).mean(dim=1).view(rows, -1)
         return out, averaged
+
+
+# Each beam's product reads its sentence's keys (values) again: taken a chunk of matrices at a
+# time, about this many bytes, the beams after the first find them in the CPU's last-level
+# cache instead of memory (long sources: BENCHMARKS.md, "Encoder keys/values once per sentence").
+CACHE_RESIDENT_BYTES = 4 * 2**20
+
+
+def _cache_resident_chunks(matrices: int, bytes_per_matrix: int) -> List[slice]:
+    """Consecutive slices of ``matrices`` of about ``CACHE_RESIDENT_BYTES`` each (at least one matrix)."""
+    size = max(1, CACHE_RESIDENT_BYTES // max(1, bytes_per_matrix))
+    return [slice(start, min(start + size, matrices)) for start in range(0, matrices, size)]
 
 
 def _mean_over_heads(per_row: Tensor, like: Tensor) -> Tensor:
