@@ -168,8 +168,9 @@ class CrossAttentionStep(_Attention):
     def _each_beam_in_turn(self, queries: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """fairseq's per-beam products (each beam's and head's query row against its sentence's
         keys, then values), matrix for matrix, from keys/values held once per sentence: one
-        ``bmm`` per beam over every sentence and head (a product's values do not depend on how
-        many others share the call), so no per-beam copy of the cache is made or read."""
+        ``bmm`` per beam over a cache-sized chunk of the (sentence, head) matrices at a time (a
+        product's values do not depend on how many others share the call), so no per-beam copy
+        of the cache is made, and the beams after the first read it from the CPU's cache."""
         heads, head_dim, beams = self.heads, self.head_dim, cache.beams
         by_beam = cache.queries_by_beam(queries.view(-1, beams, heads, head_dim))  # (beams, cached sentences, heads, head_dim)
         cached, src_len = by_beam.size(1), cache.keys.size(1)
