@@ -17,7 +17,7 @@ from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, LayerCaches
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
-from .output import BufferedOutput, bufferable_projection
+from .output import BufferedOutput, bufferable_projection, log_probabilities_in_place
 
 
 class LeanDecoder:
@@ -78,13 +78,7 @@ class LeanDecoder:
         weight = plain_output_projection(self.model)
         project = self.kernels.output_projection(weight) if weight is not None else None
         if project is not None:
-            def projected(features: Tensor, temperature: float) -> Tensor:
-                logits = project(features)
-                if temperature != 1.0:
-                    logits.div_(temperature)
-                return torch.log_softmax(logits, dim=-1, out=logits)  # in place: as ``output.py``
-
-            return projected
+            return lambda features, temperature: log_probabilities_in_place(project(features), temperature)
         weight = bufferable_projection(self.model)
         return BufferedOutput(weight) if weight is not None else None
 

@@ -179,17 +179,11 @@ class CrossAttentionStep(_Attention):
         weights = by_beam.new_empty(beams, matrices, 1, src_len)
         context = by_beam.new_empty(beams, matrices, 1, head_dim)
         chunks = _cache_resident_chunks(matrices, cache.keys[0].numel() * cache.keys.element_size())
-        for chunk in chunks:
-            keys = cache.keys[chunk].transpose(1, 2)
-            for beam in range(beams):
-                torch.bmm(by_beam[beam, chunk], keys, out=weights[beam, chunk])
+        _each_beams_products(by_beam, cache.keys.transpose(1, 2), weights, chunks)
         if cache.padding is not None:
             weights.view(beams, cached, heads, 1, src_len).masked_fill_(cache.padding, float("-inf"))
         probs_float, probs = _softmax(weights)
-        for chunk in chunks:
-            values = cache.values[chunk]
-            for beam in range(beams):
-                torch.bmm(probs[beam, chunk], values, out=context[beam, chunk])
+        _each_beams_products(probs, cache.values, context, chunks)
         live = cache.live_sentences(context.view(beams, cached, heads * head_dim))  # (beams, live sentences, embed_dim)
         rows = live.size(1) * beams
         out = self.out(live.transpose(0, 1).reshape(rows, self.embed_dim))
@@ -229,6 +223,16 @@ def _cache_resident_chunks(matrices: int, bytes_per_matrix: int) -> List[slice]:
     """Consecutive slices of ``matrices`` of about ``CACHE_RESIDENT_BYTES`` each (at least one matrix)."""
     size = max(1, CACHE_RESIDENT_BYTES // max(1, bytes_per_matrix))
     return [slice(start, min(start + size, matrices)) for start in range(0, matrices, size)]
+
+
+def _each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: List[slice]) -> None:
+    """``out[beam] = per_beam[beam] @ shared`` for every beam, (matrices, m, k) @ (matrices, k, n)
+    with ``shared`` the same for all beams: one ``bmm`` per chunk of matrices and beam, every
+    beam before the next chunk."""
+    for chunk in chunks:
+        matrices = shared[chunk]
+        for beam in range(per_beam.size(0)):
+            torch.bmm(per_beam[beam, chunk], matrices, out=out[beam, chunk])
 
 
 def _mean_over_heads(per_row: Tensor, like: Tensor) -> Tensor:

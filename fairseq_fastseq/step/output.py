@@ -27,6 +27,14 @@ def bufferable_projection(model: nn.Module) -> Optional[Tensor]:
     return weight if cpu_fp32 else None
 
 
+def log_probabilities_in_place(logits: Tensor, temperature: float) -> Tensor:
+    """fairseq's division by the temperature and log-softmax, over ``logits`` (rows, vocab)
+    in place (the same bits as into a new tensor: see above)."""
+    if temperature != 1.0:  # x / 1.0 == x exactly, so fairseq's division is skipped then
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1, out=logits)
+
+
 class BufferedOutput:
     """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight``, into a buffer
     that the next call overwrites: the caller consumes them within the step."""
@@ -37,10 +45,7 @@ class BufferedOutput:
 
     def __call__(self, features: Tensor, temperature: float) -> Tensor:
         rows, weight = features.size(0), self.weight
-        logits = torch.mm(features, weight.t(), out=self._rows(rows))
-        if temperature != 1.0:  # x / 1.0 == x exactly, so fairseq's division is skipped then
-            logits.div_(temperature)
-        return torch.log_softmax(logits, dim=-1, out=logits)
+        return log_probabilities_in_place(torch.mm(features, weight.t(), out=self._rows(rows)), temperature)
 
     def _rows(self, rows: int) -> Tensor:
         """The first ``rows`` rows of the buffer made at the batch's first step (the batch only
