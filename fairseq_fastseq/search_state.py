@@ -110,10 +110,12 @@ class SearchState:
         self.search_batch_idxs = self.search_batch_idxs[kept]
         self.scores = self.scores.view(old_bsz, -1)[kept].view(new_bsz * self.beam_size, -1)
         self.tokens = self.tokens.view(old_bsz, -1)[kept].view(new_bsz * self.beam_size, -1)
-        if self.attn is not None:  # only the columns written so far (the rest is never read)
+        if self.attn is not None:
+            # The kept sentences' rows move to the front of the same buffer (a fresh one of
+            # max_len columns cost page faults at every drop); only the columns written so far.
             attn = self.attn.view(old_bsz, self.beam_size, *self.attn.shape[1:])
-            self.attn = self.attn.new_empty(new_bsz * self.beam_size, *self.attn.shape[1:])
-            self.attn[:, :, : step + 2] = attn[kept, :, :, : step + 2].view(-1, attn.size(2), step + 2)
+            attn[:new_bsz, :, :, : step + 2] = attn[kept, :, :, : step + 2]
+            self.attn = attn[:new_bsz].view(new_bsz * self.beam_size, *self.attn.shape[1:])
         return kept, candidates.keep(kept, self.bbsz_offsets)
 
     def advance(self, step: int, candidates: Candidates) -> Tuple[Tensor, Tensor]:
