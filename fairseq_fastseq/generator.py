@@ -24,6 +24,7 @@ from .search_state import Candidates, SearchState
 from .static_loop import static_search
 from .step.coverage import why_not_lean
 from .step.kernels import ExactKernels
+from .step.pool import BufferPool
 
 # The knobs' values that the lean decoder step implements (the bitwise defaults).
 _LEAN_KNOBS = {"decoder_step": "lean", "self_attn_cache": "time_major", "encoder_projection": "per_sentence"}
@@ -68,6 +69,7 @@ class FastSequenceGenerator(SequenceGenerator):
         self.knobs = FastGeneratorConfig()
         self.kernels: ExactKernels = ExactKernels()  # the lean step's tier (``step/kernels.py``)
         self.static_loop = False  # whether searches run on static shapes (``static_loop.py``)
+        self.buffers = BufferPool()  # the lean step's CPU buffers, kept from one search to the next
 
     def attention_options(self) -> Dict[str, Union[bool, str]]:
         """The knobs as ``attention_plan.fast_attention`` arguments."""
@@ -105,7 +107,7 @@ class FastSequenceGenerator(SequenceGenerator):
         classes, their cache limit and the output buffers."""
         steps = max_len + 1  # steps 0..max_len
         if self.why_not_lean() is None:
-            yield LeanSteps(self.model, self.beam_size, steps, self.need_attention, self.temperature, self.kernels)
+            yield LeanSteps(self.model, self.beam_size, steps, self.need_attention, self.temperature, self.kernels, self.buffers)
             return
         models = self.model.models
         every_model = self.knobs.encoder_projection == "grouped"

@@ -23,6 +23,7 @@ from .step.caches import LayerCaches
 from .step.decoder import LeanDecoder
 from .step.encoder import encoder_for
 from .step.kernels import ExactKernels
+from .step.pool import BufferPool
 
 
 class LeanSteps:
@@ -36,8 +37,10 @@ class LeanSteps:
         need_attention: bool,
         temperature: float,
         kernels: Optional[ExactKernels] = None,
+        pool: Optional[BufferPool] = None,
     ) -> None:
         self.ensemble = ensemble
+        self.pool = pool or BufferPool()  # the generator's, kept from one search to the next
         self.beam_size, self.max_steps = beam_size, max_steps
         self.need_attention, self.temperature = need_attention, temperature
         kernels = kernels or ExactKernels()
@@ -56,8 +59,9 @@ class LeanSteps:
     def start(self, net_input: Dict[str, Tensor], sentences: int) -> None:
         """Encode the batch and project every layer's encoder keys/values."""
         encoder_outs = [encode(net_input) for encode in self.encoders] if self.encoders is not None else None
+        self.pool.new_search()
         self.caches = [
-            decoder.start(encoder_outs[i] if encoder_outs is not None else None, self.beam_size, self.max_steps)
+            decoder.start(encoder_outs[i] if encoder_outs is not None else None, self.beam_size, self.max_steps, self.pool)
             for i, decoder in enumerate(self.decoders)
         ]
 

@@ -19,22 +19,29 @@ reorder leaves them alone; they are copied only when sentences leave the batch, 
 only once finished sentences make up a quarter of them.
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-# The cache grows by this many time slices when full: a buffer and the spare hold at most
-# this many unused slices each, so the peak memory stays close to fairseq's, while growing
-# (one copy of the filled slices) stays rare.
+from .pool import BufferPool
+
+# Off the CPU the cache grows by this many time slices when full: a buffer and the spare hold
+# at most this many unused slices each, so the peak device memory stays close to fairseq's,
+# while growing (one copy of the filled slices) stays rare. On the CPU a buffer holds every
+# step of the search from the start: the kernel maps a page when it is first written, so
+# the unwritten slices cost no memory, and no growth copies the filled slices into freshly
+# mapped pages (page faults: BENCHMARKS.md, "Page faults of the lean step's own buffers").
 GROWTH = 16
 
 
 class SelfAttentionCache:
     """One layer's self-attention keys and values, time-major, filled up to ``length``."""
 
-    def __init__(self, heads: int, head_dim: int, max_steps: int) -> None:
+    def __init__(self, heads: int, head_dim: int, max_steps: int, pool: Optional[BufferPool] = None) -> None:
         self.heads, self.head_dim, self.max_steps = heads, head_dim, max_steps
+        self.pool = pool or BufferPool()  # where its buffers come from (``pool.py``)
         self.length = 0
         self.keys: Optional[Tensor] = None  # (capacity, rows, heads, head_dim)
         self.values: Optional[Tensor] = None
@@ -66,10 +73,12 @@ class SelfAttentionCache:
         return None if self.padding is None else self.padding[: self.length].t()
 
     def _grow(self, like: Tensor, rows: int) -> None:
-        """``GROWTH`` more slices of capacity (at most the search's steps, but at least one more)."""
+        """Capacity for every step of the search on the CPU; elsewhere ``GROWTH`` more slices
+        (at most the search's steps, but at least one more)."""
         length = self.length
-        capacity = max(length + 1, min(length + GROWTH, self.max_steps))
-        grown = [like.new_empty(capacity, rows, self.heads, self.head_dim) for _ in range(2)]
+        limit = self.max_steps if like.device.type == "cpu" else length + GROWTH
+        capacity = max(length + 1, min(limit, self.max_steps))
+        grown = [self.pool.take((capacity, rows, self.heads, self.head_dim), like) for _ in range(2)]
         if self.keys is not None:
             grown[0][:length] = self.keys[:length]
             grown[1][:length] = self.values[:length]
@@ -80,16 +89,16 @@ class SelfAttentionCache:
             self.padding = padding
 
     def reorder(self, order: Tensor, spare: Optional[Tensor]) -> Optional[Tensor]:
-        """Row ``i`` takes old row ``order[i]``; copies go into ``spare`` (made if it does not
-        fit) and the replaced buffers are handed on: returns the spare for the next copy."""
+        """Row ``i`` takes old row ``order[i]``; copies go into ``spare`` (the front of it when
+        fewer rows are left, so that sentences leaving need no new buffer; one from the pool if
+        it is too small) and the replaced buffers are handed on: returns the spare for the next copy."""
         length = self.length
         if self.keys is None:
             return spare
         reordered = []
         for buffer in (self.keys, self.values):
             shape = (buffer.size(0), order.numel(), self.heads, self.head_dim)
-            if spare is None or spare.shape != shape or spare.dtype != buffer.dtype or spare.device != buffer.device:
-                spare = buffer.new_empty(shape)
+            spare = _front_of(spare, shape, buffer, self.pool)
             torch.index_select(buffer[:length], 1, order, out=spare[:length])
             reordered.append(spare)
             spare = buffer
@@ -97,6 +106,15 @@ class SelfAttentionCache:
         if self.padding is not None:
             self.padding = self.padding.index_select(1, order)
         return spare
+
+
+def _front_of(spare: Optional[Tensor], shape: Tuple[int, ...], like: Tensor, pool: BufferPool) -> Tensor:
+    """A contiguous buffer of ``shape`` like ``like``: the front of ``spare`` where it is large
+    enough (its pages are mapped already), else one from ``pool``."""
+    needed = math.prod(shape)
+    if spare is None or spare.numel() < needed or spare.dtype != like.dtype or spare.device != like.device:
+        return pool.take(shape, like)
+    return spare.view(-1)[:needed].view(shape)
 
 
 # Per-beam encoder keys/values of finished sentences stay in the cache (their rows are

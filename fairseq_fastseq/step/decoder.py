@@ -18,6 +18,7 @@ from .coverage import plain_output_projection
 from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
 from .output import BufferedOutput, bufferable_projection, log_probabilities_in_place
+from .pool import BufferPool
 
 
 class LeanDecoder:
@@ -40,9 +41,13 @@ class LeanDecoder:
         self._output: Optional[Callable[[Tensor, float], Tensor]] = None
         self._positions: Optional[Tensor] = None  # (steps, embed_dim): the embedding of each step's position
 
-    def start(self, encoder_out: Optional[Dict[str, List[Tensor]]], beams: int, max_steps: int) -> LayerCaches:
-        """Fresh caches for a batch, the encoder keys/values of every layer projected."""
-        self._output = self._output_stage()
+    def start(
+        self, encoder_out: Optional[Dict[str, List[Tensor]]], beams: int, max_steps: int, pool: Optional[BufferPool] = None
+    ) -> LayerCaches:
+        """Fresh caches for a batch, the encoder keys/values of every layer projected; the
+        self-attention caches and the output buffer from ``pool`` (``pool.py``)."""
+        pool = pool or BufferPool()
+        self._output = self._output_stage(pool)
         self._positions = self._position_table(max_steps)
         memory, padding = None, None
         if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
@@ -53,13 +58,13 @@ class LeanDecoder:
         self_caches, cross_caches = [], []
         for layer in self.layers:
             attention = layer.self_attention
-            self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps))
+            self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps, pool))
             cross = layer.cross_attention if memory is not None else None
             cross_caches.append(cross.start(memory, padding, beams, self._encoder_layout(beams)) if cross is not None else None)
         return LayerCaches(self_caches, cross_caches)
 
-    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int) -> SelfAttentionCache:
-        return SelfAttentionCache(heads, head_dim, max_steps)
+    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool) -> SelfAttentionCache:
+        return SelfAttentionCache(heads, head_dim, max_steps, pool)
 
     def _encoder_layout(self, beams: int) -> str:
         if self.kernels.grouped_encoder_attention and beams > 1:
@@ -72,7 +77,7 @@ class LeanDecoder:
         # products on CPU; elsewhere (GPU BLAS picks kernels by batch size) per beam, as fairseq.
         return PER_SENTENCE if self.embed_tokens.device.type == "cpu" else PER_BEAM
 
-    def _output_stage(self) -> Optional[Callable[[Tensor, float], Tensor]]:
+    def _output_stage(self, pool: BufferPool) -> Optional[Callable[[Tensor, float], Tensor]]:
         """Log-probabilities (rows, vocab) of features and a temperature: the tier's output
         projection, or fairseq's ``mm`` into per-batch buffers; None for fairseq's output layer."""
         weight = plain_output_projection(self.model)
@@ -80,7 +85,7 @@ class LeanDecoder:
         if project is not None:
             return lambda features, temperature: log_probabilities_in_place(project(features), temperature)
         weight = bufferable_projection(self.model)
-        return BufferedOutput(weight) if weight is not None else None
+        return BufferedOutput(weight, pool) if weight is not None else None
 
     def step(
         self, tokens: Tensor, step: int, caches: LayerCaches, need_attention: bool, temperature: float

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .coverage import plain_output_projection
+from .pool import BufferPool
 
 
 def bufferable_projection(model: nn.Module) -> Optional[Tensor]:
@@ -39,8 +40,9 @@ class BufferedOutput:
     """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight``, into a buffer
     that the next call overwrites: the caller consumes them within the step."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, pool: Optional[BufferPool] = None) -> None:
         self.weight = weight
+        self.pool = pool or BufferPool()
         self._buffer: Optional[Tensor] = None
 
     def __call__(self, features: Tensor, temperature: float) -> Tensor:
@@ -51,5 +53,5 @@ class BufferedOutput:
         """The first ``rows`` rows of the buffer made at the batch's first step (the batch only
         shrinks afterwards)."""
         if self._buffer is None or self._buffer.size(0) < rows:
-            self._buffer = self.weight.new_empty(rows, self.weight.size(0))
+            self._buffer = self.pool.take((rows, self.weight.size(0)), self.weight)
         return self._buffer[:rows]

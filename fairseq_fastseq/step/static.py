@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .caches import SelfAttentionCache
 from .decoder import LeanDecoder
 from .kernels import ExactKernels
+from .pool import BufferPool
 
 # Positions per self-attention bucket: the graph of a bucket serves this many steps.
 SPAN = 16
@@ -121,7 +122,7 @@ class StaticLeanDecoder(LeanDecoder):
         super().__init__(model, kernels)
         self.clock = clock
 
-    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int) -> SelfAttentionCache:
+    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool) -> SelfAttentionCache:
         return StaticSelfAttentionCache(heads, head_dim, self.clock, self.embed_tokens)
 
     def _padding(self, tokens: Tensor) -> Tensor:
