@@ -85,14 +85,11 @@ class LeanSteps:
 
     def reorder(self, order: Tensor, kept: Optional[Tensor]) -> None:
         """Row ``i`` continues old row ``order[i]``; ``kept``: the sentences that stay, if some left."""
-        if kept is not None:
-            for caches in self.caches:
-                caches.keep_sentences(kept)
         if self._rows_are_sentences:  # each new row's parent row -> that row's sentence
             order, self._rows_are_sentences = order.div(self.beam_size, rounding_mode="floor"), False
         if self.beam_size > 1 or kept is not None:
             for caches in self.caches:
-                caches.reorder_beams(order)
+                caches.follow(order, kept)
 
 
 class ModuleSteps:

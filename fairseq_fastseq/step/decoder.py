@@ -19,6 +19,7 @@ from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
 from .output import BufferedOutput, bufferable_projection, log_probabilities_in_place
 from .pool import BufferPool
+from .slots import RowSlots
 
 
 class LeanDecoder:
@@ -61,7 +62,10 @@ class LeanDecoder:
             self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps, pool))
             cross = layer.cross_attention if memory is not None else None
             cross_caches.append(cross.start(memory, padding, beams, self._encoder_layout(beams)) if cross is not None else None)
-        return LayerCaches(self_caches, cross_caches)
+        # On the CPU each row's self-attention history stays in its slot (``slots.py``); off it
+        # (not measured there) every reorder copies the rows.
+        slots = RowSlots(beams) if self.embed_tokens.device.type == "cpu" else None
+        return LayerCaches(self_caches, cross_caches, slots=slots)
 
     def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool) -> SelfAttentionCache:
         return SelfAttentionCache(heads, head_dim, max_steps, pool)
@@ -93,6 +97,9 @@ class LeanDecoder:
         """Log-probabilities (rows, vocab) after ``tokens`` (rows,), the newest token of each
         hypothesis, at position ``step``; and the last layer's attention over the source
         (rows, src_len) if ``need_attention`` and the model attends to a source."""
+        slots = caches.slots
+        if slots is not None:  # the layers compute in slot order
+            tokens = slots.to_slots(tokens)
         x = self._embed(tokens, step)
         # fairseq masks the self-attention positions whose input was padding (never emitted
         # by the search, but a prefix or BOS could be).
@@ -104,6 +111,9 @@ class LeanDecoder:
             x, layer_attention = layer(x, self_cache, cross_cache, pad, need_attention and index == last)
             if index == last:
                 attention = layer_attention
+        if slots is not None:
+            x = slots.to_rows(x)
+            attention = None if attention is None else slots.to_rows(attention)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:

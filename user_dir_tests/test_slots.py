@@ -1,0 +1,77 @@
+"""The lean step's rows in slots (``fairseq_fastseq/step/slots.py``): every row finds its own
+history in its slot through beam reorders and sentences leaving, copying only the histories
+of a parent's second and later children; the encoder caches' blocks follow the moves."""
+
+import pytest
+import torch
+
+from fairseq_fastseq.step.caches import SelfAttentionCache
+from fairseq_fastseq.step.slots import RowSlots
+
+
+def _random_order(rng, sentences, beams, drop):
+    kept = torch.arange(sentences)
+    if drop and sentences > 1:
+        keep = max(1, sentences - int(torch.randint(1, 3, (1,), generator=rng)))
+        kept = torch.randperm(sentences, generator=rng)[:keep].sort().values
+    parents = torch.randint(0, beams, (kept.numel(), beams), generator=rng)
+    return (kept.unsqueeze(1) * beams + parents).view(-1), kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("beams", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # NumPy has no bfloat16
+def test_each_row_reads_its_own_history(seed, beams, dtype):
+    """A cache of one-number keys (a step's value names the row and step) against the
+    histories reordered row by row, as fairseq reorders them."""
+    rng = torch.Generator().manual_seed(seed)
+    sentences, steps = 7, 12
+    cache, slots = SelfAttentionCache(heads=1, head_dim=1, max_steps=steps), RowSlots(beams)
+    history = torch.empty(sentences * beams, 0, dtype=dtype)
+    for step in range(steps):
+        rows = history.size(0)
+        new = (torch.arange(rows) + 1000 * step).to(dtype)
+        history = torch.cat([history, new.unsqueeze(1)], dim=1)
+        keys, _ = cache.append(slots.to_slots(new.unsqueeze(1)), slots.to_slots(new.unsqueeze(1)), None)
+        assert torch.equal(slots.to_rows(keys.reshape(rows, -1)), history)
+        order, kept = _random_order(rng, rows // beams, beams, drop=torch.rand(1, generator=rng).item() < 0.4)
+        move = slots.follow(order, cache.rows)
+        cache.move(move.sources, move.destinations, move.rows)
+        history = history[order]
+        blocks = slots.slot_of_row.view(-1, beams) // beams
+        assert (blocks == blocks[:, :1]).all()  # a sentence's rows share one block
+
+
+def test_a_permutation_of_beams_copies_nothing():
+    slots = RowSlots(beams=3)
+    order = torch.tensor([2, 0, 1, 3, 5, 4])
+    move = slots.follow(order, rows_before=6)
+    assert move.sources.size == 0 and move.destinations.size == 0
+    assert slots.slot_of_row.tolist() == order.tolist()  # each row stays where its parent was
+    assert move.kept_blocks.tolist() == [0, 1]
+
+
+def test_only_the_later_children_of_a_parent_are_copied():
+    slots = RowSlots(beams=4)
+    # sentence 0: rows 0, 1, 2 continue old row 1, row 3 old row 2; old rows 0 and 3 end
+    move = slots.follow(torch.tensor([1, 1, 1, 2]), rows_before=4)
+    assert slots.slot_of_row.tolist() == [1, 0, 3, 2]
+    assert sorted(zip(move.sources.tolist(), move.destinations.tolist())) == [(1, 0), (1, 3)]
+
+
+def test_sentences_past_the_end_move_into_the_blocks_that_left():
+    slots = RowSlots(beams=2)
+    # three sentences; sentence 0 leaves: sentence 2 (slots 4, 5) moves into block 0
+    move = slots.follow(torch.tensor([3, 2, 5, 5]), rows_before=6)
+    assert move.rows == 4
+    assert slots.slot_of_row.tolist() == [3, 2, 0, 1]
+    assert move.kept_blocks.tolist() == [2, 1]  # block 0 holds old block 2's sentence now
+    assert sorted(zip(move.sources.tolist(), move.destinations.tolist())) == [(5, 0), (5, 1)]
+
+
+def test_rows_that_grow_are_left_to_a_full_copy():
+    slots = RowSlots(beams=3)
+    assert slots.follow(torch.tensor([0, 0, 0, 1, 1, 1]), rows_before=2) is None  # step 0 per sentence
+    slots.follow(torch.tensor([1, 0, 2]), rows_before=3)
+    with pytest.raises(RuntimeError, match="grew"):
+        slots.follow(torch.tensor([0, 0, 0, 1, 1, 1]), rows_before=3)
