@@ -75,3 +75,9 @@ def test_rows_that_grow_are_left_to_a_full_copy():
     slots.follow(torch.tensor([1, 0, 2]), rows_before=3)
     with pytest.raises(RuntimeError, match="grew"):
         slots.follow(torch.tensor([0, 0, 0, 1, 1, 1]), rows_before=3)
+
+
+def test_a_parent_in_another_sentence_is_an_error():
+    slots = RowSlots(beams=2)
+    with pytest.raises(RuntimeError, match="another sentence"):
+        slots.follow(torch.tensor([0, 2, 2, 3]), rows_before=4)  # row 1 would continue sentence 1's beam

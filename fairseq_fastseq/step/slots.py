@@ -70,6 +70,10 @@ class RowSlots:
             return None
         parents = order.numpy() if self.slot_of_row is None else self.slot_of_row.numpy()[order.numpy()]
         old_blocks = parents[::beams] // beams
+        if (parents.reshape(-1, beams) // beams != old_blocks[:, None]).any():
+            # A beam search's parents are beams of the same sentence; a row continuing another
+            # sentence's beam would attend to the wrong source, so it stops here.
+            raise RuntimeError("a reorder moved a hypothesis to another sentence, which the lean step's slots cannot follow")
         new_blocks, held = _blocks(old_blocks, rows // beams)
         moved = np.repeat(new_blocks != old_blocks, beams)
         row_index = np.arange(rows)
