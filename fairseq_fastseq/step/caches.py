@@ -123,9 +123,9 @@ class SelfAttentionCache:
 
     def move(self, sources: np.ndarray, destinations: np.ndarray, rows: int) -> None:
         """Copy the histories in slots ``sources`` to slots ``destinations`` (``slots.py``; no
-        slot is both) in place, and hold the first ``rows`` slots from now on. On the CPU
-        buffers' memory through NumPy: its row copies ran at twice the speed of
-        ``index_select`` + ``index_copy_``."""
+        slot is both) in place, and hold the first ``rows`` slots from now on. The copies go
+        through NumPy views of the CPU buffers: twice the speed of ``index_select`` +
+        ``index_copy_`` (BENCHMARKS.md, "Self-attention histories in slots")."""
         if sources.size > 0:
             for buffer in (self.keys, self.values) + (() if self.padding is None else (self.padding,)):
                 filled = buffer[: self.length].view(_BITS_OF_SIZE[buffer.element_size()]).numpy()
