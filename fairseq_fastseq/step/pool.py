@@ -4,7 +4,8 @@ The self-attention caches and the output buffer of a batch are large (at batch 1
 on transformer-base, 13 buffers of 41 x 640 x 512 floats and an 82 MB output): made afresh
 per batch, each of their pages is mapped, faulted in and zeroed by the kernel again when the
 batch first writes it: 296,000 faults for that one batch, 266,000 of them in the caches, with
-their growth and shrinking (BENCHMARKS.md, "Page faults of the lean step's own buffers"). A generator keeps one pool; a search takes its buffers from it,
+their growth and shrinking (BENCHMARKS.md, "Page faults of the lean step's own buffers").
+A generator keeps one pool; a search takes its buffers from it,
 and the next search takes the same ones again, whose pages are mapped already.
 
 Off the CPU the pool gives new tensors: PyTorch's caching allocator already reuses device

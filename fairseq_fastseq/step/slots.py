@@ -9,7 +9,7 @@ children of a parent get a copy of its history, into the slot of a hypothesis th
 continues, in the same sentence's block of ``beams`` slots (the encoder-attention caches
 hold one entry per sentence and block). When sentences leave the batch, the blocks of the
 sentences past the new end move into the blocks that left. Beam 5 on the Bible test set:
-16-19% of the histories are copied (batches of 32 and 128) instead of all of them
+18-19% of the histories are copied (batches of 32 and 128) instead of all of them
 (BENCHMARKS.md, "Self-attention histories in slots").
 
 The layers compute in slot order, a permutation of the rows (every row's values are the same:
