@@ -146,3 +146,16 @@ def assert_fast_matches_stock(
 
 def lengths(hypotheses: Hypotheses) -> Sequence[int]:
     return [len(h[0]["tokens"]) for h in hypotheses]
+
+
+def random_beam_order(rng: torch.Generator, sentences: int, beams: int, drop: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A beam search's reorder drawn at random: each kept sentence's rows continue random beams
+    of that sentence; with ``drop`` (and more than one sentence) one or two sentences leave.
+    Returns the new rows' old rows and the kept sentences (None if none left)."""
+    kept = None
+    if drop and sentences > 1:
+        keep = max(1, sentences - int(torch.randint(1, 3, (1,), generator=rng)))
+        kept = torch.randperm(sentences, generator=rng)[:keep].sort().values
+    live = kept if kept is not None else torch.arange(sentences)
+    parent_beams = torch.randint(0, beams, (live.numel(), beams), generator=rng)
+    return (live.unsqueeze(1) * beams + parent_beams).view(-1), kept

@@ -23,7 +23,7 @@ from fairseq_fastseq.step import caches, layer
 from fairseq_fastseq.step.coverage import why_not_lean
 from fairseq_fastseq.step.layer import MIN_ROWS_PROJECTED_ONCE
 
-from .equivalence import load
+from .equivalence import load, random_beam_order
 
 FAMILIES = ["transformer", "transformer_prenorm_2heads", "transformer_shared_8heads", "bart", "transformer_lm"]
 
@@ -44,19 +44,14 @@ def _drive(steps, sample, beam, eos, pad, vocab, seed, num_steps=14, sentences_l
     for step in range(num_steps):
         lprobs, attention = steps.decode(tokens, step)
         outputs.append((lprobs.clone(), None if attention is None else attention.clone()))
-        kept = None
-        if sentences_leave and sentences > 1 and torch.rand(1, generator=rng) < 0.4:  # some sentences finish
-            keep = max(1, sentences - int(torch.randint(1, 3, (1,), generator=rng)))
-            kept = torch.randperm(sentences, generator=rng)[:keep].sort().values
-        live = kept if kept is not None else torch.arange(sentences)
-        parent_beams = torch.randint(0, beam, (live.numel(), beam), generator=rng)
-        order = (live.unsqueeze(1) * beam + parent_beams).view(-1)  # rows before the drop
+        some_finish = sentences_leave and sentences > 1 and torch.rand(1, generator=rng) < 0.4
+        order, kept = random_beam_order(rng, sentences, beam, some_finish)  # rows before the drop
         tokens = tokens[order]
         new = torch.randint(4, vocab, (order.numel(), 1), generator=rng)
         new[torch.rand(order.numel(), generator=rng) < 0.1] = pad  # a padded prefix, say
         tokens = torch.cat([tokens, new], dim=1)
         steps.reorder(order, kept)
-        sentences = live.numel()
+        sentences = order.numel() // beam
     return outputs
 
 

@@ -8,14 +8,7 @@ import torch
 from fairseq_fastseq.step.caches import SelfAttentionCache
 from fairseq_fastseq.step.slots import RowSlots
 
-
-def _random_order(rng, sentences, beams, drop):
-    kept = torch.arange(sentences)
-    if drop and sentences > 1:
-        keep = max(1, sentences - int(torch.randint(1, 3, (1,), generator=rng)))
-        kept = torch.randperm(sentences, generator=rng)[:keep].sort().values
-    parents = torch.randint(0, beams, (kept.numel(), beams), generator=rng)
-    return (kept.unsqueeze(1) * beams + parents).view(-1), kept
+from .equivalence import random_beam_order
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -34,7 +27,7 @@ def test_each_row_reads_its_own_history(seed, beams, dtype):
         history = torch.cat([history, new.unsqueeze(1)], dim=1)
         keys, _ = cache.append(slots.to_slots(new.unsqueeze(1)), slots.to_slots(new.unsqueeze(1)), None)
         assert torch.equal(slots.to_rows(keys.reshape(rows, -1)), history)
-        order, kept = _random_order(rng, rows // beams, beams, drop=torch.rand(1, generator=rng).item() < 0.4)
+        order, _ = random_beam_order(rng, rows // beams, beams, drop=torch.rand(1, generator=rng).item() < 0.4)
         move = slots.follow(order, cache.rows)
         cache.move(move.sources, move.destinations, move.rows)
         history = history[order]
