@@ -49,6 +49,20 @@ def seconds_per_call(run: Callable[[], Tensor], budget: float, repeats: int) -> 
     return statistics.median(timings)
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, budget: float, repeats: int) -> None:
+    """The options of the kernel timings (``seconds_per_call``): --budget, --repeats, --threads."""
+    parser.add_argument("--budget", type=float, default=budget, help="seconds per timing (as many calls as fit)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timings per kernel (median)")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, names: str, counts: List[int]) -> None:
+    """A usage error unless ``counts`` (the options ``names``, then --repeats and --threads) are
+    at least 1 and --budget above 0."""
+    if min(counts + [args.repeats, args.threads]) < 1 or args.budget <= 0:
+        parser.error(f"{names}, --repeats and --threads must be at least 1, --budget above 0")
+
+
 def kernel_calls(model: torch.nn.Module, tier: str, batch: int, beam: int, source_len: int) -> Dict[str, Callable[[], Tensor]]:
     """Each swapped kernel of ``tier`` as a call on fixed random inputs (seed 0 for every tier)."""
     kernels = TIERS[tier]()
@@ -115,12 +129,9 @@ def main(argv=None) -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128], help="sentences per batch")
     parser.add_argument("--source-len", type=int, default=40, help="encoder positions for the encoder attention")
-    parser.add_argument("--budget", type=float, default=0.05, help="seconds per timing (as many calls as fit)")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per kernel (median)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_timing_arguments(parser, budget=0.05, repeats=5)
     args = parser.parse_args(argv)
-    if min(args.batches + [args.beam, args.source_len, args.repeats, args.threads]) < 1 or args.budget <= 0:
-        parser.error("--batches, --beam, --source-len, --repeats and --threads must be at least 1, --budget above 0")
+    check_counts(parser, args, "--batches, --beam, --source-len", args.batches + [args.beam, args.source_len])
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
         model, described = load_model(args.model, Path(workdir))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fairseq_fastseq.step import kernels
 
-from .kernel_swaps import seconds_per_call
+from .kernel_swaps import add_timing_arguments, check_counts, seconds_per_call
 from .search import cpu_name
 from .tables import markdown_table
 
@@ -80,12 +80,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 10, 20, 160, 640])
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
                         help="IN_FEATURESxOUT_FEATURES of each linear layer")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=0.05, help="seconds per timing (as many calls as fit)")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per kernel (median)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_timing_arguments(parser, budget=0.05, repeats=5)
     args = parser.parse_args(argv)
-    if min(args.rows + [args.repeats, args.threads]) < 1 or args.budget <= 0:
-        parser.error("--rows, --repeats and --threads must be at least 1, --budget above 0")
+    check_counts(parser, args, "--rows", args.rows)
     if not torch.backends.mkldnn.is_available():
         parser.error("this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False): nothing to compare")
     torch.set_num_threads(args.threads)

@@ -243,6 +243,22 @@ def test_kernel_swaps_times_every_swapped_kernel_and_shows_its_difference():
     assert len(table) == 4 + 6 and table[2].count("|") == table[-1].count("|")
 
 
+def test_column_blocks_benchmark_times_both_and_says_where_blocks_are_used(capsys):
+    from benchmarks import bible, column_blocks
+
+    weight = bible.load()[0].decoder.output_projection.weight.detach()
+    rows = column_blocks.measure(weight, row_counts=[3, 400], budget=1e-4, repeats=1)
+    assert [(r["rows"], r["dim"], r["vocabulary"], r["width"]) for r in rows] == [(3, 256, 8008, 1024), (400, 256, 8008, 1024)]
+    assert rows[1]["used"] is False  # above MAX_ROWS_IN_BLOCKS: one call, whatever the bits
+    assert rows[0]["used"] is rows[0]["same"]
+    table = column_blocks.markdown(rows, "title").splitlines()
+    assert len(table) == 4 + 2 and table[-1].startswith("| 400 | 256 -> 8008 | 1024 |")
+    with pytest.raises(ValueError, match="less than two blocks"):
+        column_blocks.measure(weight[:1000], [3], 1e-4, 1)
+    with pytest.raises(SystemExit):
+        column_blocks.main(["--rows", "0"])
+
+
 def test_linear_sweep_flags_where_the_rule_picks_the_slower_kernel():
     from benchmarks import linear_sweep
 

@@ -7,7 +7,9 @@ whose pages the kernel faults in and zeroes; fairseq allocates two per decoder s
 logits and their log-softmax). Figures: ``BENCHMARKS.md`` ("Allocator and encoder-cache
 layout"). The arithmetic is fairseq's: the same ``mm`` and ``log_softmax`` kernels, given
 ``out=`` (the log-softmax kernel reads each row's logits before it writes that row, so in place
-it gives the same bits and touches one buffer instead of two). On a GPU, PyTorch's caching
+it gives the same bits and touches one buffer instead of two); onto a large vocabulary the
+``mm`` runs in column blocks where they were checked to give its bits (``column_blocks.py``).
+On a GPU, PyTorch's caching
 allocator already reuses memory, so this is for CPU float32 only.
 """
 
@@ -16,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .column_blocks import BlockedProjection
 from .coverage import plain_output_projection
 from .pool import BufferPool
 
@@ -42,12 +45,12 @@ class BufferedOutput:
 
     def __init__(self, weight: Tensor, pool: Optional[BufferPool] = None) -> None:
         self.weight = weight
+        self.project = BlockedProjection(weight)  # fairseq's ``mm``, in column blocks where bitwise the same
         self.pool = pool or BufferPool()
         self._buffer: Optional[Tensor] = None
 
     def __call__(self, features: Tensor, temperature: float) -> Tensor:
-        rows, weight = features.size(0), self.weight
-        return log_probabilities_in_place(torch.mm(features, weight.t(), out=self._rows(rows)), temperature)
+        return log_probabilities_in_place(self.project(features, self._rows(features.size(0))), temperature)
 
     def _rows(self, rows: int) -> Tensor:
         """The first ``rows`` rows of the buffer made at the batch's first step (the batch only
