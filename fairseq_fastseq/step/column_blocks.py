@@ -2,11 +2,11 @@
 bits of one call and is faster.
 
 Each logit is one dot product over the model dimension. On the AMD EPYC core of
-BENCHMARKS.md ("Output projection in column blocks") MKL's ``mm`` of 60-160 rows onto 8k-32k
-columns ran 1.1-1.35x faster as calls of about 1 MB of weight each than as one call (the
+BENCHMARKS.md ("Output projection in column blocks") MKL's ``mm`` of 5-320 rows onto 8k-32k
+columns ran 1.1-1.8x faster as calls of about 1 MB of weight each than as one call (the
 weight of one call, 8-64 MB, does not stay in the core's caches); at 640 rows one call was
-as fast. A block's call computes its columns' dot products as the whole call does, in the
-same order, on every shape measured there.
+about as fast. A block's call computes its columns' dot products as the whole call does, in
+the same order, on every shape measured there whose block width is a multiple of 64 columns.
 
 That is checked, not assumed, wherever this runs: the first time a shape comes (rows,
 model dimension, vocabulary, block width, thread count), the blocks' logits are compared bit
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Weight bytes per block: about one core's share of cache (BENCHMARKS.md: 0.5-2 MB measured best).
 BLOCK_BYTES = 2**20
-# Above this many rows one call was as fast or faster (640 rows: 0.96x in blocks).
+# Above this many rows one call was about as fast (640 rows: 0.96-1.04x in blocks).
 MAX_ROWS_IN_BLOCKS = 320
 
 # Block widths are a multiple of this many columns: at 341 columns (1364 bytes, not a multiple
