@@ -7,7 +7,7 @@ fairseq's one ``mm``, on a model's own output weight: time per call, speed-up, s
 Random features of each row count; one call and the blocks alternate in each timing round,
 so that a busy machine slows both alike. "Blocks used" says whether the generator would use
 them at that row count: the blocks gave one call's bits there and the count is at most
-``MAX_ROWS_IN_BLOCKS``. Figures: ``BENCHMARKS.md`` ("Output projection in column blocks").
+``MAX_ROWS_PER_THREAD`` per thread. Figures: ``BENCHMARKS.md`` ("Output projection in column blocks").
 """
 
 import argparse
@@ -65,7 +65,7 @@ def measure(weight: torch.Tensor, row_counts: List[int], budget: float, repeats:
             results.append(
                 {
                     "rows": rows, "dim": dim, "vocabulary": vocabulary, "width": project.blocks[0].stop, "same": same,
-                    "used": same and rows <= column_blocks.MAX_ROWS_IN_BLOCKS,
+                    "used": same and column_blocks.blocks_help(rows, torch.get_num_threads()),
                     "one_ms": seconds["one"] * 1e3, "blocks_ms": seconds["blocks"] * 1e3,
                     "gflops": 2 * rows * dim * vocabulary / seconds["one"] / 1e9,
                 }

@@ -249,7 +249,7 @@ def test_column_blocks_benchmark_times_both_and_says_where_blocks_are_used(capsy
     weight = bible.load()[0].decoder.output_projection.weight.detach()
     rows = column_blocks.measure(weight, row_counts=[3, 400], budget=1e-4, repeats=1)
     assert [(r["rows"], r["dim"], r["vocabulary"], r["width"]) for r in rows] == [(3, 256, 8008, 1024), (400, 256, 8008, 1024)]
-    assert rows[1]["used"] is False  # above MAX_ROWS_IN_BLOCKS: one call, whatever the bits
+    assert rows[1]["used"] is False  # above MAX_ROWS_PER_THREAD (1 thread): one call, whatever the bits
     assert rows[0]["used"] is rows[0]["same"]
     table = column_blocks.markdown(rows, "title").splitlines()
     assert len(table) == 4 + 2 and table[-1].startswith("| 400 | 256 -> 8008 | 1024 |")

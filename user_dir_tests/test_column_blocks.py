@@ -76,10 +76,16 @@ def test_a_shape_whose_blocks_differ_keeps_one_call_with_one_log_line(monkeypatc
 def test_more_rows_than_the_blocks_help_are_one_call(monkeypatch):
     weight = torch.randn(8008, 256)
     project = BlockedProjection(weight)
-    monkeypatch.setattr(project, "_in_blocks", lambda features, out: pytest.fail("blocks above MAX_ROWS_IN_BLOCKS"))
-    rows = column_blocks.MAX_ROWS_IN_BLOCKS + 1
+    monkeypatch.setattr(project, "_in_blocks", lambda features, out: pytest.fail("blocks above MAX_ROWS_PER_THREAD"))
+    rows = column_blocks.MAX_ROWS_PER_THREAD * torch.get_num_threads() + 1
     features = torch.randn(rows, 256)
     assert torch.equal(project(features, torch.empty(rows, 8008)), torch.mm(features, weight.t()))
+
+
+def test_the_row_limit_grows_with_the_threads():
+    limit = column_blocks.MAX_ROWS_PER_THREAD
+    assert column_blocks.blocks_help(limit, 1) and not column_blocks.blocks_help(limit + 1, 1)
+    assert column_blocks.blocks_help(2 * limit, 2) and not column_blocks.blocks_help(2 * limit + 1, 2)
 
 
 @pytest.mark.parametrize("name", ["transformer", "bart"])

@@ -5,8 +5,9 @@ Each logit is one dot product over the model dimension. On the AMD EPYC core of
 BENCHMARKS.md ("Output projection in column blocks") MKL's ``mm`` of 5-320 rows onto 8k-32k
 columns ran 1.1-1.8x faster as calls of about 1 MB of weight each than as one call (the
 weight of one call, 8-64 MB, does not stay in the core's caches); at 640 rows one call was
-about as fast. A block's call computes its columns' dot products as the whole call does, in
-the same order, on every shape measured there whose block width is a multiple of 64 columns.
+about as fast on one thread, not on two (blocks 1.07-1.15x at 480-960 rows). A block's call
+computes its columns' dot products as the whole call does, in the same order, on every shape
+measured there whose block width is a multiple of 64 columns.
 
 That is checked, not assumed, wherever this runs: the first time a shape comes (rows,
 model dimension, vocabulary, block width, thread count), the blocks' logits are compared bit
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 # Weight bytes per block: about one core's share of cache (BENCHMARKS.md: 0.5-2 MB measured best).
 BLOCK_BYTES = 2**20
-# Above this many rows one call was about as fast (640 rows: 0.96-1.04x in blocks).
-MAX_ROWS_IN_BLOCKS = 320
+# Above this many rows per thread one call was about as fast (1 thread: 640 rows 0.96-1.04x in
+# blocks, 960 rows 0.96x; 2 threads: 640 rows 1.12-1.15x, 960 rows 1.07x).
+MAX_ROWS_PER_THREAD = 320
 
 # Block widths are a multiple of this many columns: at 341 columns (1364 bytes, not a multiple
 # of 64), MKL's logits of 1-11 rows differed from one call's, at 320 they did not (BENCHMARKS.md).
@@ -45,6 +47,11 @@ def column_blocks(vocabulary: int, dim: int, element_size: int) -> Optional[List
     return [slice(start, min(start + width, vocabulary)) for start in range(0, vocabulary, width)]
 
 
+def blocks_help(rows: int, threads: int) -> bool:
+    """Whether blocks were measured faster than one call at ``rows`` on ``threads`` threads."""
+    return rows <= MAX_ROWS_PER_THREAD * threads
+
+
 class BlockedProjection:
     """``features @ weight.T`` into ``out``, in column blocks on the shapes where that was
     checked to give one ``mm``'s bits, else as one ``mm`` (fairseq's call)."""
@@ -54,10 +61,10 @@ class BlockedProjection:
         self.blocks = column_blocks(weight.size(0), weight.size(1), weight.element_size())
 
     def __call__(self, features: Tensor, out: Tensor) -> Tensor:
-        rows = features.size(0)
-        if self.blocks is None or rows > MAX_ROWS_IN_BLOCKS:
+        rows, threads = features.size(0), torch.get_num_threads()
+        if self.blocks is None or not blocks_help(rows, threads):
             return torch.mm(features, self.weight.t(), out=out)
-        shape = (rows, self.weight.size(1), self.weight.size(0), self.blocks[0].stop, torch.get_num_threads())
+        shape = (rows, self.weight.size(1), self.weight.size(0), self.blocks[0].stop, threads)
         same = _SAME_BITS.get(shape)
         if same is None:
             return self._check(features, out, shape)
