@@ -55,19 +55,20 @@ def test_a_shape_whose_blocks_differ_keeps_one_call_with_one_log_line(monkeypatc
     torch.manual_seed(0)
     weight, features = torch.randn(8008, 256), torch.randn(5, 256)
     project = BlockedProjection(weight)
-    in_blocks = project._in_blocks
+    block = project._block
     calls = []
 
-    def off_by_a_bit(features, out):  # as if this CPU's kernel summed the blocks in another order
-        calls.append(features.size(0))
-        return in_blocks(features, out).mul_(1 + 2**-20)
+    def off_by_a_bit(features, out, columns):  # as if this CPU's kernel summed a block in another order
+        calls.append(columns.start)
+        logits = block(features, out, columns)
+        return logits.mul_(1 + 2**-20) if columns.start == 4096 else logits
 
-    monkeypatch.setattr(project, "_in_blocks", off_by_a_bit)
+    monkeypatch.setattr(project, "_block", off_by_a_bit)
     want = torch.mm(features, weight.t())
     with caplog.at_level(logging.INFO, logger=column_blocks.__name__):
         for _ in range(3):
             assert torch.equal(project(features, torch.empty(5, 8008)), want)
-    assert calls == [5]  # checked once; one call from then on
+    assert calls == [0, 4096, 7168]  # the first, a middle and the last block, checked once; one call from then on
     assert [r.getMessage() for r in caplog.records if "differ from one call" in r.getMessage()] == [
         "output projection: blocks of 1024 columns differ from one call at 5 rows x 256 -> 8008 (1 threads) on this CPU; one call there"
     ]
