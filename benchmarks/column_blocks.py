@@ -11,38 +11,18 @@ them at that row count: the blocks gave one call's bits there and the count is a
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
 from fairseq_fastseq.step import column_blocks
 from fairseq_fastseq.step.column_blocks import BlockedProjection
 
-from .kernel_swaps import add_timing_arguments, check_counts, load_model
+from .kernel_swaps import add_timing_arguments, alternating_seconds, check_counts, load_model
 from .search import cpu_name
 from .tables import markdown_table
-
-
-def alternating_seconds(runs: Dict[str, Callable[[], object]], budget: float, repeats: int) -> Dict[str, float]:
-    """Median seconds per call of each run, timed in ``repeats`` rounds that take each run in
-    turn for about ``budget`` seconds (calls counted from a warm-up call of each)."""
-    calls = {}
-    for name, run in runs.items():
-        started = time.perf_counter()
-        run()
-        calls[name] = max(1, int(budget / max(time.perf_counter() - started, 1e-6)))
-    timings: Dict[str, List[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            for _ in range(calls[name]):
-                run()
-            timings[name].append((time.perf_counter() - started) / calls[name])
-    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def measure(weight: torch.Tensor, row_counts: List[int], budget: float, repeats: int) -> List[Dict]:
@@ -57,9 +37,9 @@ def measure(weight: torch.Tensor, row_counts: List[int], budget: float, repeats:
             features = torch.randn(rows, dim, generator=generator)
             one, blocked = torch.empty(rows, vocabulary), torch.empty(rows, vocabulary)
             torch.mm(features, weight.t(), out=one)
-            same = torch.equal(project._in_blocks(features, blocked), one)
+            same = torch.equal(project.in_blocks(features, blocked), one)
             seconds = alternating_seconds(
-                {"one": lambda: torch.mm(features, weight.t(), out=one), "blocks": lambda: project._in_blocks(features, blocked)},
+                {"one": lambda: torch.mm(features, weight.t(), out=one), "blocks": lambda: project.in_blocks(features, blocked)},
                 budget, repeats,
             )  # fmt: skip
             results.append(

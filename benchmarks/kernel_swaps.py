@@ -37,16 +37,25 @@ SWAPPING_TIERS = ("fused", "int8")
 def seconds_per_call(run: Callable[[], Tensor], budget: float, repeats: int) -> float:
     """Median over ``repeats`` timings of the mean time per call, each timing as many calls
     as fit in about ``budget`` seconds (counted from one warm-up call)."""
-    started = time.perf_counter()
-    run()
-    calls = max(1, int(budget / max(time.perf_counter() - started, 1e-6)))
-    timings = []
-    for _ in range(repeats):
+    return alternating_seconds({"run": run}, budget, repeats)["run"]
+
+
+def alternating_seconds(runs: Dict[str, Callable[[], object]], budget: float, repeats: int) -> Dict[str, float]:
+    """``seconds_per_call`` of each run, timed in ``repeats`` rounds that take each run in
+    turn, so that a busy machine slows them alike."""
+    calls = {}
+    for name, run in runs.items():
         started = time.perf_counter()
-        for _ in range(calls):
-            run()
-        timings.append((time.perf_counter() - started) / calls)
-    return statistics.median(timings)
+        run()
+        calls[name] = max(1, int(budget / max(time.perf_counter() - started, 1e-6)))
+    timings: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for _ in range(calls[name]):
+                run()
+            timings[name].append((time.perf_counter() - started) / calls[name])
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, budget: float, repeats: int) -> None:

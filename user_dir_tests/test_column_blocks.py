@@ -77,7 +77,7 @@ def test_a_shape_whose_blocks_differ_keeps_one_call_with_one_log_line(monkeypatc
 def test_more_rows_than_the_blocks_help_are_one_call(monkeypatch):
     weight = torch.randn(8008, 256)
     project = BlockedProjection(weight)
-    monkeypatch.setattr(project, "_in_blocks", lambda features, out: pytest.fail("blocks above MAX_ROWS_PER_THREAD"))
+    monkeypatch.setattr(project, "in_blocks", lambda features, out: pytest.fail("blocks above MAX_ROWS_PER_THREAD"))
     rows = column_blocks.MAX_ROWS_PER_THREAD * torch.get_num_threads() + 1
     features = torch.randn(rows, 256)
     assert torch.equal(project(features, torch.empty(rows, 8008)), torch.mm(features, weight.t()))

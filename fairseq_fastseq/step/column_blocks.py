@@ -63,17 +63,21 @@ class BlockedProjection:
     def __call__(self, features: Tensor, out: Tensor) -> Tensor:
         rows, threads = features.size(0), torch.get_num_threads()
         if self.blocks is None or not blocks_help(rows, threads):
-            return torch.mm(features, self.weight.t(), out=out)
+            return self._one_call(features, out)
         shape = (rows, self.weight.size(1), self.weight.size(0), self.blocks[0].stop, threads)
         same = _SAME_BITS.get(shape)
         if same is None:
             return self._check(features, out, shape)
-        return self._in_blocks(features, out) if same else torch.mm(features, self.weight.t(), out=out)
+        return self.in_blocks(features, out) if same else self._one_call(features, out)
 
-    def _in_blocks(self, features: Tensor, out: Tensor) -> Tensor:
+    def in_blocks(self, features: Tensor, out: Tensor) -> Tensor:
+        """The logits in blocks, whether or not they were checked (``benchmarks.column_blocks``)."""
         for block in self.blocks:
             self._block(features, out, block)
         return out
+
+    def _one_call(self, features: Tensor, out: Tensor) -> Tensor:
+        return torch.mm(features, self.weight.t(), out=out)
 
     def _block(self, features: Tensor, out: Tensor, block: slice) -> Tensor:
         return torch.mm(features, self.weight[block].t(), out=out[:, block])
@@ -86,7 +90,7 @@ class BlockedProjection:
         (checking every block cost as much as the projection, at each new row count)."""
         checked = list(dict.fromkeys((0, len(self.blocks) // 2, len(self.blocks) - 1)))
         blocked = [self._block(features, out, self.blocks[index]).clone() for index in checked]  # in out's layout
-        torch.mm(features, self.weight.t(), out=out)
+        self._one_call(features, out)
         same = _SAME_BITS[shape] = all(torch.equal(logits, out[:, self.blocks[index]]) for logits, index in zip(blocked, checked))
         if not same:
             rows, dim, vocabulary, width, threads = shape
