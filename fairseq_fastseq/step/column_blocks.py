@@ -59,6 +59,8 @@ class BlockedProjection:
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight
         self.blocks = column_blocks(weight.size(0), weight.size(1), weight.element_size())
+        # Each block's transposed weight, a view taken once (as ``mm`` operands, per call).
+        self._block_weights = {block.start: weight[block].t() for block in self.blocks or ()}
 
     def __call__(self, features: Tensor, out: Tensor) -> Tensor:
         rows, threads = features.size(0), torch.get_num_threads()
@@ -80,7 +82,7 @@ class BlockedProjection:
         return torch.mm(features, self.weight.t(), out=out)
 
     def _block(self, features: Tensor, out: Tensor, block: slice) -> Tensor:
-        return torch.mm(features, self.weight[block].t(), out=out[:, block])
+        return torch.mm(features, self._block_weights[block.start], out=out[:, block])
 
     def _check(self, features: Tensor, out: Tensor, shape: Tuple[int, ...]) -> Tensor:
         """One call's logits into ``out``; whether the blocks give the same bits, recorded.

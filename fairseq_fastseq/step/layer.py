@@ -229,6 +229,10 @@ def _each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: 
     """``out[beam] = per_beam[beam] @ shared`` for every beam, (matrices, m, k) @ (matrices, k, n)
     with ``shared`` the same for all beams: one ``bmm`` per chunk of matrices and beam, every
     beam before the next chunk."""
+    if len(chunks) == 1:  # the common case: no slicing, one view per beam from one call each
+        for beam_rows, beam_out in zip(per_beam.unbind(0), out.unbind(0)):
+            torch.bmm(beam_rows, shared, out=beam_out)
+        return
     for chunk in chunks:
         matrices = shared[chunk]
         for beam in range(per_beam.size(0)):
