@@ -93,12 +93,14 @@ class FastSequenceGenerator(SequenceGenerator):
         bos_token: Optional[int] = None,
     ) -> List[List[Dict[str, Tensor]]]:
         max_len = self._max_len(sample["net_input"])
-        with explain_out_of_memory(sample, self.beam_size):
+        with explain_out_of_memory(sample, self.beam_size), torch.inference_mode():
             if self.static_loop:
                 steps = StaticSteps(self.model, self.beam_size, max_len + 1, self.need_attention, self.temperature, self.kernels)
-                return static_search(self, sample, max_len, steps, prefix_tokens, constraints, bos_token)
-            with self._model_steps(max_len) as steps:
-                return self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
+                hypotheses = static_search(self, sample, max_len, steps, prefix_tokens, constraints, bos_token)
+            else:
+                with self._model_steps(max_len) as steps:
+                    hypotheses = self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
+        return _as_normal_tensors(hypotheses)
 
     @contextmanager
     def _model_steps(self, max_len: int) -> Iterator[Union[LeanSteps, ModuleSteps]]:
@@ -271,6 +273,17 @@ class FastSequenceGeneratorWithAlignment(SequenceGeneratorWithAlignment, FastSeq
             print_alignment="hard" if hard else "soft",
             **_options_of(stock),
         )
+
+
+def _as_normal_tensors(hypotheses: List[List[Dict[str, Tensor]]]) -> List[List[Dict[str, Tensor]]]:
+    """The hypotheses with copies of their tensors made outside inference mode.
+
+    The search runs in ``torch.inference_mode``: the same kernels (same bits) with less
+    dispatch per operator than under fairseq's ``no_grad`` (PyTorch skips its autograd
+    bookkeeping; BENCHMARKS.md, "Inference mode"). Tensors made there refuse in-place changes
+    outside it, which callers of fairseq's generator may make (a hub user editing ``tokens``):
+    what leaves the generator is ordinary tensors, as stock's are."""
+    return [[{key: value.clone() if isinstance(value, Tensor) else value for key, value in hypothesis.items()} for hypothesis in nbest] for nbest in hypotheses]
 
 
 def _options_of(stock: SequenceGenerator) -> Dict:

@@ -118,8 +118,9 @@ class FusedKernels(ExactKernels):
 
     def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
         """``make()``, cached for the identity and version of ``tensors`` (in-place changes
-        of a parameter bump its version)."""
-        full_key = key + tuple((id(t), t._version) for t in tensors)
+        of a parameter bump its version; tensors made in inference mode, such as prepared
+        weights prepared again, have none and change only there, never by a caller)."""
+        full_key = key + tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
         if full_key not in self._prepared:
             self._prepared[full_key] = make()
         return self._prepared[full_key]
