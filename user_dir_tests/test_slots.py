@@ -74,3 +74,18 @@ def test_a_parent_in_another_sentence_is_an_error():
     slots = RowSlots(beams=2)
     with pytest.raises(RuntimeError, match="another sentence"):
         slots.follow(torch.tensor([0, 2, 2, 3]), rows_before=4)  # row 1 would continue sentence 1's beam
+
+
+def test_moves_reuse_one_numpy_view_per_buffer_until_the_buffers_change():
+    cache = SelfAttentionCache(heads=1, head_dim=1, max_steps=4)
+    cache.append(torch.arange(4.0).view(4, 1), torch.arange(4.0).view(4, 1), None)
+    views = cache._bits()
+    cache.move(torch.tensor([3]).numpy(), torch.tensor([0]).numpy(), rows=4)
+    assert [id(view) for view in cache._bits()] == [id(view) for view in views]  # made once
+    assert cache.keys[0, :, 0, 0].tolist() == [3.0, 1.0, 2.0, 3.0]  # moved through them
+    cache.append(torch.zeros(4, 1), torch.zeros(4, 1), torch.tensor([False, True, False, False]))  # padding: a third buffer
+    assert len(cache._bits()) == 3
+    cache.reorder(torch.tensor([1, 0, 3, 2]), None)  # new buffers: new views
+    address = lambda view: view.__array_interface__["data"][0]  # noqa: E731
+    assert [address(view) for view in cache._bits()[:2]] == [cache.keys.data_ptr(), cache.values.data_ptr()]
+    assert not any(address(new) == address(old) for new, old in zip(cache._bits(), views))

@@ -53,6 +53,7 @@ class SelfAttentionCache:
         # time padding enters a step (fairseq then masks those positions from then on).
         self.padding: Optional[Tensor] = None
         self._rows: Optional[int] = None  # after ``move``: the rows in use, the buffer's first ones
+        self._numpy_views: Optional[Tuple[Tuple[Tensor, ...], List[np.ndarray]]] = None  # ``_bits``
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Write this step's ``k``/``v`` (rows, heads * head_dim) and ``pad`` (rows,) bool or None;
@@ -127,10 +128,19 @@ class SelfAttentionCache:
         through NumPy views of the CPU buffers: twice the speed of ``index_select`` +
         ``index_copy_`` (BENCHMARKS.md, "Self-attention histories in slots")."""
         if sources.size > 0:
-            for buffer in (self.keys, self.values) + (() if self.padding is None else (self.padding,)):
-                filled = buffer[: self.length].view(_BITS_OF_SIZE[buffer.element_size()]).numpy()
+            for bits in self._bits():
+                filled = bits[: self.length]
                 filled[:, destinations] = filled[:, sources]
         self._rows = rows
+
+    def _bits(self) -> List[np.ndarray]:
+        """NumPy views of the bits of the keys, values (and padding) buffers, made once per
+        buffer (each view costs PyTorch half a dozen operator calls, each ``move`` needs them)."""
+        buffers = (self.keys, self.values) + (() if self.padding is None else (self.padding,))
+        views = self._numpy_views
+        if views is None or len(views[0]) != len(buffers) or any(old is not new for old, new in zip(views[0], buffers)):
+            views = self._numpy_views = (buffers, [b.view(_BITS_OF_SIZE[b.element_size()]).numpy() for b in buffers])
+        return views[1]
 
 
 # The copies of ``move`` copy bits: through an integer type of the element's size, which NumPy

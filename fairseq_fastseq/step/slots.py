@@ -49,6 +49,7 @@ class RowSlots:
         self.beams = beams
         self.slot_of_row: Optional[Tensor] = None  # (rows,); None while it is the identity
         self.row_of_slot: Optional[Tensor] = None
+        self._slots: Optional[np.ndarray] = None  # ``slot_of_row``'s memory (``.numpy()`` costs operator calls)
 
     def to_slots(self, per_row: Tensor) -> Tensor:
         """A per-row tensor (rows, ...) in slot order."""
@@ -68,7 +69,7 @@ class RowSlots:
             if self.slot_of_row is not None:
                 raise RuntimeError("the lean step's rows grew after beams were reordered in slots")
             return None
-        parents = order.numpy() if self.slot_of_row is None else self.slot_of_row.numpy()[order.numpy()]
+        parents = order.numpy() if self._slots is None else self._slots[order.numpy()]
         old_blocks = parents[::beams] // beams
         if (parents.reshape(-1, beams) // beams != old_blocks[:, None]).any():
             # A beam search's parents are beams of the same sentence; a row continuing another
@@ -95,7 +96,7 @@ class RowSlots:
         kept_blocks[new_blocks] = old_blocks
         row_of_slot = np.empty_like(slots)
         row_of_slot[slots] = row_index
-        self.slot_of_row, self.row_of_slot = torch.from_numpy(slots), torch.from_numpy(row_of_slot)
+        self._slots, self.slot_of_row, self.row_of_slot = slots, torch.from_numpy(slots), torch.from_numpy(row_of_slot)
         return SlotMove(parents[copied], slots[copied], torch.from_numpy(kept_blocks), rows)
 
 
