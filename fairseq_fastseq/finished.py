@@ -113,14 +113,34 @@ class FinishedHypotheses:
         bsz = len(self.counts)
         finalized: List[List[Dict[str, Tensor]]] = [[] for _ in range(bsz)]
         slotted: List[Dict[int, Dict[str, Tensor]]] = [{} for _ in range(bsz)]
-        for chunk in self._chunks:
-            for i, (sentence, slot) in enumerate(zip(chunk.sentences.tolist(), chunk.slots.tolist())):
-                attention = chunk.attention[i] if chunk.attention is not None else None
-                slotted[sentence][slot] = hypothesis(chunk.tokens[i], chunk.scores[i], chunk.positional_scores[i], attention)
-        for sentence, hypos in enumerate(slotted):
-            in_order = [hypos[slot] for slot in sorted(hypos)]
-            finalized[sentence] = best_first(in_order, torch.tensor([float(h["score"].item()) for h in in_order]))
+        # Made outside the search's inference mode: ordinary tensors leave it (``ordinary_tensors``),
+        # one copy per chunk, of which each hypothesis is a view.
+        with torch.inference_mode(False):
+            for chunk in self._chunks:
+                tokens, scores, positional, attention = map(_ordinary, (chunk.tokens, chunk.scores, chunk.positional_scores, chunk.attention))
+                for i, (sentence, slot) in enumerate(zip(chunk.sentences.tolist(), chunk.slots.tolist())):
+                    slotted[sentence][slot] = hypothesis(tokens[i], scores[i], positional[i], attention[i] if attention is not None else None)
+            for sentence, hypos in enumerate(slotted):
+                in_order = [hypos[slot] for slot in sorted(hypos)]
+                finalized[sentence] = best_first(in_order, torch.tensor([float(h["score"].item()) for h in in_order]))
         return finalized
+
+
+def ordinary_tensors(hypotheses: List[List[Dict[str, Tensor]]]) -> List[List[Dict[str, Tensor]]]:
+    """The hypotheses with copies of those tensors that were made in inference mode.
+
+    The fast search runs in ``torch.inference_mode`` (``generator.py``): the same kernels (same
+    bits) with less dispatch per operator than under fairseq's ``no_grad`` (PyTorch skips its
+    autograd bookkeeping; BENCHMARKS.md, "Fewer operator calls per step"). Tensors made there
+    refuse in-place changes outside it, which callers of fairseq's generator may make (a hub
+    user editing ``tokens``): what leaves the generator is ordinary tensors, as stock's are
+    (``FinishedHypotheses`` makes its own so already, with one copy per step's chunk)."""
+    return [[{key: _ordinary(value) if isinstance(value, Tensor) else value for key, value in hypothesis.items()} for hypothesis in nbest] for nbest in hypotheses]
+
+
+def _ordinary(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """``tensor``, copied where it was made in inference mode."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
 
 
 def final_scores(eos_scores: Tensor, normalize: Optional[float], too_long: Optional[Tensor]) -> Tensor:

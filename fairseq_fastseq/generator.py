@@ -15,7 +15,7 @@ from .beam_step import adds_in_place, beam_step_in_place
 from .config import FastGeneratorConfig
 from .ensemble import BufferedEnsembleModel
 from .errors import explain_out_of_memory
-from .finished import FinishedHypotheses, StepEnds
+from .finished import FinishedHypotheses, StepEnds, ordinary_tensors
 from .finished_on_device import FinishedOnDevice
 from .graphs import StaticSteps
 from .logit_edits import edits_for_batch
@@ -100,7 +100,7 @@ class FastSequenceGenerator(SequenceGenerator):
             else:
                 with self._model_steps(max_len) as steps:
                     hypotheses = self._search(sample, max_len, steps, prefix_tokens, constraints, bos_token)
-        return _as_normal_tensors(hypotheses)
+        return ordinary_tensors(hypotheses)
 
     @contextmanager
     def _model_steps(self, max_len: int) -> Iterator[Union[LeanSteps, ModuleSteps]]:
@@ -273,17 +273,6 @@ class FastSequenceGeneratorWithAlignment(SequenceGeneratorWithAlignment, FastSeq
             print_alignment="hard" if hard else "soft",
             **_options_of(stock),
         )
-
-
-def _as_normal_tensors(hypotheses: List[List[Dict[str, Tensor]]]) -> List[List[Dict[str, Tensor]]]:
-    """The hypotheses with copies of their tensors made outside inference mode.
-
-    The search runs in ``torch.inference_mode``: the same kernels (same bits) with less
-    dispatch per operator than under fairseq's ``no_grad`` (PyTorch skips its autograd
-    bookkeeping; BENCHMARKS.md, "Inference mode"). Tensors made there refuse in-place changes
-    outside it, which callers of fairseq's generator may make (a hub user editing ``tokens``):
-    what leaves the generator is ordinary tensors, as stock's are."""
-    return [[{key: value.clone() if isinstance(value, Tensor) else value for key, value in hypothesis.items()} for hypothesis in nbest] for nbest in hypotheses]
 
 
 def _options_of(stock: SequenceGenerator) -> Dict:

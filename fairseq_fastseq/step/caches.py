@@ -21,14 +21,13 @@ reorder leaves them alone; they are copied only when sentences leave the batch, 
 only once finished sentences make up a quarter of them.
 """
 
-import math
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .pool import BufferPool
+from .pool import BufferPool, front_of, views_per_buffer
 from .slots import RowSlots
 
 # Off the CPU the cache grows by this many time slices when full: a buffer and the spare hold
@@ -53,7 +52,8 @@ class SelfAttentionCache:
         # time padding enters a step (fairseq then masks those positions from then on).
         self.padding: Optional[Tensor] = None
         self._rows: Optional[int] = None  # after ``move``: the rows in use, the buffer's first ones
-        self._numpy_views: Optional[Tuple[Tuple[Tensor, ...], List[np.ndarray]]] = None  # ``_bits``
+        self._numpy_views: Optional[Tuple[Tuple[Tensor, ...], list]] = None  # ``_bits``
+        self._merged_views: Optional[Tuple[Tuple[Tensor, ...], list]] = None  # ``_merged``
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Write this step's ``k``/``v`` (rows, heads * head_dim) and ``pad`` (rows,) bool or None;
@@ -61,20 +61,26 @@ class SelfAttentionCache:
         rows = k.size(0)
         if self.keys is None or self.length == self.keys.size(0):
             self._grow(k, rows)
-        t = self.length
-        self.keys[t, :rows].copy_(k.view(rows, self.heads, self.head_dim))
-        self.values[t, :rows].copy_(v.view(rows, self.heads, self.head_dim))
+        t, width = self.length, rows * self.heads
+        keys, values = self._merged()
+        for merged, new in ((keys, k), (values, v)):
+            (merged[t] if width == merged.size(1) else merged[t, :width]).copy_(new.view(width, self.head_dim))
         if pad is not None and self.padding is None:
             self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=k.device)
         if self.padding is not None:
             self.padding[t, :rows] = False if pad is None else pad
         self.length = t + 1
-        length, merged = self.length, rows * self.heads
         # The first ``rows`` of each time slice (fewer than the buffer's after sentences left
         # a search in slots, ``move``): the same strided views, with a longer time stride.
-        keys = self.keys[:length, :rows].view(length, merged, self.head_dim).transpose(0, 1)
-        values = self.values[:length, :rows].view(length, merged, self.head_dim).transpose(0, 1)
-        return keys, values
+        if width < keys.size(1):
+            keys, values = keys[:, :width], values[:, :width]
+        return keys[: self.length].transpose(0, 1), values[: self.length].transpose(0, 1)
+
+    def _merged(self) -> List[Tensor]:
+        """The keys and values buffers as (capacity, rows * heads, head_dim) views, made once
+        per buffer (each view is an operator call, and every step reads and writes them)."""
+        self._merged_views = views_per_buffer(self._merged_views, (self.keys, self.values), lambda b: b.view(b.size(0), -1, self.head_dim))
+        return self._merged_views[1]
 
     @property
     def rows(self) -> int:
@@ -112,7 +118,7 @@ class SelfAttentionCache:
         reordered = []
         for buffer in (self.keys, self.values):
             shape = (buffer.size(0), order.numel(), self.heads, self.head_dim)
-            spare = _front_of(spare, shape, buffer, self.pool)
+            spare = front_of(spare, shape, buffer, self.pool)
             torch.index_select(buffer[:length], 1, order, out=spare[:length])
             reordered.append(spare)
             spare = buffer
@@ -137,24 +143,13 @@ class SelfAttentionCache:
         """NumPy views of the bits of the keys, values (and padding) buffers, made once per
         buffer (each view costs PyTorch half a dozen operator calls, each ``move`` needs them)."""
         buffers = (self.keys, self.values) + (() if self.padding is None else (self.padding,))
-        views = self._numpy_views
-        if views is None or len(views[0]) != len(buffers) or any(old is not new for old, new in zip(views[0], buffers)):
-            views = self._numpy_views = (buffers, [b.view(_BITS_OF_SIZE[b.element_size()]).numpy() for b in buffers])
-        return views[1]
+        self._numpy_views = views_per_buffer(self._numpy_views, buffers, lambda b: b.view(_BITS_OF_SIZE[b.element_size()]).numpy())
+        return self._numpy_views[1]
 
 
 # The copies of ``move`` copy bits: through an integer type of the element's size, which NumPy
 # has for every dtype of the caches (it has no bfloat16).
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _front_of(spare: Optional[Tensor], shape: Tuple[int, ...], like: Tensor, pool: BufferPool) -> Tensor:
-    """A contiguous buffer of ``shape`` like ``like``: the front of ``spare`` where it is large
-    enough (its pages are mapped already), else one from ``pool``."""
-    needed = math.prod(shape)
-    if spare is None or spare.numel() < needed or spare.dtype != like.dtype or spare.device != like.device:
-        return pool.take(shape, like)
-    return spare.view(-1)[:needed].view(shape)
 
 
 # Per-beam encoder keys/values of finished sentences stay in the cache (their rows are

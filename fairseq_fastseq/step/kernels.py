@@ -137,8 +137,8 @@ class FusedKernels(ExactKernels):
         project = self.linear(fused)
 
         def projections(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-            qkv = project(x).view(-1, heads, 3, head_dim)  # (rows, heads, q/k/v, head_dim)
-            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = project(x).view(-1, heads, 3, head_dim).unbind(2)  # from (rows, heads, q/k/v, head_dim)
+            return q, k, v
 
         return projections
 

@@ -136,9 +136,9 @@ class CrossAttentionStep(_Attention):
         queries = self.scaled_queries(x)
         if cache.layout == PER_SENTENCE:
             return self._each_beam_in_turn(queries, cache, need_weights)
-        q = self.heads_view(queries)  # (rows * heads, 1, head_dim)
         if cache.layout == GROUPED:
-            return self._grouped(q, cache, need_weights)
+            return self._grouped(queries, cache, need_weights)
+        q = self.heads_view(queries)  # (rows * heads, 1, head_dim)
         rows = x.size(0)
         if cache.layout == FAIRSEQ_SHARED:
             sentences = cache.keys.size(0) // self.heads
@@ -193,13 +193,14 @@ class CrossAttentionStep(_Attention):
             averaged = _mean_over_heads(per_row.reshape(rows, heads, 1, src_len), out)
         return out, averaged
 
-    def _grouped(self, q: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        """A sentence's beams attend to its one copy of the keys/values as a group of queries:
-        one (beams x head_dim) @ (head_dim x src_len) product per sentence and head."""
+    def _grouped(self, queries: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """A sentence's beams attend to its one copy of the keys/values as a group of queries
+        (scaled, (rows, embed_dim)): one (beams x head_dim) @ (head_dim x src_len) product per
+        sentence and head."""
         heads, head_dim = self.heads, self.head_dim
         sentences = cache.keys.size(0) // heads
-        beams = q.size(0) // (sentences * heads)
-        grouped = q.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
+        beams = queries.size(0) // sentences
+        grouped = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
         weights = torch.bmm(grouped, cache.keys.transpose(1, 2))  # (sentences * heads, beams, src_len)
         if cache.padding is not None:
             weights.view(sentences, heads, beams, -1).masked_fill_(cache.padding.view(sentences, 1, 1, -1), float("-inf"))

@@ -13,7 +13,7 @@ memory.
 """
 
 import math
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,3 +47,19 @@ class BufferPool:
         buffer = torch.empty(needed, dtype=like.dtype, device=like.device)
         self._kept.append(buffer)
         return buffer.view(shape)
+
+
+def front_of(spare: Optional[Tensor], shape: Tuple[int, ...], like: Tensor, pool: BufferPool) -> Tensor:
+    """A contiguous buffer of ``shape`` like ``like``: the front of ``spare`` where it is large
+    enough (its pages are mapped already), else one from ``pool``."""
+    needed = math.prod(shape)
+    if spare is None or spare.numel() < needed or spare.dtype != like.dtype or spare.device != like.device:
+        return pool.take(shape, like)
+    return spare.view(-1)[:needed].view(shape)
+
+
+def views_per_buffer(cached: Optional[Tuple[Tuple[Tensor, ...], list]], buffers: Tuple[Tensor, ...], make: Callable) -> Tuple[Tuple[Tensor, ...], list]:
+    """``(buffers, [make(b) for b in buffers])``: ``cached`` while it was made for these very buffers."""
+    if cached is None or len(cached[0]) != len(buffers) or any(old is not new for old, new in zip(cached[0], buffers)):
+        cached = (buffers, [make(buffer) for buffer in buffers])
+    return cached
