@@ -112,17 +112,21 @@ class FinishedHypotheses:
         """fairseq's output: per sentence, its hypotheses sorted by score, best first."""
         bsz = len(self.counts)
         finalized: List[List[Dict[str, Tensor]]] = [[] for _ in range(bsz)]
-        slotted: List[Dict[int, Dict[str, Tensor]]] = [{} for _ in range(bsz)]
+        slotted: List[Dict[int, Tuple[Dict[str, Tensor], float]]] = [{} for _ in range(bsz)]  # slot -> (hypothesis, score)
         # Made outside the search's inference mode: ordinary tensors leave it (``ordinary_tensors``),
         # one copy per chunk, of which each hypothesis is a view.
         with torch.inference_mode(False):
             for chunk in self._chunks:
-                tokens, scores, positional, attention = map(_ordinary, (chunk.tokens, chunk.scores, chunk.positional_scores, chunk.attention))
-                for i, (sentence, slot) in enumerate(zip(chunk.sentences.tolist(), chunk.slots.tolist())):
-                    slotted[sentence][slot] = hypothesis(tokens[i], scores[i], positional[i], attention[i] if attention is not None else None)
+                # each tensor's rows from one call (``unbind``: the views ``[i]`` would give)
+                tokens, scores, positional = (_ordinary(t).unbind(0) for t in (chunk.tokens, chunk.scores, chunk.positional_scores))
+                attention = _ordinary(chunk.attention).unbind(0) if chunk.attention is not None else None
+                rows = zip(chunk.sentences.tolist(), chunk.slots.tolist(), chunk.scores.tolist())
+                for i, (sentence, slot, score) in enumerate(rows):
+                    found = hypothesis(tokens[i], scores[i], positional[i], attention[i] if attention is not None else None)
+                    slotted[sentence][slot] = (found, score)
             for sentence, hypos in enumerate(slotted):
                 in_order = [hypos[slot] for slot in sorted(hypos)]
-                finalized[sentence] = best_first(in_order, torch.tensor([float(h["score"].item()) for h in in_order]))
+                finalized[sentence] = best_first([found for found, _ in in_order], torch.tensor([score for _, score in in_order]))
         return finalized
 
 
