@@ -230,14 +230,11 @@ def _each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: 
     """``out[beam] = per_beam[beam] @ shared`` for every beam, (matrices, m, k) @ (matrices, k, n)
     with ``shared`` the same for all beams: one ``bmm`` per chunk of matrices and beam, every
     beam before the next chunk."""
-    if len(chunks) == 1:  # the common case: no slicing, one view per beam from one call each
-        for beam_rows, beam_out in zip(per_beam.unbind(0), out.unbind(0)):
-            torch.bmm(beam_rows, shared, out=beam_out)
-        return
+    whole = len(chunks) == 1  # the common case: nothing to slice
     for chunk in chunks:
-        matrices = shared[chunk]
-        for beam in range(per_beam.size(0)):
-            torch.bmm(per_beam[beam, chunk], matrices, out=out[beam, chunk])
+        matrices, rows, outs = (shared, per_beam, out) if whole else (shared[chunk], per_beam[:, chunk], out[:, chunk])
+        for beam_rows, beam_out in zip(rows.unbind(0), outs.unbind(0)):  # each beam's views from one call
+            torch.bmm(beam_rows, matrices, out=beam_out)
 
 
 def _mean_over_heads(per_row: Tensor, like: Tensor) -> Tensor:
