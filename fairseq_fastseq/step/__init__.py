@@ -12,7 +12,9 @@ not need. Here:
 - ``caches``: one typed cache per layer (self-attention keys/values time-major, written in
   place; encoder keys/values per beam, touched only when sentences leave the batch);
 - ``layer``: a decoder layer's step on those caches;
-- ``decoder``: embeddings, layers, final norm, output projection and log-softmax.
+- ``decoder``: embeddings, layers, final norm, output projection and log-softmax;
+- ``kernels``: the tiers of ``--fast-kernels`` (``exact`` is the above; ``fused`` and ``int8``
+  round differently), and ``native``: those tiers' attention in C++.
 
 Figures: ``BENCHMARKS.md`` ("Lean decoder step").
 """

@@ -17,7 +17,7 @@ from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, LayerCaches
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
-from .output import BufferedOutput, bufferable_projection, log_probabilities_in_place
+from .output import BufferedOutput, RowChunkedOutput, bufferable_projection, log_probabilities_in_place
 from .pool import BufferPool
 from .slots import RowSlots
 
@@ -86,6 +86,8 @@ class LeanDecoder:
         projection, or fairseq's ``mm`` into per-batch buffers; None for fairseq's output layer."""
         weight = plain_output_projection(self.model)
         project = self.kernels.output_projection(weight) if weight is not None else None
+        if project is not None and self.kernels.output_in_row_chunks:
+            return RowChunkedOutput(project, weight, pool)
         if project is not None:
             return lambda features, temperature: log_probabilities_in_place(project(features), temperature)
         weight = bufferable_projection(self.model)

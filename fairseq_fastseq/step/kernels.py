@@ -5,7 +5,8 @@
   on CPU float32.
 - ``fused``: the same float32 model through cheaper arithmetic that only rounds
   differently: one projection for the queries, keys and values of self-attention (their
-  weights interleaved per head, the query scaling folded in), and the encoder keys/values
+  weights interleaved per head, the query scaling folded in), its attention in C++ over the
+  time-major cache (``native``), and the encoder keys/values
   kept once per sentence, attended by its beams as grouped queries (fairseq's BART path,
   for every model; CTranslate2 does the same).
 - ``int8``: ``fused``, with every linear layer in dynamic int8 (PyTorch's fbgemm kernels:
@@ -18,12 +19,15 @@ weight version, never written to disk. Measured speed and agreement with stock:
 
 import logging
 import warnings
+from types import ModuleType
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
+
+from . import native
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ class ExactKernels:
     tier_encoder = False
     # Step 0 on one row per sentence (``model_steps.LeanSteps``).
     first_step_per_sentence = False
+    # The tier's output projection in calls of a bounded number of rows (``output.RowChunkedOutput``).
+    output_in_row_chunks = False
 
     def linear(self, module: nn.Linear) -> Projection:
         return exact_linear(module.weight, module.bias)
@@ -74,6 +80,11 @@ class ExactKernels:
         the per-batch buffers (``output.py``)."""
         return None
 
+    def native_attention(self, weight: Tensor) -> Optional[ModuleType]:
+        """The C++ attention kernels (``native``) for an attention with this weight, or None
+        for fairseq's ``bmm`` / softmax / ``bmm``."""
+        return None
+
 
 class FusedKernels(ExactKernels):
     """One self-attention projection, grouped encoder attention, oneDNN's prepacked linear
@@ -97,6 +108,9 @@ class FusedKernels(ExactKernels):
 
     def output_projection(self, weight: Tensor) -> Optional[Projection]:
         return self._linear(weight, None, "none")
+
+    def native_attention(self, weight: Tensor) -> Optional[ModuleType]:
+        return native.compiled() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
 
     def _linear(self, weight: Tensor, bias: Optional[Tensor], activation: str) -> Projection:
         """``activation(x @ weight.T + bias)``: oneDNN's prepacked kernel (activation fused in)
@@ -147,6 +161,7 @@ class Int8Kernels(FusedKernels):
     """``fused`` with dynamic int8 linear layers (fbgemm), the output projection included."""
 
     name = "int8"
+    output_in_row_chunks = True  # fbgemm onto a large vocabulary (``output.ROWS_PER_CALL``)
 
     def linear(self, module: nn.Linear) -> Projection:
         packed, reduce_range = self._packed(module.weight, module.bias), REDUCE_RANGE

@@ -68,6 +68,7 @@ class _Attention:
         self.k, self.v, self.out = (kernels.linear(m) for m in (module.k_proj, module.v_proj, module.out_proj))
         self.scaled_queries = kernels.queries(module)
         self.heads, self.head_dim, self.embed_dim = module.num_heads, module.head_dim, module.embed_dim
+        self.native = kernels.native_attention(module.k_proj.weight)  # None: fairseq's products
 
     def heads_view(self, q: Tensor) -> Tensor:
         """Scaled queries (rows, heads, head_dim) as fairseq's (rows * heads, 1, head_dim) view."""
@@ -87,8 +88,12 @@ class SelfAttentionStep(_Attention):
         rows = x.size(0)
         q, k, v = self.projections(x)
         keys, values = cache.append(k, v, pad)
-        weights = torch.bmm(self.heads_view(q), keys.transpose(1, 2))  # (rows * heads, 1, length)
         padding = cache.padding_so_far()
+        if self.native is not None:  # over the time-major views, (length, rows * heads, head_dim)
+            time_major = None if padding is None else padding.t()
+            context = self.native.self_attention(q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads)
+            return self.out(context.view(rows, self.embed_dim))
+        weights = torch.bmm(self.heads_view(q), keys.transpose(1, 2))  # (rows * heads, 1, length)
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
         _, probs = _softmax(weights)
@@ -199,6 +204,9 @@ class CrossAttentionStep(_Attention):
         sentence and head."""
         heads, head_dim = self.heads, self.head_dim
         sentences = cache.keys.size(0) // heads
+        if self.native is not None and not need_weights:
+            padding = None if cache.padding is None else cache.padding.view(sentences, -1)
+            return self.out(self.native.grouped_attention(queries, cache.keys, cache.values, padding, heads)), None
         beams = queries.size(0) // sentences
         grouped = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
         weights = torch.bmm(grouped, cache.keys.transpose(1, 2))  # (sentences * heads, beams, src_len)

@@ -13,7 +13,7 @@ On a GPU, PyTorch's caching
 allocator already reuses memory, so this is for CPU float32 only.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,18 +39,14 @@ def log_probabilities_in_place(logits: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(logits, dim=-1, out=logits)
 
 
-class BufferedOutput:
-    """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight``, into a buffer
-    that the next call overwrites: the caller consumes them within the step."""
+class _PerBatchBuffer:
+    """A (rows x vocabulary) buffer made at a batch's first step, which every step overwrites:
+    the caller consumes the log-probabilities within the step."""
 
-    def __init__(self, weight: Tensor, pool: Optional[BufferPool] = None) -> None:
+    def __init__(self, weight: Tensor, pool: Optional[BufferPool]) -> None:
         self.weight = weight
-        self.project = BlockedProjection(weight)  # fairseq's ``mm``, in column blocks where bitwise the same
         self.pool = pool or BufferPool()
         self._buffer: Optional[Tensor] = None
-
-    def __call__(self, features: Tensor, temperature: float) -> Tensor:
-        return log_probabilities_in_place(self.project(features, self._rows(features.size(0))), temperature)
 
     def _rows(self, rows: int) -> Tensor:
         """The first ``rows`` rows of the buffer made at the batch's first step (the batch only
@@ -58,3 +54,44 @@ class BufferedOutput:
         if self._buffer is None or self._buffer.size(0) < rows:
             self._buffer = self.pool.take((rows, self.weight.size(0)), self.weight)
         return self._buffer[:rows]
+
+
+class BufferedOutput(_PerBatchBuffer):
+    """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight`` (fairseq's
+    ``mm``, in column blocks where bitwise the same), into the per-batch buffer."""
+
+    def __init__(self, weight: Tensor, pool: Optional[BufferPool] = None) -> None:
+        super().__init__(weight, pool)
+        self.project = BlockedProjection(weight)
+
+    def __call__(self, features: Tensor, temperature: float) -> Tensor:
+        return log_probabilities_in_place(self.project(features, self._rows(features.size(0))), temperature)
+
+
+# fbgemm's dynamic int8 linear onto the Bible model's 8k vocabulary ran 1.1-1.6x faster (its
+# log-softmax included) as calls of 128 rows than as one call of 320-1,000 rows; at 160 rows
+# one call was as fast (BENCHMARKS.md, "int8 output projection in row chunks").
+ROWS_PER_CALL = 128
+
+
+class RowChunkedOutput(_PerBatchBuffer):
+    """Log-probabilities through a kernel tier's output projection ``project`` (rows, dim) ->
+    (rows, vocab): above ``2 * ROWS_PER_CALL`` rows a call per ``ROWS_PER_CALL`` rows, each
+    chunk's log-softmax written into the per-batch buffer; one call below that."""
+
+    def __init__(self, project: Callable[[Tensor], Tensor], weight: Tensor, pool: Optional[BufferPool] = None) -> None:
+        super().__init__(weight, pool)
+        self.project = project
+
+    def __call__(self, features: Tensor, temperature: float) -> Tensor:
+        rows = features.size(0)
+        if rows <= 2 * ROWS_PER_CALL:
+            return log_probabilities_in_place(self.project(features), temperature)
+        out = self._rows(rows)
+        for start in range(0, rows, ROWS_PER_CALL):
+            logits = self.project(features[start : start + ROWS_PER_CALL])
+            if temperature != 1.0:
+                logits.div_(temperature)
+            torch.log_softmax(logits, dim=-1, out=out[start : start + ROWS_PER_CALL])
+        return out
+

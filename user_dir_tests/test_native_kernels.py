@@ -1,0 +1,107 @@
+"""The C++ attention of the kernel tiers (``step/native``) against fairseq's bmm / softmax /
+bmm up to rounding, on the cache layouts the step hands it; its fallback when it cannot be
+built; and the int8 output projection in row chunks."""
+
+import logging
+
+import pytest
+import torch
+
+from fairseq_fastseq.step import kernels, native
+from fairseq_fastseq.step.output import ROWS_PER_CALL, RowChunkedOutput
+
+pytestmark = pytest.mark.skipif(native.compiled() is None, reason="the native kernels could not be built here")
+
+
+def _masked_softmax(scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("heads, head_dim, length", [(1, 8, 1), (4, 64, 17), (3, 16, 40)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_self_attention_is_bmm_softmax_bmm_over_the_time_major_cache(heads, head_dim, length, padded):
+    """A cache buffer with more rows than the step uses (slots after sentences left), strided
+    queries (the fused projection's), and padding masking some rows' positions."""
+    torch.manual_seed(0)
+    rows, buffer_rows, capacity = 6, 9, 50
+    keys_buffer, values_buffer = (torch.randn(capacity, buffer_rows * heads, head_dim) for _ in range(2))
+    keys, values = keys_buffer[:length, : rows * heads], values_buffer[:length, : rows * heads]
+    queries = torch.randn(rows, heads, 3, head_dim)[:, :, 0].reshape(rows * heads, head_dim)
+    padding = torch.rand(length, rows) < 0.3 if padded else None
+    if padding is not None:
+        padding[0] = False  # every row attends to something
+    got = native.compiled().self_attention(queries, keys, values, padding, heads)
+    scores = torch.bmm(queries.unsqueeze(1), keys.transpose(0, 1).transpose(1, 2))  # (rows * heads, 1, length)
+    masked = torch.zeros_like(scores, dtype=torch.bool) if padding is None else padding.t().repeat_interleave(heads, 0).unsqueeze(1)
+    want = torch.bmm(_masked_softmax(scores, masked), values.transpose(0, 1)).squeeze(1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sentences, beams, heads, head_dim, src_len", [(1, 1, 1, 8, 3), (3, 5, 4, 64, 23), (2, 4, 2, 16, 9)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_attention_is_each_beams_attention_over_its_sentence(sentences, beams, heads, head_dim, src_len, padded):
+    torch.manual_seed(1)
+    queries = torch.randn(sentences * beams, heads * head_dim)
+    keys, values = (torch.randn(sentences * heads, src_len, head_dim) for _ in range(2))
+    padding = torch.rand(sentences, src_len) < 0.3 if padded else None
+    if padding is not None:
+        padding[:, -1] = False
+    got = native.compiled().grouped_attention(queries, keys, values, padding, heads)
+    per_head = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
+    scores = torch.bmm(per_head, keys.transpose(1, 2))
+    masked = torch.zeros_like(scores, dtype=torch.bool) if padding is None else padding.repeat_interleave(heads, 0).unsqueeze(1).expand_as(scores)
+    context = torch.bmm(_masked_softmax(scores, masked), values).view(sentences, heads, beams, head_dim)
+    want = context.transpose(1, 2).reshape(sentences * beams, heads * head_dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_inputs_get_an_error_not_a_wrong_result():
+    kernels_module = native.compiled()
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels_module.self_attention(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), None, 2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels_module.grouped_attention(torch.zeros(4, 8), torch.zeros(2, 8, 3).transpose(1, 2), torch.zeros(2, 3, 8), None, 2)
+
+
+def test_only_the_tiers_that_round_differently_use_it_and_only_on_cpu_float32():
+    weight = torch.zeros(4, 4)
+    assert kernels.ExactKernels().native_attention(weight) is None
+    assert kernels.FusedKernels().native_attention(weight) is native.compiled()
+    assert kernels.Int8Kernels().native_attention(weight.double()) is None
+
+
+def test_without_a_build_the_tiers_fall_back_to_bmm_and_say_why(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    native.compiled.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
+            assert kernels.FusedKernels().native_attention(torch.zeros(4, 4)) is None
+        assert "native self-attention kernel is unavailable (RuntimeError: Error building extension: g++: command not found)" in caplog.text
+        assert "through bmm instead" in caplog.text
+    finally:
+        native.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [3, 2 * ROWS_PER_CALL, 2 * ROWS_PER_CALL + 1, 5 * ROWS_PER_CALL + 7])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_row_chunked_output_is_the_log_softmax_of_one_projection(rows, temperature):
+    """Integer-valued weights and features: every logit is exact whatever the summation order,
+    so the chunked log-probabilities must equal one call's bit for bit."""
+    torch.manual_seed(2)
+    weight = torch.randint(-3, 4, (50, 8)).float()
+    features = torch.randint(-3, 4, (rows, 8)).float()
+    calls = []
+
+    def project(x):
+        calls.append(x.size(0))
+        return x @ weight.t()
+
+    got = RowChunkedOutput(project, weight)(features, temperature)
+    want = torch.log_softmax((features @ weight.t()) / temperature, dim=-1)
+    assert torch.equal(got, want)
+    assert max(calls) <= (rows if rows <= 2 * ROWS_PER_CALL else ROWS_PER_CALL)
