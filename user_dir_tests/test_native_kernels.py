@@ -105,3 +105,18 @@ def test_row_chunked_output_is_the_log_softmax_of_one_projection(rows, temperatu
     want = torch.log_softmax((features @ weight.t()) / temperature, dim=-1)
     assert torch.equal(got, want)
     assert max(calls) <= (rows if rows <= 2 * ROWS_PER_CALL else ROWS_PER_CALL)
+
+
+def test_a_build_says_so_before_it_starts(monkeypatch, caplog, tmp_path):
+    """Compiling takes about a minute: the log says so before, not after a silent wait."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: "built")
+    native.compiled.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="fairseq_fastseq.step.native"):
+            assert native.compiled() == "built"
+        assert "compiling the native kernels for this machine" in caplog.text
+    finally:
+        native.compiled.cache_clear()

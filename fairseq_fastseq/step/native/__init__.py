@@ -27,8 +27,10 @@ def compiled() -> Optional[ModuleType]:
     """The compiled kernels (built on first use where the cache lacks them), or None with a
     log line naming why not."""
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        if not (Path(_get_build_directory(EXTENSION, False)) / f"{EXTENSION}.so").exists():
+            logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
         return load(EXTENSION, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
         logger.warning(
