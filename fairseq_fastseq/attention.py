@@ -22,7 +22,7 @@ from fairseq import utils
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from .step.layer import encoder_keys_values_per_beam
+from .step.encoder_projection import encoder_keys_values_per_beam
 
 _KEY, _VALUE = "time_major_key", "time_major_value"
 # In the model's incremental state (next to the layers' own entries): the spare buffer.

@@ -21,7 +21,7 @@ from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
 from fairseq_fastseq.step import caches, layer
 from fairseq_fastseq.step.coverage import why_not_lean
-from fairseq_fastseq.step.layer import MIN_ROWS_PROJECTED_ONCE
+from fairseq_fastseq.step.encoder_projection import MIN_ROWS_PROJECTED_ONCE
 
 from .equivalence import load, random_beam_order
 

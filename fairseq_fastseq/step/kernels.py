@@ -28,6 +28,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from . import native
+from .cpu import CPU_VENDOR, HAS_VNNI
 
 logger = logging.getLogger(__name__)
 
@@ -213,32 +214,10 @@ PREPACKED_MIN_OUTPUTS_ON_INTEL = 16384
 PREPACKED_MIN_WORK_ELSEWHERE = 2**19
 
 
-def _first_processor() -> Dict[str, str]:
-    """The fields of the first processor in /proc/cpuinfo (empty where it cannot be read)."""
-    fields: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if not line.strip():
-                    break
-                name, _, value = line.partition(":")
-                fields[name.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
-_PROCESSOR = _first_processor()
-# "GenuineIntel", "AuthenticAMD", ... ("" unknown: treated as not Intel).
-CPU_VENDOR = _PROCESSOR.get("vendor_id", "")
-# VNNI: int8 dot products summed into 32 bits (unknown counts as none).
-_HAS_VNNI = any(flag in _PROCESSOR.get("flags", "").split() for flag in ("avx512_vnni", "avx_vnni"))
-
-
 # fbgemm's int8 kernels without VNNI sum pairs of products in 16 bits, which saturates unless
 # activations use 7 bits ("reduce range"); with VNNI the full 8 bits are safe and closer to
 # float32 (figures: BENCHMARKS.md, "Kernel tiers").
-REDUCE_RANGE = not _HAS_VNNI
+REDUCE_RANGE = not HAS_VNNI
 
 
 def _scaled(module: nn.Linear, scaling: float) -> nn.Linear:
