@@ -40,6 +40,8 @@ ENGINES = (peers.STOCK, peers.FAST, *peers.FAST_TIERS, peers.CT2_FP32, peers.CT2
 # (category, regular expression on "dso symbol"), first match wins.
 CATEGORIES: List[Tuple[str, str]] = [
     ("kernel (page faults, system calls)", r"\[kernel|\[k\]"),
+    # The kernel tiers' attention in C++ (fairseq_fastseq/step/native; its softmax is ATen's).
+    ("native attention (fused, int8)", r"fairseq_fastseq_attention"),
     # oneDNN's and fbgemm's kernels are generated at run time: perf sees them as JIT code
     # ("[JIT] tid ..." or "[unknown]") or, for fbgemm's packing and requantization, by name.
     ("matrix products (BLAS, oneDNN, fbgemm; JIT code)", r"sgemm|sgemv|gemm_|_gemm|dnnl|fbgemm|\[JIT\]|\[unknown\]"),

@@ -219,6 +219,15 @@ def test_perf_samples_of_generated_gemm_code_count_as_matrix_products():
     assert abs(shares[matrix] - 0.75) < 1e-9 and OTHER not in shares
 
 
+def test_perf_samples_of_the_native_attention_have_their_own_row():
+    """The tiers' C++ attention is no ATen op: without its own category it fell into "other"."""
+    from benchmarks.kernel_profile import OTHER, parse_perf_report
+
+    report = "    30.00%  fairseq_fastseq_attention.so  [.] dot_products.arch_x86_64_v4\n    70.00%  libtorch_cpu.so  [.] at::native::add_kernel"
+    shares = parse_perf_report(report)
+    assert shares["native attention (fused, int8)"] == 0.30 and OTHER not in shares
+
+
 def test_aten_table_counts_the_kernel_tiers_linear_layers_as_matrix_products():
     """fused's oneDNN and int8's fbgemm linear layers are matrix products too, not "other"."""
     from benchmarks.kernel_profile import aten_table
