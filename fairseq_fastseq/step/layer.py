@@ -7,7 +7,8 @@ same linear layers (``F.linear`` on the same rows), the same ``bmm``/``einsum`` 
 norms, and the residual added in place (``a + b`` and ``b + a`` are the same float). Dropout
 is left out: the coverage check (``coverage.py``) only lets models through whose dropout is off in
 inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
-``(1, rows, embed_dim)`` holds the same values in the same memory order.
+``(1, rows, embed_dim)`` holds the same values in the same memory order. The tiers that round
+differently (``fused``, ``int8``) take the attention's products to C++ (``native``).
 """
 
 from typing import Callable, List, Optional, Tuple
