@@ -31,12 +31,12 @@ def bufferable_projection(model: nn.Module) -> Optional[Tensor]:
     return weight if cpu_fp32 else None
 
 
-def log_probabilities_in_place(logits: Tensor, temperature: float) -> Tensor:
+def log_probabilities_in_place(logits: Tensor, temperature: float, out: Optional[Tensor] = None) -> Tensor:
     """fairseq's division by the temperature and log-softmax, over ``logits`` (rows, vocab)
-    in place (the same bits as into a new tensor: see above)."""
+    in place (the same bits as into a new tensor: see above), or into ``out``."""
     if temperature != 1.0:  # x / 1.0 == x exactly, so fairseq's division is skipped then
         logits.div_(temperature)
-    return torch.log_softmax(logits, dim=-1, out=logits)
+    return torch.log_softmax(logits, dim=-1, out=logits if out is None else out)
 
 
 class _PerBatchBuffer:
@@ -89,9 +89,6 @@ class RowChunkedOutput(_PerBatchBuffer):
             return log_probabilities_in_place(self.project(features), temperature)
         out = self._rows(rows)
         for start in range(0, rows, ROWS_PER_CALL):
-            logits = self.project(features[start : start + ROWS_PER_CALL])
-            if temperature != 1.0:
-                logits.div_(temperature)
-            torch.log_softmax(logits, dim=-1, out=out[start : start + ROWS_PER_CALL])
+            chunk = slice(start, start + ROWS_PER_CALL)
+            log_probabilities_in_place(self.project(features[chunk]), temperature, out=out[chunk])
         return out
-

@@ -98,6 +98,13 @@ FASTSEQ_CLONES void grouped_weighted_sums(const float* probs, const float* value
 // Enough (row, head) pieces per task that a thread's share of a time slice is a long run.
 constexpr int64_t kGrain = 64;
 
+// The kernels read float32 CPU memory through raw pointers: anything else is an error.
+void check_float32_cpu(const char* kernel, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values) {
+  TORCH_CHECK(queries.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+              kernel, " takes float32 tensors");
+  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), kernel, " runs on the CPU");
+}
+
 }  // namespace
 
 // queries (rows * heads, head_dim), scaled; keys, values (length, rows * heads, head_dim)
@@ -106,9 +113,7 @@ constexpr int64_t kGrain = 64;
 // Returns the attention output (rows * heads, head_dim), i.e. (rows, heads * head_dim).
 at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                           const c10::optional<at::Tensor>& padding, int64_t heads) {
-  TORCH_CHECK(queries.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
-              "native self-attention takes float32 tensors");
-  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "native self-attention runs on the CPU");
+  check_float32_cpu("native self-attention", queries, keys, values);
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes(), "native self-attention: unexpected shapes");
   const int64_t length = keys.size(0), pieces = keys.size(1), head_dim = keys.size(2);
   TORCH_CHECK(queries.size(0) == pieces && queries.size(1) == head_dim && queries.stride(1) == 1,
@@ -148,9 +153,7 @@ at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, con
 // one copy of the keys and values. Returns the attention output (rows, heads * head_dim).
 at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                              const c10::optional<at::Tensor>& padding, int64_t heads) {
-  TORCH_CHECK(queries.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
-              "native grouped attention takes float32 tensors");
-  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "native grouped attention runs on the CPU");
+  check_float32_cpu("native grouped attention", queries, keys, values);
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous(),
               "native grouped attention: keys and values must be contiguous (sentences * heads, src_len, head_dim)");
   const int64_t units = keys.size(0), src_len = keys.size(1), head_dim = keys.size(2);
