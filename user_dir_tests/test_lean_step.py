@@ -77,6 +77,25 @@ def test_lean_steps_equal_fairseqs_modules(toy_models, name, beam, need_attentio
             assert got_attention is None
 
 
+@pytest.mark.parametrize("name", ["transformer", "transformer_prenorm_2heads"])
+def test_exact_keys_and_values_are_written_into_the_cache_by_their_products(toy_models, monkeypatch, name):
+    """``exact`` projects each step's keys and values straight into the cache's time slice
+    (``addmm``'s ``out=``), never through ``append``'s copy; bitwise fairseq's."""
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the exact step copied its keys and values into the cache")
+
+    model, task, batches = _fresh_model(toy_models[name])
+    dictionary, beam = task.target_dictionary, 3
+    args = (batches[0], beam, dictionary.eos(), dictionary.pad(), len(dictionary))
+    with torch.no_grad():
+        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=5)
+        monkeypatch.setattr(caches.SelfAttentionCache, "append", no_copy)
+        actual = _drive(LeanSteps(EnsembleModel([model]), beam, 15, False, 1.0), *args, seed=5)
+    for step, ((want, _), (got, _)) in enumerate(zip(expected, actual)):
+        assert torch.equal(got, want), f"step {step}"
+
+
 @pytest.mark.parametrize(
     "name, need_attention, chunk_bytes",
     [("transformer", True, layer.CACHE_RESIDENT_BYTES), ("transformer_prenorm_2heads", False, 3000)],  # 3000 bytes: a few matrices a chunk

@@ -42,6 +42,8 @@ GROWTH = 16
 class SelfAttentionCache:
     """One layer's self-attention keys and values, time-major, filled up to ``length``."""
 
+    SLICES_WRITABLE = True  # a step's projections may write into ``next_slices``
+
     def __init__(self, heads: int, head_dim: int, max_steps: int, pool: Optional[BufferPool] = None) -> None:
         self.heads, self.head_dim, self.max_steps = heads, head_dim, max_steps
         self.pool = pool or BufferPool()  # where its buffers come from (``pool.py``)
@@ -53,33 +55,43 @@ class SelfAttentionCache:
         self.padding: Optional[Tensor] = None
         self._rows: Optional[int] = None  # after ``move``: the rows in use, the buffer's first ones
         self._numpy_views: Optional[Tuple[Tuple[Tensor, ...], list]] = None  # ``_bits``
-        self._merged_views: Optional[Tuple[Tuple[Tensor, ...], list]] = None  # ``_merged``
+        self._merged_views: Optional[Tuple[Tuple[Tensor, ...], list]] = None  # ``_views``
+        self._step_rows = 0  # the rows of the step being written (``next_slices``)
+
+    def next_slices(self, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """Where this step's keys and values go, (rows, heads * head_dim) each for the rows of
+        ``like``: a projection can write them there itself, and ``commit`` then."""
+        rows = self._step_rows = like.size(0)
+        if self.keys is None or self.length == self.keys.size(0):
+            self._grow(like, rows)
+        t = self.length
+        return tuple(flat[t] if rows == flat.size(1) else flat[t, :rows] for _, flat in self._views())
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Write this step's ``k``/``v`` (rows, heads * head_dim) and ``pad`` (rows,) bool or None;
-        return all keys and values so far as (rows * heads, length, head_dim) views."""
-        rows = k.size(0)
-        if self.keys is None or self.length == self.keys.size(0):
-            self._grow(k, rows)
-        t, width = self.length, rows * self.heads
-        keys, values = self._merged()
-        for merged, new in ((keys, k), (values, v)):
-            (merged[t] if width == merged.size(1) else merged[t, :width]).copy_(new.view(width, self.head_dim))
+        """Write this step's ``k``/``v`` (rows, heads * head_dim, or any view of it) and ``commit``."""
+        for slice_, new in zip(self.next_slices(k), (k, v)):
+            slice_.view(new.shape).copy_(new)
+        return self.commit(pad)
+
+    def commit(self, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Close the step written into ``next_slices``, with ``pad`` (rows,) bool or None; return
+        all keys and values so far as (rows * heads, length, head_dim) views."""
+        t, rows = self.length, self._step_rows
         if pad is not None and self.padding is None:
-            self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=k.device)
+            self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=self.keys.device)
         if self.padding is not None:
             self.padding[t, :rows] = False if pad is None else pad
-        self.length = t + 1
+        self.length, width = t + 1, rows * self.heads
         # The first ``rows`` of each time slice (fewer than the buffer's after sentences left
         # a search in slots, ``move``): the same strided views, with a longer time stride.
-        if width < keys.size(1):
-            keys, values = keys[:, :width], values[:, :width]
+        keys, values = (merged if width == merged.size(1) else merged[:, :width] for merged, _ in self._views())
         return keys[: self.length].transpose(0, 1), values[: self.length].transpose(0, 1)
 
-    def _merged(self) -> List[Tensor]:
-        """The keys and values buffers as (capacity, rows * heads, head_dim) views, made once
-        per buffer (each view is an operator call, and every step reads and writes them)."""
-        self._merged_views = views_per_buffer(self._merged_views, (self.keys, self.values), lambda b: b.view(b.size(0), -1, self.head_dim))
+    def _views(self) -> List[Tuple[Tensor, Tensor]]:
+        """The keys and values buffers each as (capacity, rows * heads, head_dim) and (capacity,
+        rows, heads * head_dim) views, made once per buffer (each view is an operator call)."""
+        make = lambda b: (b.view(b.size(0), -1, self.head_dim), b.view(*b.shape[:2], -1))  # noqa: E731
+        self._merged_views = views_per_buffer(self._merged_views, (self.keys, self.values), make)
         return self._merged_views[1]
 
     @property

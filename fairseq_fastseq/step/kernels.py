@@ -18,7 +18,6 @@ weight version, never written to disk. Measured speed and agreement with stock:
 """
 
 import logging
-import warnings
 from types import ModuleType
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -29,12 +28,15 @@ from torch import Tensor, nn
 
 from . import native
 from .cpu import CPU_VENDOR, HAS_VNNI
+from .prepared import int8_packed, interleaved_qkv, scaled_linear
 
 logger = logging.getLogger(__name__)
 
 Projection = Callable[[Tensor], Tensor]
 # (rows, embed_dim) -> scaled queries, keys, values, each (rows, heads, head_dim)
 SelfProjections = Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]
+# (rows, embed_dim), keys and values destinations (rows, embed_dim) -> scaled queries (rows, heads, head_dim)
+SelfProjectionsInto = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class ExactKernels:
@@ -76,6 +78,20 @@ class ExactKernels:
         q, k, v = self.queries(attention), self.linear(attention.k_proj), self.linear(attention.v_proj)
         return lambda x: (q(x).view(-1, *heads), k(x).view(-1, *heads), v(x).view(-1, *heads))
 
+    def self_projections_into(self, attention: MultiheadAttention) -> Optional[SelfProjectionsInto]:
+        """``self_projections`` with the keys and values written into the cache's slices by
+        the product itself (``addmm``'s ``out=``: the same kernel on the same operands into
+        contiguous rows), sparing their copy; None where the tier cannot."""
+        heads = (attention.num_heads, attention.head_dim)
+        q, into = self.queries(attention), [exact_linear_into(m.weight, m.bias) for m in (attention.k_proj, attention.v_proj)]
+
+        def projections(x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+            into[0](x, keys)
+            into[1](x, values)
+            return q(x).view(-1, *heads)
+
+        return projections
+
     def output_projection(self, weight: Tensor) -> Optional[Projection]:
         """The output projection of a plain output layer, or None for fairseq's ``mm`` into
         the per-batch buffers (``output.py``)."""
@@ -110,6 +126,9 @@ class FusedKernels(ExactKernels):
     def output_projection(self, weight: Tensor) -> Optional[Projection]:
         return self._linear(weight, None, "none")
 
+    def self_projections_into(self, attention: MultiheadAttention) -> Optional[SelfProjectionsInto]:
+        return None  # one projection for all three (``self_projections``)
+
     def native_attention(self, weight: Tensor) -> Optional[ModuleType]:
         return native.compiled() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
 
@@ -142,13 +161,13 @@ class FusedKernels(ExactKernels):
 
     def queries(self, attention: MultiheadAttention) -> Projection:
         module = attention.q_proj
-        scaled = self.prepared(("q", attention.scaling), (module.weight, module.bias), lambda: _scaled(module, attention.scaling))
+        scaled = self.prepared(("q", attention.scaling), (module.weight, module.bias), lambda: scaled_linear(module, attention.scaling))
         return self.linear(scaled)
 
     def self_projections(self, attention: MultiheadAttention) -> SelfProjections:
         heads, head_dim = attention.num_heads, attention.head_dim
         parameters = tuple(p for m in (attention.q_proj, attention.k_proj, attention.v_proj) for p in (m.weight, m.bias) if p is not None)
-        fused = self.prepared(("qkv",), parameters, lambda: _interleaved_qkv(attention))
+        fused = self.prepared(("qkv",), parameters, lambda: interleaved_qkv(attention))
         project = self.linear(fused)
 
         def projections(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -180,7 +199,7 @@ class Int8Kernels(FusedKernels):
 
     def _packed(self, weight: Tensor, bias: Optional[Tensor]) -> object:
         tensors = (weight,) if bias is None else (weight, bias)
-        return self.prepared(("int8",), tensors, lambda: _int8(weight, bias))
+        return self.prepared(("int8",), tensors, lambda: int8_packed(weight, bias))
 
 
 def exact_linear(weight: Tensor, bias: Optional[Tensor]) -> Projection:
@@ -196,6 +215,14 @@ def exact_linear(weight: Tensor, bias: Optional[Tensor]) -> Projection:
         return torch.mm(x, transposed) if bias is None else torch.addmm(bias, x, transposed)
 
     return project
+
+
+def exact_linear_into(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``exact_linear`` for 2-D ``x``, written into ``out`` (contiguous, (rows, out_features))."""
+    transposed = weight.t()
+    if bias is None:
+        return lambda x, out: torch.mm(x, transposed, out=out)
+    return lambda x, out: torch.addmm(bias, x, transposed, out=out)
 
 
 def prepacked_is_faster(rows: int, in_features: int, out_features: int) -> bool:
@@ -218,45 +245,6 @@ PREPACKED_MIN_WORK_ELSEWHERE = 2**19
 # activations use 7 bits ("reduce range"); with VNNI the full 8 bits are safe and closer to
 # float32 (figures: BENCHMARKS.md, "Kernel tiers").
 REDUCE_RANGE = not HAS_VNNI
-
-
-def _scaled(module: nn.Linear, scaling: float) -> nn.Linear:
-    """A copy of ``module`` whose output is ``scaling`` times its output."""
-    scaled = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    with torch.no_grad():
-        scaled.weight.copy_(module.weight * scaling)
-        if module.bias is not None:
-            scaled.bias.copy_(module.bias * scaling)
-    return scaled.to(module.weight.device, module.weight.dtype).requires_grad_(False)
-
-
-def _interleaved_qkv(attention: MultiheadAttention) -> nn.Linear:
-    """One linear layer for the scaled queries, keys and values, output rows ordered by head
-    then q/k/v, so that each is a (rows, heads, head_dim) view of its output."""
-    heads, head_dim, scaling = attention.num_heads, attention.head_dim, attention.scaling
-    modules = (attention.q_proj, attention.k_proj, attention.v_proj)
-    in_features = attention.q_proj.in_features
-    with torch.no_grad():
-        weights = [m.weight.view(heads, head_dim, in_features) for m in modules]
-        weights[0] = weights[0] * scaling
-        weight = torch.stack(weights, dim=1).reshape(3 * heads * head_dim, in_features)
-        fused = nn.Linear(in_features, weight.size(0), bias=attention.q_proj.bias is not None)
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            biases = [(m.bias if m.bias is not None else torch.zeros_like(attention.q_proj.bias)).view(heads, head_dim) for m in modules]
-            biases[0] = biases[0] * scaling
-            fused.bias.copy_(torch.stack(biases, dim=1).reshape(-1))
-    return fused.to(attention.q_proj.weight.device, attention.q_proj.weight.dtype).requires_grad_(False)
-
-
-def _int8(weight: Tensor, bias: Optional[Tensor]) -> object:
-    """fbgemm's packed weight: symmetric int8 per output channel, float32 bias."""
-    weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
-    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's packing takes one
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
 
 
 TIERS = {"exact": ExactKernels, "fused": FusedKernels, "int8": Int8Kernels}

@@ -61,11 +61,16 @@ class SelfAttentionStep(_Attention):
     def __init__(self, module: MultiheadAttention, kernels: ExactKernels) -> None:
         super().__init__(module, kernels)
         self.projections = kernels.self_projections(module)
+        self.projections_into = kernels.self_projections_into(module)  # None: ``append`` copies
 
     def __call__(self, x: Tensor, cache: SelfAttentionCache, pad: Optional[Tensor]) -> Tensor:
         rows = x.size(0)
-        q, k, v = self.projections(x)
-        keys, values = cache.append(k, v, pad)
+        if self.projections_into is not None and cache.SLICES_WRITABLE:
+            q = self.projections_into(x, *cache.next_slices(x))
+            keys, values = cache.commit(pad)
+        else:
+            q, k, v = self.projections(x)
+            keys, values = cache.append(k, v, pad)
         padding = cache.padding_so_far()
         if self.native is not None:  # over the time-major views, (length, rows * heads, head_dim)
             time_major = None if padding is None else padding.t()

@@ -63,6 +63,7 @@ class StaticSelfAttentionCache(SelfAttentionCache):
     within a bucket: new buffers only when the cache grows by a bucket or loses rows."""
 
     BUFFERS = ("keys", "values", "padding")
+    SLICES_WRITABLE = False  # written at the clock's step (``append``)
 
     def __init__(self, heads: int, head_dim: int, clock: StepClock, like: Tensor) -> None:
         super().__init__(heads, head_dim, clock.max_steps)
