@@ -2,15 +2,13 @@
 fairseq's dict of dicts.
 
 Self-attention: keys and values time-major, ``(capacity, rows, heads, head_dim)``. A step
-writes one time slice in place. On the CPU the rows stay in slots (``slots.py``): a beam
-reorder copies, in place, only the histories of a parent's later children, and sentences
-leaving move the blocks past the new end into the ones they left. Elsewhere a beam reorder
-is one ``index_select`` into a spare buffer of the same shape (a slice along time is
-contiguous, so it can be the copy's ``out=``), and the buffer it replaces becomes the spare
-of the next copy: the layers pass one spare along, so the memory is the cache plus one
-layer's copy, as in fairseq (which copies the whole cache twice per layer and step: a
-reorder, then ``torch.cat``). The attention reads ``(rows * heads, length, head_dim)``
-strided views: the same ``bmm`` values as fairseq's contiguous cache.
+writes one time slice in place (``exact``: its projections write it). On the CPU the rows
+stay in slots (``slots.py``): a beam reorder copies, in place, only the histories of a
+parent's later children. Elsewhere a beam reorder is one ``index_select`` into a spare
+buffer (a slice along time is contiguous: the copy's ``out=``), and the buffer it replaces
+is the spare of the next layer's copy: the cache plus one layer's copy, as in fairseq
+(which copies the whole cache twice per layer and step). The attention reads
+``(rows * heads, length, head_dim)`` strided views: fairseq's ``bmm`` values.
 
 Encoder-decoder attention: keys and values projected at the first step, once per sentence
 and contiguous per head (``(sentences * heads, src_len, head_dim)``, read faster than
@@ -30,12 +28,10 @@ from torch import Tensor
 from .pool import BufferPool, front_of, views_per_buffer
 from .slots import RowSlots
 
-# Off the CPU the cache grows by this many time slices when full: a buffer and the spare hold
-# at most this many unused slices each, so the peak device memory stays close to fairseq's,
-# while growing (one copy of the filled slices) stays rare. On the CPU a buffer holds every
-# step of the search from the start: the kernel maps a page when it is first written, so
-# the unwritten slices cost no memory, and no growth copies the filled slices into freshly
-# mapped pages (page faults: BENCHMARKS.md, "Page faults of the lean step's own buffers").
+# Off the CPU the cache grows by this many time slices when full: peak device memory close to
+# fairseq's, growing (a copy of the filled slices) rare. On the CPU a buffer holds every step
+# from the start: unwritten pages cost no memory, and no growth copies into fresh pages
+# (page faults: BENCHMARKS.md, "Page faults of the lean step's own buffers").
 GROWTH = 16
 
 
@@ -88,8 +84,7 @@ class SelfAttentionCache:
         return keys[: self.length].transpose(0, 1), values[: self.length].transpose(0, 1)
 
     def _views(self) -> List[Tuple[Tensor, Tensor]]:
-        """The keys and values buffers each as (capacity, rows * heads, head_dim) and (capacity,
-        rows, heads * head_dim) views, made once per buffer (each view is an operator call)."""
+        """Keys and values as (capacity, rows * heads, head_dim), (capacity, rows, embed) views, once per buffer."""
         make = lambda b: (b.view(b.size(0), -1, self.head_dim), b.view(*b.shape[:2], -1))  # noqa: E731
         self._merged_views = views_per_buffer(self._merged_views, (self.keys, self.values), make)
         return self._merged_views[1]

@@ -80,7 +80,7 @@ class SelfAttentionStep(_Attention):
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
         _, probs = _softmax(weights)
-        return self.output(torch.bmm(probs, values), rows)
+        return self.out(torch.bmm(probs, values).view(rows, self.embed_dim))  # (rows * heads, 1, head_dim): contiguous
 
 
 class CrossAttentionStep(_Attention):
