@@ -83,11 +83,12 @@ class ExactKernels:
         the product itself (``addmm``'s ``out=``: the same kernel on the same operands into
         contiguous rows), sparing their copy; None where the tier cannot."""
         heads = (attention.num_heads, attention.head_dim)
-        q, into = self.queries(attention), [exact_linear_into(m.weight, m.bias) for m in (attention.k_proj, attention.v_proj)]
+        q = self.queries(attention)
+        k, v = (exact_linear(m.weight, m.bias) for m in (attention.k_proj, attention.v_proj))
 
         def projections(x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-            into[0](x, keys)
-            into[1](x, values)
+            k(x, out=keys)
+            v(x, out=values)
             return q(x).view(-1, *heads)
 
         return projections
@@ -206,23 +207,16 @@ def exact_linear(weight: Tensor, bias: Optional[Tensor]) -> Projection:
     """``F.linear(x, weight, bias)``. For the decoder step's rows (2-D ``x``) that is
     ``addmm(bias, x, weight.t())`` (``mm`` without a bias), the very call ``F.linear`` makes
     there, made directly with the transposed view taken once: two dispatches fewer per call
-    (the ``linear`` wrapper and its ``t``), the same kernel on the same operands."""
+    (the ``linear`` wrapper and its ``t``), the same kernel on the same operands; with ``out``
+    (2-D ``x``; contiguous (rows, out_features)) the same call writes there."""
     transposed = weight.t()
 
-    def project(x: Tensor) -> Tensor:
-        if x.dim() != 2:
+    def project(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 2 and out is None:
             return F.linear(x, weight, bias)
-        return torch.mm(x, transposed) if bias is None else torch.addmm(bias, x, transposed)
+        return torch.mm(x, transposed, out=out) if bias is None else torch.addmm(bias, x, transposed, out=out)
 
     return project
-
-
-def exact_linear_into(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """``exact_linear`` for 2-D ``x``, written into ``out`` (contiguous, (rows, out_features))."""
-    transposed = weight.t()
-    if bias is None:
-        return lambda x, out: torch.mm(x, transposed, out=out)
-    return lambda x, out: torch.addmm(bias, x, transposed, out=out)
 
 
 def prepacked_is_faster(rows: int, in_features: int, out_features: int) -> bool:
