@@ -17,7 +17,9 @@ def _masked_softmax(scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
 
 
-@pytest.mark.parametrize("heads, head_dim, length", [(1, 8, 1), (4, 64, 17), (3, 16, 40)])
+# head_dim 32, 64 and 128 take the register kernels (pieces and beams in passes of 4 or 2, a
+# shorter last pass), others the loop over head_dim.
+@pytest.mark.parametrize("heads, head_dim, length", [(1, 8, 1), (4, 64, 17), (3, 16, 40), (3, 64, 9), (2, 32, 7), (1, 128, 5), (3, 128, 12)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_self_attention_is_bmm_softmax_bmm_over_the_time_major_cache(heads, head_dim, length, padded):
     """A cache buffer with more rows than the step uses (slots after sentences left), strided
@@ -37,7 +39,10 @@ def test_self_attention_is_bmm_softmax_bmm_over_the_time_major_cache(heads, head
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sentences, beams, heads, head_dim, src_len", [(1, 1, 1, 8, 3), (3, 5, 4, 64, 23), (2, 4, 2, 16, 9)])
+@pytest.mark.parametrize(
+    "sentences, beams, heads, head_dim, src_len",
+    [(1, 1, 1, 8, 3), (3, 5, 4, 64, 23), (2, 4, 2, 16, 9), (1, 6, 3, 32, 5), (2, 3, 2, 128, 7), (2, 1, 2, 64, 4)],
+)
 @pytest.mark.parametrize("padded", [False, True])
 def test_grouped_attention_is_each_beams_attention_over_its_sentence(sentences, beams, heads, head_dim, src_len, padded):
     torch.manual_seed(1)
@@ -52,6 +57,23 @@ def test_grouped_attention_is_each_beams_attention_over_its_sentence(sentences, 
     masked = torch.zeros_like(scores, dtype=torch.bool) if padding is None else padding.repeat_interleave(heads, 0).unsqueeze(1).expand_as(scores)
     context = torch.bmm(_masked_softmax(scores, masked), values).view(sentences, heads, beams, head_dim)
     want = context.transpose(1, 2).reshape(sentences * beams, heads * head_dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2.0**-8, 4.0])
+def test_the_kernels_softmax_holds_for_flat_and_for_sharp_scores(scale):
+    """Scores from nearly equal to hundreds apart, exact in float32 (small integers times a
+    power of two) so that only the softmax can differ: the kernels' own exp
+    (``exp_of_nonpositive``, 0 below about -87) against PyTorch's."""
+    torch.manual_seed(3)
+    sentences, beams, heads, head_dim, src_len = 2, 5, 4, 64, 19
+    queries = torch.randint(-3, 4, (sentences * beams, heads * head_dim)).float() * scale
+    keys = torch.randint(-3, 4, (sentences * heads, src_len, head_dim)).float()
+    values = torch.randn(sentences * heads, src_len, head_dim)
+    got = native.compiled().grouped_attention(queries, keys, values, None, heads)
+    per_head = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
+    probs = torch.softmax(torch.bmm(per_head, keys.transpose(1, 2)), dim=-1)
+    want = torch.bmm(probs, values).view(sentences, heads, beams, head_dim).transpose(1, 2).reshape(sentences * beams, -1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
