@@ -5,7 +5,8 @@ Compiled once per machine and source by ``torch.utils.cpp_extension`` (g++ and n
 PyTorch's extension cache; ``install.sh`` builds it ahead (``python -m
 fairseq_fastseq.step.native``), so a search only loads it. Where it cannot be built, the
 tiers run the same attention through ``bmm`` (slower, the same class of rounding) and one
-log line says why. Figures: ``BENCHMARKS.md`` ("Native self-attention for the kernel tiers").
+log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the int8 output
+projection in row chunks", "the tiers' attention with sums in registers and its own softmax").
 """
 
 import functools

@@ -9,8 +9,8 @@
 // Here every loop runs over time slices, and within a slice over a few (row, head) pieces in
 // memory order, their queries or sums held in registers. The softmax between the products is
 // the kernels' own (ATen's is slow on the short rows of early steps). The results are the
-// same up to rounding. Figures: BENCHMARKS.md, "Native self-attention for the kernel tiers"
-// and "the tiers' attention with sums in registers and its own softmax".
+// same up to rounding. Figures: BENCHMARKS.md, "Native attention and the int8 output
+// projection in row chunks" and "the tiers' attention with sums in registers and its own softmax".
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
