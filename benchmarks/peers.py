@@ -14,7 +14,9 @@ sentencepiece-encoded with the model's ``spm.model`` (the same tokens as the bin
 set in ``examples/bible/model``), in the same batches of
 ``--batch-size`` verses, in file order. Timed is decoding only, from subword tokens to
 subword tokens: fairseq through ``task.inference_step`` on pre-collated batches (as
-fairseq-generate does), CTranslate2 through ``Translator.translate_batch`` with one call per
+fairseq-generate does; the fast generators are built as fairseq-generate builds them, under
+``choice.attention_unread``: its output prints no attention over the source, and neither
+does CTranslate2's by default, so they keep none), CTranslate2 through ``Translator.translate_batch`` with one call per
 batch. Search settings follow fairseq-generate's defaults: beam ``--beam``, ``lenpen`` 1,
 ``max_len_a`` 0, ``max_len_b`` 200, ``min_len`` 1; for CTranslate2 ``length_penalty=1``,
 ``max_decoding_length=200`` (at most 200 tokens before EOS, as fairseq), ``min_decoding_length=1``,
@@ -150,7 +152,7 @@ def fairseq_engines(
     from fairseq.dataclass.configs import GenerationConfig
 
     from fairseq_fastseq.config import FastGeneratorConfig
-    from fairseq_fastseq.choice import accelerate
+    from fairseq_fastseq.choice import accelerate, attention_unread
     from fairseq_fastseq.generator import FastSequenceGenerator
 
     model, task = bible.load(Path(model_path), Path(data_dir))
@@ -158,10 +160,11 @@ def fairseq_engines(
     gen_cfg = GenerationConfig(beam=beam, max_len_b=max_len_b)
     assert (gen_cfg.max_len_a, gen_cfg.min_len, gen_cfg.lenpen) == (0, 1, 1)
     stock = task.build_generator([model], gen_cfg)
-    fast = {
-        name: accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error", kernels=tier))
-        for name, tier in {FAST: "exact", **FAST_TIERS}.items()
-    }
+    with attention_unread():  # as fairseq-generate builds them (``hook.py``)
+        fast = {
+            name: accelerate(task.build_generator([model], gen_cfg), FastGeneratorConfig(on_unsupported="error", kernels=tier))
+            for name, tier in {FAST: "exact", **FAST_TIERS}.items()
+        }
     assert all(isinstance(generator, FastSequenceGenerator) for generator in fast.values())
     tgt_dict = task.target_dictionary
     collated = {id(batch): bible.collate(task, batch) for batch in batches}  # before any timing

@@ -101,3 +101,15 @@ def test_main_without_ctranslate2_runs_fairseq_and_says_how_to_install(monkeypat
     assert "| 1.00x | 0.0% |" in rows[STOCK]
     assert "| 0.0% |" in rows[FAST] and "same subword tokens as stock: 3/3" in rows[FAST]
     assert "ctranslate2 not installed" in captured.out and "first 3 test verses, batch 2, beam 2" in captured.out
+
+
+def test_fast_engines_are_built_as_fairseq_generate_builds_them(monkeypatch):
+    """The peers time what fairseq-generate runs: fast generators that keep no attention over
+    the source (its output prints none, nor does CTranslate2's by default)."""
+    from fairseq_fastseq import choice
+
+    built, accelerate = [], choice.accelerate
+    monkeypatch.setattr(choice, "accelerate", lambda stock, knobs: built.append(accelerate(stock, knobs)) or built[-1])
+    engines = peers.fairseq_engines(str(peers.bible.CHECKPOINT), str(peers.bible.MODEL_DIR), 2, [[["▁Y"], ["▁En"]]])
+    assert [engine.name for engine in engines] == [STOCK, FAST, *peers.FAST_TIERS]
+    assert len(built) == 3 and not any(generator.need_attention for generator in built)
