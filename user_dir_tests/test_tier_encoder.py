@@ -12,6 +12,7 @@ from fairseq.modules.layer_drop import LayerDropModuleList
 
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.config import FastGeneratorConfig
+from fairseq_fastseq.step.decoder import LeanDecoder
 from fairseq_fastseq.step.encoder import TierEncoder, encoder_for, why_not_tier_encoder
 from fairseq_fastseq.step.kernels import ExactKernels, FusedKernels, Int8Kernels
 
@@ -39,6 +40,9 @@ def test_tier_encoder_is_fairseqs_encoder_up_to_rounding(toy_models, name, tier)
         assert len(got[key]) == len(want[key]) and all(torch.equal(g, w) for g, w in zip(got[key], want[key])), key
     out, reference = got["encoder_out"][0], want["encoder_out"][0]
     assert out.shape == reference.shape
+    padded = net_input["src_tokens"].eq(model.encoder.padding_idx).t()  # time-major, as the output
+    assert torch.equal(out[padded], torch.zeros_like(out[padded]))  # left out; attention masks them
+    out, reference = out[~padded], reference[~padded]
     error = float((out - reference).abs().max())
     assert error <= TOLERANCE[tier] * float(reference.abs().max())
     assert tier == "fused" or error > 0  # int8 is close, not equal
@@ -104,3 +108,27 @@ def test_the_log_says_which_encoder_runs(toy_models, caplog, tier, hook, said):
     with caplog.at_level(logging.INFO, logger="fairseq_fastseq"):
         accelerate(task.build_generator(models, GenerationConfig(beam=2)), FastGeneratorConfig(kernels=tier))
     assert said in caplog.text
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_position_wise_work_takes_the_real_source_positions_only(toy_models, tier):
+    """The tiers' linear layers in the encoder and the decoder's encoder keys/values see one
+    row per source token, none per padded position (``source_rows.py``)."""
+    model, _, batches = _fresh_model(toy_models["transformer"])
+    src_tokens = batches[0]["net_input"]["src_tokens"]
+    real = int(src_tokens.ne(model.encoder.padding_idx).sum())
+    assert real < src_tokens.numel()
+    kernels, rows_seen = TIERS[tier](), []
+
+    def counting(project):
+        return lambda x: rows_seen.append(x.numel() // x.size(-1)) or project(x)
+
+    for method in ("linear", "feed_forward_in"):
+        made = getattr(kernels, method)
+        setattr(kernels, method, lambda *args, made=made: counting(made(*args)))
+    with torch.no_grad():
+        encoder_out = TierEncoder(model.encoder, kernels)(batches[0]["net_input"])
+        assert len(rows_seen) >= 4 * len(model.encoder.layers) and set(rows_seen) == {real}
+        rows_seen.clear()
+        LeanDecoder(model, kernels).start(encoder_out, 2, 8)
+    assert len(rows_seen) == 2 * len(model.decoder.layers) and set(rows_seen) == {real}  # keys and values

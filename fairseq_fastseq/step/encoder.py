@@ -3,8 +3,9 @@
 fairseq's ``TransformerEncoderBase.forward`` with ``return_all_hiddens`` off: fairseq's own
 embedding stage (``forward_embedding``), then each ``TransformerEncoderLayerBase`` through
 the tier's linear layers (one projection for queries, keys and values; oneDNN's prepacked
-or int8 kernels) instead of MKL's ``F.linear`` in fairseq's modules, then the final norm and
-fairseq's output dictionary. ``exact`` keeps fairseq's encoder (its kernels on its shapes:
+or int8 kernels) instead of MKL's ``F.linear`` in fairseq's modules, over the real source
+positions only (``source_rows.py``: padded positions hold zeros in its output, which
+attention masks out as fairseq's), then the final norm and fairseq's output dictionary. ``exact`` keeps fairseq's encoder (its kernels on its shapes:
 bitwise). An encoder outside what this covers runs as fairseq's, with the reason in the log.
 Figures: ``BENCHMARKS.md`` ("Kernel tiers").
 """
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from .coverage import active_dropout, attention_reason, first_reason, global_hooks_reason, hook_reason, plain_parts_reason
 from .kernels import ExactKernels
 from .layer import draw_as_layerdrop, layer_norm, sublayer
+from .source_rows import SourceRows
 
 EncoderOut = Dict[str, List[Tensor]]
 # Encoder methods whose stock code this module restates or calls.
@@ -55,7 +57,8 @@ def _layer_reason(layer: nn.Module, index: int) -> Optional[str]:
 
 
 class _TierEncoderLayer:
-    """``TransformerEncoderLayerBase.forward`` on (src_len * sentences, dim) rows."""
+    """``TransformerEncoderLayerBase.forward`` on time-major rows: all (src_len * sentences,
+    dim), or the real ones of ``source_rows``."""
 
     def __init__(self, layer: TransformerEncoderLayerBase, kernels: ExactKernels) -> None:
         attention = layer.self_attn
@@ -68,19 +71,24 @@ class _TierEncoderLayer:
         self.final_norm = layer_norm(layer.final_layer_norm)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
 
-    def __call__(self, x: Tensor, sentences: int, attended: Optional[Tensor]) -> Tensor:
-        x = sublayer(x, self.attention_norm, lambda h: self._attend(h, sentences, attended), self.normalize_before)
+    def __call__(self, x: Tensor, sentences: int, attended: Optional[Tensor], source_rows: Optional[SourceRows]) -> Tensor:
+        x = sublayer(x, self.attention_norm, lambda h: self._attend(h, sentences, attended, source_rows), self.normalize_before)
         return sublayer(x, self.final_norm, lambda h: self.fc2(self.fc1(h)), self.normalize_before)
 
-    def _attend(self, h: Tensor, sentences: int, attended: Optional[Tensor]) -> Tensor:
-        """Self-attention of time-major rows h (src_len * sentences, dim); ``attended``
-        (sentences, 1, 1, src_len) bool, False at padded source positions, or None.
-        PyTorch's fused attention: 1.0-2.8x the speed of bmm/softmax/bmm here, more the longer
-        the source (``BENCHMARKS.md``, "Kernel tiers")."""
-        src_len = h.size(0) // sentences
-        q, k, v = (t.reshape(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3) for t in self.projections(h))
+    def _attend(self, h: Tensor, sentences: int, attended: Optional[Tensor], source_rows: Optional[SourceRows]) -> Tensor:
+        """Self-attention of time-major rows h; ``attended`` (sentences, 1, 1, src_len) bool,
+        False at padded source positions, or None. The products run on the padded layout
+        (``source_rows``' zeros at padded positions). PyTorch's fused attention: 1.0-2.8x the
+        speed of bmm/softmax/bmm here, more the longer the source (``BENCHMARKS.md``, "Kernel
+        tiers")."""
+        q, k, v = self.projections(h)
+        if source_rows is not None:
+            q, k, v = (source_rows.spread(t) for t in (q, k, v))
+        src_len = q.size(0) // sentences
+        q, k, v = (t.reshape(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=attended, scale=1.0)  # queries already scaled
-        return self.out(context.permute(2, 0, 1, 3).reshape(h.size(0), -1))
+        context = context.permute(2, 0, 1, 3).reshape(src_len * sentences, -1)
+        return self.out(context if source_rows is None else source_rows.take(context))
 
 
 class TierEncoder:
@@ -94,18 +102,20 @@ class TierEncoder:
     def __call__(self, net_input: Dict[str, Tensor]) -> EncoderOut:
         encoder, src_tokens = self.encoder, net_input["src_tokens"]
         padding = src_tokens.eq(encoder.padding_idx)
-        has_pads = bool(padding.any())
+        source_rows = SourceRows.of(padding)
         x, embedding = encoder.forward_embedding(src_tokens)
-        if has_pads:  # fairseq multiplies by (1 - padding): the same as zeroing those rows
-            x = x.masked_fill(padding.unsqueeze(-1), 0.0)
         sentences, src_len, dim = x.shape
         x = x.transpose(0, 1).reshape(src_len * sentences, dim)  # time-major rows
-        attended = padding.logical_not().view(sentences, 1, 1, src_len) if has_pads else None
+        attended = None
+        if source_rows is not None:  # fairseq zeroes the padded rows; here they are left out
+            x, attended = source_rows.take(x), padding.logical_not().view(sentences, 1, 1, src_len)
         draw_as_layerdrop(encoder.layers)
         for layer in self.layers:
-            x = layer(x, sentences, attended)
+            x = layer(x, sentences, attended, source_rows)
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if source_rows is not None:
+            x = source_rows.spread(x)
         src_lengths = src_tokens.ne(encoder.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
         return {
             "encoder_out": [x.view(src_len, sentences, dim)],

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache, SelfAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
 from .kernels import ExactKernels
+from .source_rows import SourceRows
 
 def layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
@@ -101,8 +102,8 @@ class CrossAttentionStep(_Attention):
             return CrossAttentionCache(keys, values, mask, beams, self.heads, PER_BEAM)
         if layout in (PER_SENTENCE, GROUPED):  # contiguous per sentence and head
             keys, values = (
-                p(encoder_out.contiguous()).view(src_len, sentences, self.heads, self.head_dim).permute(1, 2, 0, 3)
-                .contiguous().view(sentences * self.heads, src_len, self.head_dim)
+                self._projected(p, encoder_out, padding, layout).view(src_len, sentences, self.heads, self.head_dim)
+                .permute(1, 2, 0, 3).contiguous().view(sentences * self.heads, src_len, self.head_dim)
                 for p in (self.k, self.v)
             )  # fmt: skip
             if layout == PER_SENTENCE:
@@ -117,6 +118,16 @@ class CrossAttentionStep(_Attention):
             )
         mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
         return CrossAttentionCache(keys, values, mask, beams, self.heads, layout)
+
+    @staticmethod
+    def _projected(project: Callable[[Tensor], Tensor], encoder_out: Tensor, padding: Optional[Tensor], layout: str) -> Tensor:
+        """``project(encoder_out)``, time-major; ``GROUPED`` (the tiers that round differently)
+        projects the real source positions only, zeros at the padded ones (``source_rows.py``),
+        whose keys attention masks out."""
+        source_rows = SourceRows.of(padding) if layout == GROUPED else None
+        if source_rows is None:
+            return project(encoder_out.contiguous())
+        return source_rows.spread(project(source_rows.take(encoder_out.reshape(-1, encoder_out.size(2)))))
 
     def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The attention output (rows, embed_dim) and, with ``need_weights``, the weights
