@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_fastseq.step.caches import GROUPED, PER_BEAM
+from fairseq_fastseq.step.encoder_caches import GROUPED, PER_BEAM
 from fairseq_fastseq.step.kernels import TIERS
 from fairseq_fastseq.step.layer import CrossAttentionStep
 

@@ -19,7 +19,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
-from fairseq_fastseq.step import caches, layer
+from fairseq_fastseq.step import caches, encoder_caches, layer
 from fairseq_fastseq.step.coverage import why_not_lean
 from fairseq_fastseq.step.encoder_projection import MIN_ROWS_PROJECTED_ONCE
 
@@ -115,7 +115,7 @@ def test_encoder_keys_once_per_sentence_give_fairseqs_per_beam_products(toy_mode
     with torch.no_grad():
         expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=7)
         actual = _drive(lean, *args, seed=7)
-    assert {cache.layout for cache in lean.caches[0].cross_attention} == {caches.PER_SENTENCE}
+    assert {cache.layout for cache in lean.caches[0].cross_attention} == {encoder_caches.PER_SENTENCE}
     for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
         assert torch.equal(got, want), f"step {step}"
         assert got_attention is None if not need_attention else torch.equal(got_attention, want_attention), f"step {step}"
@@ -145,7 +145,7 @@ def test_an_ensemble_and_a_temperature_combine_as_fairseqs(toy_models):
 
 def test_finished_sentences_stay_in_the_encoder_cache_until_a_quarter_is_finished():
     keys = torch.arange(8 * 2 * 3 * 5 * 4, dtype=torch.float).view(8 * 2 * 3, 5, 4)  # 8 sentences, beam 2, 3 heads
-    cache = caches.CrossAttentionCache(keys, keys.clone(), None, beams=2, heads=3, layout=caches.PER_BEAM)
+    cache = encoder_caches.CrossAttentionCache(keys, keys.clone(), None, beams=2, heads=3, layout=encoder_caches.PER_BEAM)
     cache.keep_sentences(torch.tensor([0, 1, 2, 4, 5, 6, 7]))  # 7 of 8 live: no copy
     assert cache.cached_sentences == 8 and cache.keys is keys
     queries = torch.randn(7 * 2 * 3, 1, 4)

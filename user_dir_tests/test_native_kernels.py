@@ -39,6 +39,28 @@ def test_self_attention_is_bmm_softmax_bmm_over_the_time_major_cache(heads, head
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads, head_dim, length", [(1, 8, 1), (4, 64, 17), (3, 16, 40), (2, 32, 7), (3, 128, 12)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_self_attention_through_a_history_reads_each_rows_entries_where_they_are(heads, head_dim, length, padded):
+    """With a history (``histories.py``), row ``r``'s entry of slice ``t`` is cache row
+    ``history[t, r]``: the same bits as the kernel over a cache with those entries gathered
+    into row order, for every head-size path."""
+    torch.manual_seed(2)
+    rows, cached = 6, 11
+    keys, values = (torch.randn(length, cached * heads, head_dim) for _ in range(2))
+    table = torch.empty(length + 3, rows + 2, dtype=torch.long).random_(0, cached)
+    history = table[:length, :rows]  # a view of a larger table, as ``Histories.table`` gives
+    queries = torch.randn(rows * heads, head_dim)
+    padding = torch.rand(length, rows) < 0.3 if padded else None
+    if padding is not None:
+        padding[0] = False
+    got = native.compiled().self_attention(queries, keys, values, padding, heads, history)
+    slices = torch.arange(length).unsqueeze(1)
+    gathered = [c.view(length, cached, heads, head_dim)[slices, history].reshape(length, rows * heads, head_dim) for c in (keys, values)]
+    assert torch.equal(got, native.compiled().self_attention(queries, *gathered, padding, heads))
+    assert not torch.equal(got, native.compiled().self_attention(queries, keys[:, : rows * heads], values[:, : rows * heads], padding, heads))
+
+
 @pytest.mark.parametrize(
     "sentences, beams, heads, head_dim, src_len",
     [(1, 1, 1, 8, 3), (3, 5, 4, 64, 23), (2, 4, 2, 16, 9), (1, 6, 3, 32, 5), (2, 3, 2, 128, 7), (2, 1, 2, 64, 4)],
@@ -81,6 +103,10 @@ def test_wrong_inputs_get_an_error_not_a_wrong_result():
     kernels_module = native.compiled()
     with pytest.raises(RuntimeError, match="float32"):
         kernels_module.self_attention(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), None, 2)
+    with pytest.raises(RuntimeError, match="history names cache row 2 of 2"):
+        kernels_module.self_attention(torch.zeros(4, 8), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), None, 2, torch.full((2, 2), 2))
+    with pytest.raises(RuntimeError, match="without a history"):
+        kernels_module.self_attention(torch.zeros(2, 8), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), None, 2)
     with pytest.raises(RuntimeError, match="contiguous"):
         kernels_module.grouped_attention(torch.zeros(4, 8), torch.zeros(2, 8, 3).transpose(1, 2), torch.zeros(2, 3, 8), None, 2)
 

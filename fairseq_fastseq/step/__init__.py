@@ -9,8 +9,9 @@ not need. Here:
 
 - ``coverage``: which models and options the lean step covers, and why not (a reason for the
   log, never a silent fallback);
-- ``caches``: one typed cache per layer (self-attention keys/values time-major, written in
-  place; encoder keys/values per beam, touched only when sentences leave the batch);
+- ``caches``, ``encoder_caches``: one typed cache per layer (self-attention keys/values
+  time-major, written in place, their rows in ``slots`` or read through ``histories``;
+  encoder keys/values, touched only when sentences leave the batch);
 - ``layer``: a decoder layer's step on those caches;
 - ``decoder``: embeddings, layers, final norm, output projection and log-softmax;
 - ``kernels``: the tiers of ``--fast-kernels`` (``exact`` is the above; ``fused`` and ``int8``

@@ -4,19 +4,14 @@ fairseq's dict of dicts.
 Self-attention: keys and values time-major, ``(capacity, rows, heads, head_dim)``. A step
 writes one time slice in place (``exact``: its projections write it). On the CPU the rows
 stay in slots (``slots.py``): a beam reorder copies, in place, only the histories of a
-parent's later children. Elsewhere a beam reorder is one ``index_select`` into a spare
+parent's later children; for the C++ self-attention of the tiers that round differently the
+rows stay where they were written, read through a table (``histories.py``), and a beam
+reorder copies nothing. Elsewhere a beam reorder is one ``index_select`` into a spare
 buffer (a slice along time is contiguous: the copy's ``out=``), and the buffer it replaces
 is the spare of the next layer's copy: the cache plus one layer's copy, as in fairseq
 (which copies the whole cache twice per layer and step). The attention reads
 ``(rows * heads, length, head_dim)`` strided views: fairseq's ``bmm`` values.
-
-Encoder-decoder attention: keys and values projected at the first step, once per sentence
-and contiguous per head (``(sentences * heads, src_len, head_dim)``, read faster than
-fairseq's strided view), each beam's queries attending to them in turn (on CPU; per beam,
-as fairseq keeps them, elsewhere and for tiny products), or in fairseq's layout for BART's
-beam-shared attention. The beams of a sentence hold the same keys and values, so a beam
-reorder leaves them alone; they are copied only when sentences leave the batch, and then
-only once finished sentences make up a quarter of them.
+The encoder-attention caches: ``encoder_caches.py``.
 """
 
 from typing import List, Optional, Tuple
@@ -25,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .encoder_caches import CrossAttentionCache
+from .histories import Histories
 from .pool import BufferPool, front_of, views_per_buffer
 from .slots import RowSlots
 
@@ -58,7 +55,7 @@ class SelfAttentionCache:
         """Where this step's keys and values go, (rows, heads * head_dim) each for the rows of
         ``like``: a projection can write them there itself, and ``commit`` then."""
         rows = self._step_rows = like.size(0)
-        if self.keys is None or self.length == self.keys.size(0):
+        if self.keys is None or self.length == self.keys.size(0) or rows > self.keys.size(1):
             self._grow(like, rows)
         t = self.length
         return tuple(flat[t] if rows == flat.size(1) else flat[t, :rows] for _, flat in self._views())
@@ -77,11 +74,20 @@ class SelfAttentionCache:
             self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=self.keys.device)
         if self.padding is not None:
             self.padding[t, :rows] = False if pad is None else pad
-        self.length, width = t + 1, rows * self.heads
+        self.length, width = t + 1, self._attended_rows(rows) * self.heads
         # The first ``rows`` of each time slice (fewer than the buffer's after sentences left
         # a search in slots, ``move``): the same strided views, with a longer time stride.
         keys, values = (merged if width == merged.size(1) else merged[:, :width] for merged, _ in self._views())
         return keys[: self.length].transpose(0, 1), values[: self.length].transpose(0, 1)
+
+    def _attended_rows(self, rows: int) -> int:
+        """The cache rows a step of ``rows`` rows reads: its own."""
+        return rows
+
+    def history(self) -> Optional[Tensor]:
+        """(length, rows) int64: the cache row holding each row's entry of each slice; None
+        where row ``r``'s history is in row ``r`` (``IndexedSelfAttentionCache``)."""
+        return None
 
     def _views(self) -> List[Tuple[Tensor, Tensor]]:
         """Keys and values as (capacity, rows * heads, head_dim), (capacity, rows, embed) views, once per buffer."""
@@ -105,13 +111,14 @@ class SelfAttentionCache:
         limit = self.max_steps if like.device.type == "cpu" else length + GROWTH
         capacity = max(length + 1, min(limit, self.max_steps))
         grown = [self.pool.take((capacity, rows, self.heads, self.head_dim), like) for _ in range(2)]
+        kept = 0 if self.keys is None else min(rows, self.keys.size(1))  # fewer: sentences left; more: beams came
         if self.keys is not None:
-            grown[0][:length] = self.keys[:length, :rows]
-            grown[1][:length] = self.values[:length, :rows]
+            grown[0][:length, :kept] = self.keys[:length, :kept]
+            grown[1][:length, :kept] = self.values[:length, :kept]
         self.keys, self.values = grown
         if self.padding is not None:
             padding = torch.zeros(capacity, rows, dtype=torch.bool, device=like.device)
-            padding[:length] = self.padding[:length, :rows]
+            padding[:length, :kept] = self.padding[:length, :kept]
             self.padding = padding
         self._rows = None
 
@@ -154,106 +161,29 @@ class SelfAttentionCache:
         return self._numpy_views[1]
 
 
+class IndexedSelfAttentionCache(SelfAttentionCache):
+    """A self-attention cache whose rows stay where each step wrote them, read through the
+    decoder's ``Histories`` (``histories.py``): a beam reorder touches none of it."""
+
+    def __init__(self, heads: int, head_dim: int, max_steps: int, histories: Histories, pool: Optional[BufferPool] = None) -> None:
+        super().__init__(heads, head_dim, max_steps, pool)
+        self.histories = histories
+
+    def _attended_rows(self, rows: int) -> int:
+        return self.keys.size(1)  # every cached row: the histories name which
+
+    def history(self) -> Tensor:
+        return self.histories.table()
+
+    def padding_so_far(self) -> Optional[Tensor]:
+        if self.padding is None:
+            return None
+        return self.padding[: self.length].gather(1, self.histories.table()).t()
+
+
 # The copies of ``move`` copy bits: through an integer type of the element's size, which NumPy
 # has for every dtype of the caches (it has no bfloat16).
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-# Per-beam encoder keys/values of finished sentences stay in the cache (their rows are
-# computed and discarded) until fewer than this share of the cached sentences is live: then
-# one copy compacts the cache. Dropping them at once would copy the whole cache each time a
-# sentence finishes, about once a step (``BENCHMARKS.md``: "Lean decoder step").
-MIN_LIVE_SHARE = 0.75
-
-
-# How a layer holds the encoder keys/values: per beam; once per sentence, attended by each
-# beam's queries in turn (fairseq's products, matrix by matrix); once per sentence in
-# fairseq's layout (BART's, bitwise); or once per sentence for grouped queries (``fused``).
-PER_BEAM, PER_SENTENCE = "per beam", "once per sentence, each beam in turn"
-FAIRSEQ_SHARED, GROUPED = "shared as fairseq shares them (BART)", "grouped"
-
-
-class CrossAttentionCache:
-    """One layer's encoder keys and values for the whole search.
-
-    ``PER_BEAM``: ``keys``/``values`` (cached rows * heads, src_len, head_dim) contiguous and
-    ``padding`` (cached rows, 1, 1, src_len) bool; ``PER_SENTENCE``: (cached sentences * heads,
-    src_len, head_dim) contiguous and ``padding`` (cached sentences, 1, 1, src_len). In both
-    the cached sentences may include finished ones (``live``: which cached sentences the
-    search still has, None for all). ``FAIRSEQ_SHARED`` and ``GROUPED``: (sentences * heads,
-    src_len, head_dim), as fairseq's strided views or contiguous, ``padding`` (sentences, 1,
-    1, 1, src_len), always compact. ``padding`` is None when no source has padding.
-    """
-
-    def __init__(self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, layout: str) -> None:
-        self.keys, self.values, self.padding = keys, values, padding
-        self.beams, self.heads, self.layout = beams, heads, layout
-        self.beam_shared = layout != PER_BEAM
-        # Finished sentences stay cached until ``MIN_LIVE_SHARE`` (a copy of the cache each time
-        # a sentence finishes would cost more than their wasted products).
-        self.lazy = layout in (PER_BEAM, PER_SENTENCE)
-        self.live: Optional[Tensor] = None  # (live sentences,) indices of cached sentences
-        self._live_rows: Optional[Tensor] = None  # ``PER_BEAM``: (live rows,) indices of cached rows
-        self._queries: Optional[Tensor] = None  # the cached rows' queries (``all_queries``, ``queries_by_beam``)
-
-    @property
-    def cached_sentences(self) -> int:
-        return self.keys.size(0) // (self.heads * (1 if self.beam_shared else self.beams))
-
-    def keep_sentences(self, kept: Tensor) -> None:
-        """Only the live sentences ``kept`` (indices among the live ones) stay live."""
-        live = kept if self.live is None else self.live[kept]
-        if not self.lazy or live.numel() < MIN_LIVE_SHARE * self.cached_sentences:
-            self._compact(live)
-            return
-        self.live = live
-        if self.layout == PER_BEAM:
-            self._live_rows = (live.unsqueeze(1) * self.beams + torch.arange(self.beams, device=live.device)).view(-1)
-
-    def _compact(self, live: Tensor) -> None:
-        sentences = self.cached_sentences
-
-        def select(cache: Tensor) -> Tensor:
-            per_sentence = cache.reshape(sentences, -1, *cache.shape[1:])  # a view, or one copy
-            return per_sentence.index_select(0, live).view(-1, *cache.shape[1:])
-
-        self.keys, self.values = select(self.keys), select(self.values)
-        if self.padding is not None:
-            self.padding = select(self.padding)
-        self.live = self._live_rows = self._queries = None
-
-    def queries_by_beam(self, queries: Tensor) -> Tensor:
-        """``PER_SENTENCE``: the live sentences' queries (live sentences, beams, heads, head_dim)
-        as (beams, cached sentences, heads, head_dim), contiguous (the finished sentences' are
-        left over from earlier steps)."""
-        by_beam = queries.transpose(0, 1)
-        if self.live is None:
-            return by_beam.contiguous()
-        if self._queries is None:
-            self._queries = queries.new_zeros(self.beams, self.cached_sentences, *queries.shape[2:])
-        return self._queries.index_copy_(1, self.live, by_beam)
-
-    def live_sentences(self, per_beam: Tensor) -> Tensor:
-        """``PER_SENTENCE``: the live sentences of a (beams, cached sentences, ...) result."""
-        return per_beam if self.live is None else per_beam.index_select(1, self.live)
-
-    def all_queries(self, queries: Tensor) -> Tensor:
-        """The live rows' queries (live rows * heads, 1, head_dim) among the cached rows'
-        (the finished rows' are left over from earlier steps)."""
-        if self._live_rows is None:
-            return queries
-        if self._queries is None:
-            self._queries = queries.new_zeros(self.keys.size(0), *queries.shape[1:])
-        per_row = self._queries.view(-1, self.heads, *queries.shape[1:])
-        per_row.index_copy_(0, self._live_rows, queries.view(-1, self.heads, *queries.shape[1:]))
-        return self._queries
-
-    def live_part(self, per_item: Tensor) -> Tensor:
-        """The live rows of a (cached rows * heads, 1, n) result."""
-        if self._live_rows is None:
-            return per_item
-        per_row = per_item.view(-1, self.heads, *per_item.shape[1:])
-        return per_row.index_select(0, self._live_rows).view(-1, *per_item.shape[1:])
 
 
 class LayerCaches:
@@ -266,15 +196,23 @@ class LayerCaches:
         cross_attention: List[Optional[CrossAttentionCache]],
         spare: Optional[Tensor] = None,
         slots: Optional[RowSlots] = None,
+        histories: Optional[Histories] = None,
     ) -> None:
         self.self_attention = self_attention
         self.cross_attention = cross_attention
         self.spare = spare
         self.slots = slots
+        self.histories = histories  # with ``IndexedSelfAttentionCache``s
 
     def follow(self, order: Tensor, kept: Optional[Tensor]) -> None:
         """Row ``i`` continues old row ``order[i]``; ``kept``: the sentences that stay, if some
-        left. In slots: only the histories that must be copied are; else every row is."""
+        left. With histories: nothing is copied; in slots: only the histories that must be
+        copied are; else every row is."""
+        if self.histories is not None:
+            if kept is not None:
+                self.keep_sentences(kept)
+            self.histories.follow(order)
+            return
         move = None
         if self.slots is not None and self.self_attention and self.self_attention[0].keys is not None:
             move = self.slots.follow(order, self.self_attention[0].rows)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, LayerCaches, SelfAttentionCache
+from .caches import IndexedSelfAttentionCache, LayerCaches, SelfAttentionCache
+from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE
+from .histories import Histories
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
@@ -56,18 +58,30 @@ class LeanDecoder:
         if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
             padding = encoder_out["encoder_padding_mask"][0]  # (sentences, src_len)
             padding = padding if bool(padding.any()) else None  # masking nothing changes nothing
+        histories = self._histories(max_steps)
         self_caches, cross_caches = [], []
         for layer in self.layers:
             attention = layer.self_attention
-            self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps, pool))
+            self_caches.append(self._self_attention_cache(attention.heads, attention.head_dim, max_steps, pool, histories))
             cross = layer.cross_attention if memory is not None else None
             cross_caches.append(cross.start(memory, padding, beams, self._encoder_layout(beams)) if cross is not None else None)
-        # On the CPU each row's self-attention history stays in its slot (``slots.py``); off it
-        # (not measured there) every reorder copies the rows.
-        slots = RowSlots(beams) if self.embed_tokens.device.type == "cpu" else None
-        return LayerCaches(self_caches, cross_caches, slots=slots)
+        # On the CPU each row's self-attention history stays where it was written (``histories.py``,
+        # for the C++ self-attention) or in its slot (``slots.py``); off it (not measured there)
+        # every reorder copies the rows.
+        slots = RowSlots(beams) if self.embed_tokens.device.type == "cpu" and histories is None else None
+        return LayerCaches(self_caches, cross_caches, slots=slots, histories=histories)
 
-    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool) -> SelfAttentionCache:
+    def _histories(self, max_steps: int) -> Optional[Histories]:
+        """Histories read where they were written (``histories.py``) where every layer's
+        self-attention is the C++ kernel that reads them, else None."""
+        native = all(layer.self_attention.native is not None for layer in self.layers)
+        return Histories(max_steps) if native and self.layers else None
+
+    def _self_attention_cache(
+        self, heads: int, head_dim: int, max_steps: int, pool: BufferPool, histories: Optional[Histories]
+    ) -> SelfAttentionCache:
+        if histories is not None:
+            return IndexedSelfAttentionCache(heads, head_dim, max_steps, histories, pool)
         return SelfAttentionCache(heads, head_dim, max_steps, pool)
 
     def _encoder_layout(self, beams: int) -> str:
@@ -102,6 +116,8 @@ class LeanDecoder:
         slots = caches.slots
         if slots is not None:  # the layers compute in slot order
             tokens = slots.to_slots(tokens)
+        if caches.histories is not None:
+            caches.histories.open_step(tokens.size(0), tokens.device)
         x = self._embed(tokens, step)
         # fairseq masks the self-attention positions whose input was padding (never emitted
         # by the search, but a prefix or BOS could be).

@@ -1,4 +1,4 @@
-"""One decoder layer's incremental step, on the typed caches of ``caches.py``.
+"""One decoder layer's incremental step, on the typed caches of ``caches.py`` and ``encoder_caches.py``.
 
 The arithmetic is fairseq's ``TransformerDecoderLayerBase.forward`` with
 ``MultiheadAttention`` for one query position: with the ``exact`` kernels (``kernels.py``) the
@@ -20,7 +20,8 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
-from .caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache, SelfAttentionCache
+from .caches import SelfAttentionCache
+from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
 from .kernels import ExactKernels
 from .source_rows import SourceRows
@@ -75,7 +76,9 @@ class SelfAttentionStep(_Attention):
         padding = cache.padding_so_far()
         if self.native is not None:  # over the time-major views, (length, rows * heads, head_dim)
             time_major = None if padding is None else padding.t()
-            context = self.native.self_attention(q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads)
+            context = self.native.self_attention(
+                q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads, cache.history()
+            )
             return self.out(context.view(rows, self.embed_dim))
         weights = torch.bmm(self.heads_view(q), keys.transpose(1, 2))  # (rows * heads, 1, length)
         if padding is not None:

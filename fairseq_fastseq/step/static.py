@@ -123,7 +123,10 @@ class StaticLeanDecoder(LeanDecoder):
         super().__init__(model, kernels)
         self.clock = clock
 
-    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool) -> SelfAttentionCache:
+    def _histories(self, max_steps: int) -> None:
+        return None  # the static caches reorder in the step's graph
+
+    def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool, histories: None) -> SelfAttentionCache:
         return StaticSelfAttentionCache(heads, head_dim, self.clock, self.embed_tokens)
 
     def _padding(self, tokens: Tensor) -> Tensor:

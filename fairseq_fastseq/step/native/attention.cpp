@@ -59,19 +59,36 @@ FASTSEQ_INLINE float sum16(Floats16 v) {
 template <int kChunks>
 constexpr int64_t kPiecesPerPass = kChunks <= 4 ? 4 : 2;
 
+// Which cache row holds a hypothesis row's entry of each time slice: with `history` null, the
+// row itself; else history[t * stride + row] (histories.py: rows that continue another's
+// history read it where it was written, and nothing is copied on a beam reorder).
+struct SliceRows {
+  const int64_t* history;
+  int64_t stride;
+  int64_t heads;
+
+  // Where piece (row, head)'s entry of time slice t starts, in pieces from the slice's start.
+  FASTSEQ_INLINE int64_t piece(int64_t t, int64_t row, int64_t head) const {
+    return history == nullptr ? row * heads + head : history[t * stride + row] * heads + head;
+  }
+};
+
 // scores[m * length + t] = q[m] . keys[t][m] for the kPieces pieces from m.
 template <int kChunks, int kPieces>
 FASTSEQ_INLINE void dots_in_registers(const float* q, int64_t q_stride, const float* keys, int64_t time_stride,
-                                      int64_t length, int64_t m, float* scores) {
+                                      const SliceRows& rows, int64_t length, int64_t m, float* scores) {
   constexpr int64_t head_dim = 16 * kChunks;
   Floats16 query[kPieces][kChunks];
-  for (int i = 0; i < kPieces; ++i)
+  int64_t row[kPieces], head[kPieces];
+  for (int i = 0; i < kPieces; ++i) {
+    row[i] = (m + i) / rows.heads, head[i] = (m + i) % rows.heads;
     for (int c = 0; c < kChunks; ++c) query[i][c] = load16(q + (m + i) * q_stride + 16 * c);
+  }
   for (int64_t t = 0; t < length; ++t) {
-    const float* slice = keys + t * time_stride + m * head_dim;
     for (int i = 0; i < kPieces; ++i) {
-      Floats16 part = query[i][0] * load16(slice + i * head_dim);
-      for (int c = 1; c < kChunks; ++c) part += query[i][c] * load16(slice + i * head_dim + 16 * c);
+      const float* k = keys + t * time_stride + rows.piece(t, row[i], head[i]) * head_dim;
+      Floats16 part = query[i][0] * load16(k);
+      for (int c = 1; c < kChunks; ++c) part += query[i][c] * load16(k + 16 * c);
       scores[(m + i) * length + t] = sum16(part);
     }
   }
@@ -79,15 +96,17 @@ FASTSEQ_INLINE void dots_in_registers(const float* q, int64_t q_stride, const fl
 
 // out[m] = sum over t of probs[m * length + t] * values[t][m] for the kPieces pieces from m.
 template <int kChunks, int kPieces>
-FASTSEQ_INLINE void sums_in_registers(const float* probs, const float* values, int64_t time_stride, int64_t length,
-                                      int64_t m, float* out) {
+FASTSEQ_INLINE void sums_in_registers(const float* probs, const float* values, int64_t time_stride, const SliceRows& rows,
+                                      int64_t length, int64_t m, float* out) {
   constexpr int64_t head_dim = 16 * kChunks;
   Floats16 sum[kPieces][kChunks] = {};
+  int64_t row[kPieces], head[kPieces];
+  for (int i = 0; i < kPieces; ++i) row[i] = (m + i) / rows.heads, head[i] = (m + i) % rows.heads;
   for (int64_t t = 0; t < length; ++t) {
-    const float* slice = values + t * time_stride + m * head_dim;
     for (int i = 0; i < kPieces; ++i) {
       const float p = probs[(m + i) * length + t];
-      for (int c = 0; c < kChunks; ++c) sum[i][c] += p * load16(slice + i * head_dim + 16 * c);
+      const float* v = values + t * time_stride + rows.piece(t, row[i], head[i]) * head_dim;
+      for (int c = 0; c < kChunks; ++c) sum[i][c] += p * load16(v + 16 * c);
     }
   }
   for (int i = 0; i < kPieces; ++i)
@@ -106,17 +125,18 @@ FASTSEQ_INLINE void piece_passes(int64_t begin, int64_t end, Pass pass) {
 // scores[m * length + t] = q[m] . keys[t][m] for m in [begin, end), every t.
 template <int kChunks>
 FASTSEQ_INLINE void dot_products_of(const float* q, int64_t q_stride, const float* keys, int64_t time_stride,
-                                    int64_t length, int64_t head_dim, int64_t begin, int64_t end, float* scores) {
+                                    const SliceRows& rows, int64_t length, int64_t head_dim, int64_t begin, int64_t end,
+                                    float* scores) {
   if constexpr (kChunks > 0) {
     piece_passes<kChunks>(begin, end, [&](int64_t m, auto pieces) {
-      dots_in_registers<kChunks, decltype(pieces)::value>(q, q_stride, keys, time_stride, length, m, scores);
+      dots_in_registers<kChunks, decltype(pieces)::value>(q, q_stride, keys, time_stride, rows, length, m, scores);
     });
   } else {
     for (int64_t t = 0; t < length; ++t) {
       const float* slice = keys + t * time_stride;
       for (int64_t m = begin; m < end; ++m) {
         const float* a = q + m * q_stride;
-        const float* b = slice + m * head_dim;
+        const float* b = slice + rows.piece(t, m / rows.heads, m % rows.heads) * head_dim;
         float sum = 0.f;
         for (int64_t d = 0; d < head_dim; ++d) sum += a[d] * b[d];
         scores[m * length + t] = sum;
@@ -127,11 +147,11 @@ FASTSEQ_INLINE void dot_products_of(const float* q, int64_t q_stride, const floa
 
 // out[m] = sum over t of probs[m * length + t] * values[t][m], for m in [begin, end).
 template <int kChunks>
-FASTSEQ_INLINE void weighted_sums_of(const float* probs, const float* values, int64_t time_stride, int64_t length,
-                                     int64_t head_dim, int64_t begin, int64_t end, float* out) {
+FASTSEQ_INLINE void weighted_sums_of(const float* probs, const float* values, int64_t time_stride, const SliceRows& rows,
+                                     int64_t length, int64_t head_dim, int64_t begin, int64_t end, float* out) {
   if constexpr (kChunks > 0) {
     piece_passes<kChunks>(begin, end, [&](int64_t m, auto pieces) {
-      sums_in_registers<kChunks, decltype(pieces)::value>(probs, values, time_stride, length, m, out);
+      sums_in_registers<kChunks, decltype(pieces)::value>(probs, values, time_stride, rows, length, m, out);
     });
   } else {
     for (int64_t m = begin; m < end; ++m)
@@ -140,7 +160,7 @@ FASTSEQ_INLINE void weighted_sums_of(const float* probs, const float* values, in
       const float* slice = values + t * time_stride;
       for (int64_t m = begin; m < end; ++m) {
         const float p = probs[m * length + t];
-        const float* v = slice + m * head_dim;
+        const float* v = slice + rows.piece(t, m / rows.heads, m % rows.heads) * head_dim;
         float* o = out + m * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
       }
@@ -149,13 +169,14 @@ FASTSEQ_INLINE void weighted_sums_of(const float* probs, const float* values, in
 }
 
 FASTSEQ_CLONES void dot_products(const float* q, int64_t q_stride, const float* keys, int64_t time_stride,
-                                 int64_t length, int64_t head_dim, int64_t begin, int64_t end, float* scores) {
-  FASTSEQ_BY_HEAD_DIM(dot_products_of, head_dim, q, q_stride, keys, time_stride, length, head_dim, begin, end, scores)
+                                 const SliceRows& rows, int64_t length, int64_t head_dim, int64_t begin, int64_t end,
+                                 float* scores) {
+  FASTSEQ_BY_HEAD_DIM(dot_products_of, head_dim, q, q_stride, keys, time_stride, rows, length, head_dim, begin, end, scores)
 }
 
-FASTSEQ_CLONES void weighted_sums(const float* probs, const float* values, int64_t time_stride, int64_t length,
-                                  int64_t head_dim, int64_t begin, int64_t end, float* out) {
-  FASTSEQ_BY_HEAD_DIM(weighted_sums_of, head_dim, probs, values, time_stride, length, head_dim, begin, end, out)
+FASTSEQ_CLONES void weighted_sums(const float* probs, const float* values, int64_t time_stride, const SliceRows& rows,
+                                  int64_t length, int64_t head_dim, int64_t begin, int64_t end, float* out) {
+  FASTSEQ_BY_HEAD_DIM(weighted_sums_of, head_dim, probs, values, time_stride, rows, length, head_dim, begin, end, out)
 }
 
 // exp(x) for x <= 0 (a score minus its row's maximum), 0 below about -87.3 (-inf included):
@@ -347,24 +368,41 @@ void check_float32_cpu(const char* kernel, const at::Tensor& queries, const at::
 
 }  // namespace
 
-// queries (rows * heads, head_dim), scaled; keys, values (length, rows * heads, head_dim)
-// time-major views of the cache (pieces contiguous within a slice); padding: undefined, or
-// (length, rows) bool, true where that row's input at that step was padding (masked).
+// queries (rows * heads, head_dim), scaled; keys, values (length, cached rows * heads,
+// head_dim) time-major views of the cache (pieces contiguous within a slice); padding:
+// undefined, or (length, rows) bool, true where that row's input at that step was padding
+// (masked); history: undefined (row r's entries are in cache row r), or (length, rows) int64,
+// the cache row that holds row r's entry of each time slice (unit stride along rows).
 // Returns the attention output (rows * heads, head_dim), i.e. (rows, heads * head_dim).
 at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
-                          const c10::optional<at::Tensor>& padding, int64_t heads) {
+                          const c10::optional<at::Tensor>& padding, int64_t heads, const c10::optional<at::Tensor>& history) {
   check_float32_cpu("native self-attention", queries, keys, values);
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes(), "native self-attention: unexpected shapes");
-  const int64_t length = keys.size(0), pieces = keys.size(1), head_dim = keys.size(2);
-  TORCH_CHECK(queries.size(0) == pieces && queries.size(1) == head_dim && queries.stride(1) == 1,
+  const int64_t length = keys.size(0), pieces = queries.size(0), head_dim = keys.size(2);
+  TORCH_CHECK(queries.size(1) == head_dim && queries.stride(1) == 1 && pieces % heads == 0,
               "native self-attention: queries must be (rows * heads, head_dim), contiguous per row");
   for (const at::Tensor* cache : {&keys, &values})
     TORCH_CHECK(cache->stride(2) == 1 && cache->stride(1) == head_dim, "native self-attention: time slices must be contiguous");
+  SliceRows rows{nullptr, 0, heads};
+  if (history.has_value() && history->defined()) {
+    const at::Tensor& h = *history;
+    TORCH_CHECK(h.scalar_type() == at::kLong && h.dim() == 2 && h.size(0) == length && h.size(1) * heads == pieces && h.stride(1) == 1,
+                "native self-attention: history must be (length, rows) int64, unit stride along rows");
+    const int64_t cached = keys.size(1) / heads;
+    for (int64_t t = 0; t < length; ++t)
+      for (int64_t row = 0; row < h.size(1); ++row) {
+        const int64_t at = h.data_ptr<int64_t>()[t * h.stride(0) + row];
+        TORCH_CHECK(at >= 0 && at < cached, "native self-attention: history names cache row ", at, " of ", cached);
+      }
+    rows = SliceRows{h.data_ptr<int64_t>(), h.stride(0), heads};
+  } else {
+    TORCH_CHECK(keys.size(1) == pieces, "native self-attention: without a history the cache holds the queries' rows");
+  }
   auto scores = at::empty({pieces, length}, queries.options());
   const float* q = queries.data_ptr<float>();
   float* s = scores.data_ptr<float>();
   at::parallel_for(0, pieces, kGrain, [&](int64_t begin, int64_t end) {
-    dot_products(q, queries.stride(0), keys.data_ptr<float>(), keys.stride(0), length, head_dim, begin, end, s);
+    dot_products(q, queries.stride(0), keys.data_ptr<float>(), keys.stride(0), rows, length, head_dim, begin, end, s);
   });
   if (padding.has_value() && padding->defined()) {
     const at::Tensor& pad = *padding;
@@ -382,7 +420,7 @@ at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, con
   const float* pr = s;
   float* o = out.data_ptr<float>();
   at::parallel_for(0, pieces, kGrain, [&](int64_t begin, int64_t end) {
-    weighted_sums(pr, values.data_ptr<float>(), values.stride(0), length, head_dim, begin, end, o);
+    weighted_sums(pr, values.data_ptr<float>(), values.stride(0), rows, length, head_dim, begin, end, o);
   });
   return out;
 }
@@ -427,6 +465,7 @@ at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("self_attention", &self_attention, "one query per (row, head) against a time-major cache");
+  m.def("self_attention", &self_attention, "one query per (row, head) against a time-major cache",
+        py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("history") = py::none());
   m.def("grouped_attention", &grouped_attention, "a sentence's beams against its one copy of the encoder keys/values");
 }
