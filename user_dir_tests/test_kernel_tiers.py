@@ -15,7 +15,7 @@ from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.generator import FastSequenceGenerator
 from fairseq_fastseq.model_steps import LeanSteps
-from fairseq_fastseq.step import kernels
+from fairseq_fastseq.step import kernels, native
 
 from .equivalence import assert_fast_matches_stock, generate_all, load
 from .naive import WithoutSampleIds, with_correct_ngram_blocking
@@ -123,6 +123,23 @@ def test_grouped_encoder_attention_is_per_beam_attention_up_to_rounding(toy_mode
     for (want, want_attention), (got, got_attention) in zip(exact, fused):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_attention, want_attention, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(native.compiled() is None, reason="the native kernels could not be built here")
+def test_grouped_encoder_attention_with_its_weights_asked_for_stays_in_cpp(toy_models, monkeypatch):
+    """A caller that reads the attention (``--print-alignment``, the hub) keeps the C++ kernel,
+    which averages the weights over heads itself (their values: the test above)."""
+    model, task, batches = _fresh_model(toy_models["transformer"])
+    dictionary = task.target_dictionary
+
+    def no_bmm(*args, **kwargs):
+        raise AssertionError("the encoder attention fell back to bmm")
+
+    monkeypatch.setattr(torch, "bmm", no_bmm)
+    with torch.no_grad():
+        steps = LeanSteps(EnsembleModel([model]), 3, 15, True, 1.0, kernels.FusedKernels())
+        outputs = _drive(steps, batches[0], 3, dictionary.eos(), dictionary.pad(), len(dictionary), seed=2)
+    assert all(attention is not None and attention.size(0) == lprobs.size(0) for lprobs, attention in outputs)
 
 
 @pytest.mark.parametrize("tier, rows_per_sentence", [(kernels.ExactKernels, 3), (kernels.FusedKernels, 1)], ids=["exact", "fused"])

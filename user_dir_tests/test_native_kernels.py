@@ -73,13 +73,18 @@ def test_grouped_attention_is_each_beams_attention_over_its_sentence(sentences, 
     padding = torch.rand(sentences, src_len) < 0.3 if padded else None
     if padding is not None:
         padding[:, -1] = False
-    got = native.compiled().grouped_attention(queries, keys, values, padding, heads)
+    averaged = torch.full((sentences * beams, src_len), float("nan"))  # with the weights asked for
+    got = native.compiled().grouped_attention(queries, keys, values, padding, heads, averaged)
     per_head = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
     scores = torch.bmm(per_head, keys.transpose(1, 2))
     masked = torch.zeros_like(scores, dtype=torch.bool) if padding is None else padding.repeat_interleave(heads, 0).unsqueeze(1).expand_as(scores)
-    context = torch.bmm(_masked_softmax(scores, masked), values).view(sentences, heads, beams, head_dim)
+    probs = _masked_softmax(scores, masked)
+    context = torch.bmm(probs, values).view(sentences, heads, beams, head_dim)
     want = context.transpose(1, 2).reshape(sentences * beams, heads * head_dim)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # fairseq's decoder attention: the weights averaged over heads, (rows, src_len)
+    torch.testing.assert_close(averaged, probs.view(sentences, heads, beams, src_len).mean(dim=1).view(-1, src_len), atol=1e-6, rtol=1e-5)
+    assert torch.equal(native.compiled().grouped_attention(queries, keys, values, padding, heads), got)
 
 
 @pytest.mark.parametrize("scale", [2.0**-8, 4.0])

@@ -201,9 +201,10 @@ class CrossAttentionStep(_Attention):
         sentence and head."""
         heads, head_dim = self.heads, self.head_dim
         sentences = cache.keys.size(0) // heads
-        if self.native is not None and not need_weights:
+        if self.native is not None:
             padding = None if cache.padding is None else cache.padding.view(sentences, -1)
-            return self.out(self.native.grouped_attention(queries, cache.keys, cache.values, padding, heads)), None
+            averaged = queries.new_empty(queries.size(0), cache.keys.size(1)) if need_weights else None
+            return self.out(self.native.grouped_attention(queries, cache.keys, cache.values, padding, heads, averaged)), averaged
         beams = queries.size(0) // sentences
         grouped = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
         weights = torch.bmm(grouped, cache.keys.transpose(1, 2))  # (sentences * heads, beams, src_len)

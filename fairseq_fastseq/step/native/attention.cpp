@@ -428,9 +428,11 @@ at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, con
 // queries (rows, heads * head_dim), scaled, rows sentence-major (a sentence's beams
 // together); keys, values (sentences * heads, src_len, head_dim) contiguous; padding:
 // undefined, or (sentences, src_len) bool (true: masked). Each sentence's beams attend to its
-// one copy of the keys and values. Returns the attention output (rows, heads * head_dim).
+// one copy of the keys and values. Returns the attention output (rows, heads * head_dim);
+// with `averaged` (rows, src_len) float32 contiguous, writes there each row's attention
+// weights averaged over the heads (what fairseq's decoder reports as its attention).
 at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
-                             const c10::optional<at::Tensor>& padding, int64_t heads) {
+                             const c10::optional<at::Tensor>& padding, int64_t heads, const c10::optional<at::Tensor>& averaged) {
   check_float32_cpu("native grouped attention", queries, keys, values);
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous(),
               "native grouped attention: keys and values must be contiguous (sentences * heads, src_len, head_dim)");
@@ -455,6 +457,22 @@ at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, 
           for (int64_t b = 0; b < beams; ++b) s[(u * beams + b) * src_len + j] = masked;
   }
   softmax_rows(s, units * beams, src_len);
+  if (averaged.has_value() && averaged->defined()) {
+    const at::Tensor& mean = *averaged;
+    TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && mean.dim() == 2 && mean.size(0) == rows && mean.size(1) == src_len,
+                "native grouped attention: averaged must be (rows, src_len) float32, contiguous");
+    float* a = mean.data_ptr<float>();
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t sentence = row / std::max<int64_t>(beams, 1), b = row % std::max<int64_t>(beams, 1);
+      float* average = a + row * src_len;
+      for (int64_t j = 0; j < src_len; ++j) average[j] = 0.f;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* p = s + ((sentence * heads + h) * beams + b) * src_len;
+        for (int64_t j = 0; j < src_len; ++j) average[j] += p[j];
+      }
+      for (int64_t j = 0; j < src_len; ++j) average[j] /= static_cast<float>(heads);
+    }
+  }
   const float* probs = s;
   auto out = at::empty({rows, heads * head_dim}, queries.options());
   float* o = out.data_ptr<float>();
@@ -467,5 +485,6 @@ at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("self_attention", &self_attention, "one query per (row, head) against a time-major cache",
         py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("history") = py::none());
-  m.def("grouped_attention", &grouped_attention, "a sentence's beams against its one copy of the encoder keys/values");
+  m.def("grouped_attention", &grouped_attention, "a sentence's beams against its one copy of the encoder keys/values",
+        py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("averaged") = py::none());
 }
