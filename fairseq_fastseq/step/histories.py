@@ -7,8 +7,8 @@ holds that row's entry: its own for the newest slice, its ancestor's for the old
 beam reorder gathers the table's columns (a few thousand integers shared by all layers)
 instead of copying histories of keys and values per layer, as the slots of ``slots.py`` do
 for ``exact`` (whose ``bmm`` reads a row's history as one strided matrix); sentences that
-leave the batch leave their entries behind, unread. Figures: ``BENCHMARKS.md`` ("Histories
-read where they were written").
+leave the batch leave their entries behind, unread. Figures: ``BENCHMARKS.md`` ("the tiers'
+encoder on real source positions, histories read where written").
 """
 
 from typing import Optional

@@ -8,7 +8,9 @@
   weights interleaved per head, the query scaling folded in), its attention in C++ over the
   time-major cache (``native``), and the encoder keys/values
   kept once per sentence, attended by its beams as grouped queries (fairseq's BART path,
-  for every model; CTranslate2 does the same).
+  for every model; CTranslate2 does the same); the self-attention histories read where they
+  were written (``histories.py``) and the encoder's position-wise work on real source
+  positions (``source_rows.py``).
 - ``int8``: ``fused``, with every linear layer in dynamic int8 (PyTorch's fbgemm kernels:
   weights quantized per output channel once, activations per call); float32 elsewhere.
 

@@ -8,7 +8,8 @@ although attention masks the padded ones out (their keys get no weight). CTransl
 the position-wise work on the real positions only; the tiers do too: the linear layers, norms
 and residuals take the real rows, and only the attention's products see the padded layout,
 with zeros at padded positions. ``exact`` keeps fairseq's shapes (a product's last bit can
-depend on its row count). Figures: ``BENCHMARKS.md`` ("Encoder work on real source positions").
+depend on its row count). Figures: ``BENCHMARKS.md`` ("the tiers' encoder on
+real source positions, histories read where written").
 """
 
 from typing import Optional
