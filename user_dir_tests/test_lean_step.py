@@ -155,6 +155,17 @@ def test_finished_sentences_stay_in_the_encoder_cache_until_a_quarter_is_finishe
     assert torch.equal(cache.keys, keys.view(8, -1, 5, 4)[[0, 2, 4, 5, 6]].view(-1, 5, 4))
 
 
+@pytest.mark.parametrize("reads_live", [True, False])
+def test_grouped_encoder_caches_stay_until_a_quarter_is_finished_where_their_reader_takes_the_live_ones(reads_live):
+    """The tiers' C++ kernel reads the live sentences among the cached ones (``GROUPED``, as
+    ``PER_SENTENCE``); the bmm fallback reads a compact cache."""
+    keys = torch.arange(8 * 3 * 5 * 4, dtype=torch.float).view(8 * 3, 5, 4)  # 8 sentences, 3 heads
+    cache = encoder_caches.CrossAttentionCache(keys, keys.clone(), None, beams=2, heads=3, layout=encoder_caches.GROUPED, reads_live=reads_live)
+    cache.keep_sentences(torch.tensor([0, 1, 2, 4, 5, 6, 7]))
+    assert (cache.keys is keys) == reads_live and cache.cached_sentences == (8 if reads_live else 7)
+    assert (cache.live.tolist() if reads_live else cache.live) == ([0, 1, 2, 4, 5, 6, 7] if reads_live else None)
+
+
 @pytest.mark.parametrize("name", ["transformer", "bart", "transformer_lm"])
 def test_the_search_runs_no_fairseq_decoder_layer(toy_models, monkeypatch, name):
     model, task, batches = _fresh_model(toy_models[name])

@@ -87,6 +87,25 @@ def test_grouped_attention_is_each_beams_attention_over_its_sentence(sentences, 
     assert torch.equal(native.compiled().grouped_attention(queries, keys, values, padding, heads), got)
 
 
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_grouped_attention_reads_the_live_sentences_among_the_cached_ones(head_dim):
+    """Finished sentences stay in the encoder cache (``encoder_caches.py``): with ``live``, the
+    same bits as over a cache holding only the live sentences."""
+    torch.manual_seed(4)
+    cached, beams, heads, src_len, live = 5, 3, 2, 7, torch.tensor([4, 0, 2])
+    keys, values = (torch.randn(cached * heads, src_len, head_dim) for _ in range(2))
+    padding = torch.rand(cached, src_len) < 0.3
+    padding[:, 0] = False
+    queries = torch.randn(live.numel() * beams, heads * head_dim)
+    averaged, compact_averaged = (torch.empty(live.numel() * beams, src_len) for _ in range(2))
+    got = native.compiled().grouped_attention(queries, keys, values, padding, heads, averaged, live)
+    compact = [c.view(cached, heads, src_len, head_dim)[live].reshape(-1, src_len, head_dim) for c in (keys, values)]
+    assert torch.equal(got, native.compiled().grouped_attention(queries, *compact, padding[live], heads, compact_averaged))
+    assert torch.equal(averaged, compact_averaged)
+    with pytest.raises(RuntimeError, match="live names cached sentence 5 of 5"):
+        native.compiled().grouped_attention(queries, keys, values, padding, heads, None, torch.tensor([4, 0, 5]))
+
+
 @pytest.mark.parametrize("scale", [2.0**-8, 4.0])
 def test_the_kernels_softmax_holds_for_flat_and_for_sharp_scores(scale):
     """Scores from nearly equal to hundreds apart, exact in float32 (small integers times a

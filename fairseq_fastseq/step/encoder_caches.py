@@ -38,16 +38,20 @@ class CrossAttentionCache:
     the cached sentences may include finished ones (``live``: which cached sentences the
     search still has, None for all). ``FAIRSEQ_SHARED`` and ``GROUPED``: (sentences * heads,
     src_len, head_dim), as fairseq's strided views or contiguous, ``padding`` (sentences, 1,
-    1, 1, src_len), always compact. ``padding`` is None when no source has padding.
+    1, 1, src_len), compact, except ``GROUPED`` read by the C++ kernel, which takes ``live``
+    as ``PER_SENTENCE`` does. ``padding`` is None when no source has padding.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, layout: str) -> None:
+    def __init__(
+        self, keys: Tensor, values: Tensor, padding: Optional[Tensor], beams: int, heads: int, layout: str, reads_live: bool = False
+    ) -> None:
         self.keys, self.values, self.padding = keys, values, padding
         self.beams, self.heads, self.layout = beams, heads, layout
         self.beam_shared = layout != PER_BEAM
         # Finished sentences stay cached until ``MIN_LIVE_SHARE`` (a copy of the cache each time
-        # a sentence finishes would cost more than their wasted products).
-        self.lazy = layout in (PER_BEAM, PER_SENTENCE)
+        # a sentence finishes would cost more than their wasted products); ``GROUPED`` where
+        # its reader takes the live sentences (``reads_live``: the tiers' C++ kernel).
+        self.lazy = layout in (PER_BEAM, PER_SENTENCE) or (layout == GROUPED and reads_live)
         self.live: Optional[Tensor] = None  # (live sentences,) indices of cached sentences
         self._live_rows: Optional[Tensor] = None  # ``PER_BEAM``: (live rows,) indices of cached rows
         self._queries: Optional[Tensor] = None  # the cached rows' queries (``all_queries``, ``queries_by_beam``)

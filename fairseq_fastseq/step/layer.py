@@ -120,7 +120,7 @@ class CrossAttentionStep(_Attention):
                 for p in (self.k, self.v)
             )
         mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
-        return CrossAttentionCache(keys, values, mask, beams, self.heads, layout)
+        return CrossAttentionCache(keys, values, mask, beams, self.heads, layout, reads_live=self.native is not None)
 
     @staticmethod
     def _projected(project: Callable[[Tensor], Tensor], encoder_out: Tensor, padding: Optional[Tensor], layout: str) -> Tensor:
@@ -204,7 +204,8 @@ class CrossAttentionStep(_Attention):
         if self.native is not None:
             padding = None if cache.padding is None else cache.padding.view(sentences, -1)
             averaged = queries.new_empty(queries.size(0), cache.keys.size(1)) if need_weights else None
-            return self.out(self.native.grouped_attention(queries, cache.keys, cache.values, padding, heads, averaged)), averaged
+            context = self.native.grouped_attention(queries, cache.keys, cache.values, padding, heads, averaged, cache.live)
+            return self.out(context), averaged
         beams = queries.size(0) // sentences
         grouped = queries.view(sentences, beams, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beams, head_dim)
         weights = torch.bmm(grouped, cache.keys.transpose(1, 2))  # (sentences * heads, beams, src_len)

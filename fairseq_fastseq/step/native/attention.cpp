@@ -293,15 +293,25 @@ struct SumsPass {
   }
 };
 
-// For sentence-head unit u: scores[(u * beams + b) * src_len + j] = q(b) . keys[u][j], where
-// q(b) is beam b's query of that head (rows sentence-major, beams within).
+// The cached sentence-head unit of each live one: with `live` null, the same; else
+// live[sentence] is the live sentence's place in the cache (finished ones stay cached).
+struct CachedUnits {
+  const int64_t* live;
+  int64_t heads;
+
+  FASTSEQ_INLINE int64_t of(int64_t u) const { return live == nullptr ? u : live[u / heads] * heads + u % heads; }
+};
+
+// For live sentence-head unit u: scores[(u * beams + b) * src_len + j] = q(b) . keys[cached
+// unit][j], where q(b) is beam b's query of that head (rows sentence-major, beams within).
 template <int kChunks>
-FASTSEQ_INLINE void grouped_dot_products_of(const float* queries, int64_t row_stride, const float* keys, int64_t heads,
+FASTSEQ_INLINE void grouped_dot_products_of(const float* queries, int64_t row_stride, const float* keys, const CachedUnits& cached,
                                             int64_t beams, int64_t src_len, int64_t head_dim, int64_t begin,
                                             int64_t end, float* scores) {
+  const int64_t heads = cached.heads;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t sentence = u / heads, head = u % heads;
-    const float* k = keys + u * src_len * head_dim;
+    const float* k = keys + cached.of(u) * src_len * head_dim;
     if constexpr (kChunks > 0) {
       in_passes<kChunks, DotsPass>(
           beams, k, src_len, [&](int64_t b) { return queries + (sentence * beams + b) * row_stride + head * head_dim; },
@@ -322,12 +332,12 @@ FASTSEQ_INLINE void grouped_dot_products_of(const float* queries, int64_t row_st
 
 // out[(sentence * beams + b)][head * head_dim + d] = sum over j of probs[u, b, j] * values[u][j][d].
 template <int kChunks>
-FASTSEQ_INLINE void grouped_weighted_sums_of(const float* probs, const float* values, int64_t heads, int64_t beams,
+FASTSEQ_INLINE void grouped_weighted_sums_of(const float* probs, const float* values, const CachedUnits& cached, int64_t beams,
                                              int64_t src_len, int64_t head_dim, int64_t begin, int64_t end, float* out) {
-  const int64_t row_width = heads * head_dim;
+  const int64_t heads = cached.heads, row_width = heads * head_dim;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t sentence = u / heads, head = u % heads;
-    const float* v = values + u * src_len * head_dim;
+    const float* v = values + cached.of(u) * src_len * head_dim;
     float* first = out + sentence * beams * row_width + head * head_dim;  // beam b's: b rows further
     if constexpr (kChunks > 0) {
       in_passes<kChunks, SumsPass>(
@@ -345,15 +355,15 @@ FASTSEQ_INLINE void grouped_weighted_sums_of(const float* probs, const float* va
   }
 }
 
-FASTSEQ_CLONES void grouped_dot_products(const float* queries, int64_t row_stride, const float* keys, int64_t heads,
+FASTSEQ_CLONES void grouped_dot_products(const float* queries, int64_t row_stride, const float* keys, const CachedUnits& cached,
                                          int64_t beams, int64_t src_len, int64_t head_dim, int64_t begin, int64_t end,
                                          float* scores) {
-  FASTSEQ_BY_HEAD_DIM(grouped_dot_products_of, head_dim, queries, row_stride, keys, heads, beams, src_len, head_dim, begin, end, scores)
+  FASTSEQ_BY_HEAD_DIM(grouped_dot_products_of, head_dim, queries, row_stride, keys, cached, beams, src_len, head_dim, begin, end, scores)
 }
 
-FASTSEQ_CLONES void grouped_weighted_sums(const float* probs, const float* values, int64_t heads, int64_t beams,
+FASTSEQ_CLONES void grouped_weighted_sums(const float* probs, const float* values, const CachedUnits& cached, int64_t beams,
                                           int64_t src_len, int64_t head_dim, int64_t begin, int64_t end, float* out) {
-  FASTSEQ_BY_HEAD_DIM(grouped_weighted_sums_of, head_dim, probs, values, heads, beams, src_len, head_dim, begin, end, out)
+  FASTSEQ_BY_HEAD_DIM(grouped_weighted_sums_of, head_dim, probs, values, cached, beams, src_len, head_dim, begin, end, out)
 }
 
 // Enough (row, head) pieces per task that a thread's share of a time slice is a long run.
@@ -426,34 +436,45 @@ at::Tensor self_attention(const at::Tensor& queries, const at::Tensor& keys, con
 }
 
 // queries (rows, heads * head_dim), scaled, rows sentence-major (a sentence's beams
-// together); keys, values (sentences * heads, src_len, head_dim) contiguous; padding:
-// undefined, or (sentences, src_len) bool (true: masked). Each sentence's beams attend to its
-// one copy of the keys and values. Returns the attention output (rows, heads * head_dim);
-// with `averaged` (rows, src_len) float32 contiguous, writes there each row's attention
-// weights averaged over the heads (what fairseq's decoder reports as its attention).
+// together); keys, values (cached sentences * heads, src_len, head_dim) contiguous; padding:
+// undefined, or (cached sentences, src_len) bool (true: masked); live: undefined (every cached
+// sentence is live, in order), or (sentences,) int64, each live sentence's place in the cache.
+// Each sentence's beams attend to its one copy of the keys and values. Returns the attention
+// output (rows, heads * head_dim); with `averaged` (rows, src_len) float32 contiguous, writes
+// there each row's attention weights averaged over the heads (fairseq's decoder attention).
 at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
-                             const c10::optional<at::Tensor>& padding, int64_t heads, const c10::optional<at::Tensor>& averaged) {
+                             const c10::optional<at::Tensor>& padding, int64_t heads, const c10::optional<at::Tensor>& averaged,
+                             const c10::optional<at::Tensor>& live) {
   check_float32_cpu("native grouped attention", queries, keys, values);
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous(),
               "native grouped attention: keys and values must be contiguous (sentences * heads, src_len, head_dim)");
-  const int64_t units = keys.size(0), src_len = keys.size(1), head_dim = keys.size(2);
-  const int64_t sentences = units / heads, rows = queries.size(0), beams = sentences > 0 ? rows / sentences : 0;
-  TORCH_CHECK(units == sentences * heads && rows == sentences * beams && queries.size(1) == heads * head_dim && queries.stride(1) == 1,
+  const int64_t cached_sentences = keys.size(0) / heads, src_len = keys.size(1), head_dim = keys.size(2);
+  CachedUnits cached{nullptr, heads};
+  int64_t sentences = cached_sentences;
+  if (live.has_value() && live->defined()) {
+    TORCH_CHECK(live->scalar_type() == at::kLong && live->dim() == 1 && live->is_contiguous(), "native grouped attention: live must be (sentences,) int64");
+    const int64_t* l = live->data_ptr<int64_t>();
+    for (int64_t i = 0; i < live->size(0); ++i)
+      TORCH_CHECK(l[i] >= 0 && l[i] < cached_sentences, "native grouped attention: live names cached sentence ", l[i], " of ", cached_sentences);
+    cached.live = l, sentences = live->size(0);
+  }
+  const int64_t units = sentences * heads, rows = queries.size(0), beams = sentences > 0 ? rows / sentences : 0;
+  TORCH_CHECK(keys.size(0) == cached_sentences * heads && rows == sentences * beams && queries.size(1) == heads * head_dim && queries.stride(1) == 1,
               "native grouped attention: queries must be (sentences * beams, heads * head_dim)");
   auto scores = at::empty({units, beams, src_len}, queries.options());
   float* s = scores.data_ptr<float>();
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    grouped_dot_products(queries.data_ptr<float>(), queries.stride(0), keys.data_ptr<float>(), heads, beams, src_len, head_dim, begin, end, s);
+    grouped_dot_products(queries.data_ptr<float>(), queries.stride(0), keys.data_ptr<float>(), cached, beams, src_len, head_dim, begin, end, s);
   });
   if (padding.has_value() && padding->defined()) {
     const at::Tensor& pad = *padding;
-    TORCH_CHECK(pad.scalar_type() == at::kBool && pad.dim() == 2 && pad.size(0) == sentences && pad.size(1) == src_len,
-                "native grouped attention: padding must be (sentences, src_len) bool");
+    TORCH_CHECK(pad.scalar_type() == at::kBool && pad.dim() == 2 && pad.size(0) == cached_sentences && pad.size(1) == src_len,
+                "native grouped attention: padding must be (cached sentences, src_len) bool");
     const bool* p = pad.data_ptr<bool>();
     const float masked = -std::numeric_limits<float>::infinity();
     for (int64_t u = 0; u < units; ++u)
       for (int64_t j = 0; j < src_len; ++j)
-        if (p[(u / heads) * pad.stride(0) + j * pad.stride(1)])
+        if (p[(cached.of(u) / heads) * pad.stride(0) + j * pad.stride(1)])
           for (int64_t b = 0; b < beams; ++b) s[(u * beams + b) * src_len + j] = masked;
   }
   softmax_rows(s, units * beams, src_len);
@@ -477,7 +498,7 @@ at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, 
   auto out = at::empty({rows, heads * head_dim}, queries.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    grouped_weighted_sums(probs, values.data_ptr<float>(), heads, beams, src_len, head_dim, begin, end, o);
+    grouped_weighted_sums(probs, values.data_ptr<float>(), cached, beams, src_len, head_dim, begin, end, o);
   });
   return out;
 }
@@ -486,5 +507,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("self_attention", &self_attention, "one query per (row, head) against a time-major cache",
         py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("history") = py::none());
   m.def("grouped_attention", &grouped_attention, "a sentence's beams against its one copy of the encoder keys/values",
-        py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("averaged") = py::none());
+        py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("padding"), py::arg("heads"), py::arg("averaged") = py::none(),
+        py::arg("live") = py::none());
 }
