@@ -104,8 +104,10 @@ class CrossAttentionStep(_Attention):
             mask = None if padding is None else padding.repeat_interleave(beams, dim=0).view(-1, 1, 1, src_len)
             return CrossAttentionCache(keys, values, mask, beams, self.heads, PER_BEAM)
         if layout in (PER_SENTENCE, GROUPED):  # contiguous per sentence and head
+            # ``GROUPED`` (the tiers): the real source positions only (``source_rows.py``)
+            source_rows = SourceRows.of(padding) if layout == GROUPED else None
             keys, values = (
-                self._projected(p, encoder_out, padding, layout).view(src_len, sentences, self.heads, self.head_dim)
+                SourceRows.projected(source_rows, p, encoder_out).view(src_len, sentences, self.heads, self.head_dim)
                 .permute(1, 2, 0, 3).contiguous().view(sentences * self.heads, src_len, self.head_dim)
                 for p in (self.k, self.v)
             )  # fmt: skip
@@ -121,16 +123,6 @@ class CrossAttentionStep(_Attention):
             )
         mask = None if padding is None else padding.view(sentences, 1, 1, 1, src_len)
         return CrossAttentionCache(keys, values, mask, beams, self.heads, layout, reads_live=self.native is not None)
-
-    @staticmethod
-    def _projected(project: Callable[[Tensor], Tensor], encoder_out: Tensor, padding: Optional[Tensor], layout: str) -> Tensor:
-        """``project(encoder_out)``, time-major; ``GROUPED`` (the tiers that round differently)
-        projects the real source positions only, zeros at the padded ones (``source_rows.py``),
-        whose keys attention masks out."""
-        source_rows = SourceRows.of(padding) if layout == GROUPED else None
-        if source_rows is None:
-            return project(encoder_out.contiguous())
-        return source_rows.spread(project(source_rows.take(encoder_out.reshape(-1, encoder_out.size(2)))))
 
     def __call__(self, x: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The attention output (rows, embed_dim) and, with ``need_weights``, the weights

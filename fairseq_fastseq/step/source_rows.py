@@ -12,7 +12,7 @@ depend on its row count). Figures: ``BENCHMARKS.md`` ("the tiers' encoder on
 real source positions, histories read where written").
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -38,3 +38,12 @@ class SourceRows:
     def spread(self, real_rows: Tensor) -> Tensor:
         """(real, ...) rows back in the padded layout (total, ...), zeros at padded positions."""
         return real_rows.new_zeros(self.total, *real_rows.shape[1:]).index_copy_(0, self.real, real_rows)
+
+    @staticmethod
+    def projected(source_rows: Optional["SourceRows"], project: Callable[[Tensor], Tensor], time_major: Tensor) -> Tensor:
+        """``project`` of time-major (src_len, sentences, dim) rows, in that order: of the real
+        rows only, zeros at padded positions (whose keys attention masks out); of every row,
+        fairseq's call, without ``source_rows``."""
+        if source_rows is None:
+            return project(time_major.contiguous())
+        return source_rows.spread(project(source_rows.take(time_major.reshape(-1, time_major.size(2)))))
