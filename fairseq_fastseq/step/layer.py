@@ -24,7 +24,7 @@ from .caches import SelfAttentionCache
 from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
 from .kernels import ExactKernels
-from .source_rows import SourceRows
+from .source_rows import SourceRows, projected
 
 def layer_norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
@@ -107,7 +107,7 @@ class CrossAttentionStep(_Attention):
             # ``GROUPED`` (the tiers): the real source positions only (``source_rows.py``)
             source_rows = SourceRows.of(padding) if layout == GROUPED else None
             keys, values = (
-                SourceRows.projected(source_rows, p, encoder_out).view(src_len, sentences, self.heads, self.head_dim)
+                projected(p, encoder_out, source_rows).view(src_len, sentences, self.heads, self.head_dim)
                 .permute(1, 2, 0, 3).contiguous().view(sentences * self.heads, src_len, self.head_dim)
                 for p in (self.k, self.v)
             )  # fmt: skip

@@ -39,11 +39,11 @@ class SourceRows:
         """(real, ...) rows back in the padded layout (total, ...), zeros at padded positions."""
         return real_rows.new_zeros(self.total, *real_rows.shape[1:]).index_copy_(0, self.real, real_rows)
 
-    @staticmethod
-    def projected(source_rows: Optional["SourceRows"], project: Callable[[Tensor], Tensor], time_major: Tensor) -> Tensor:
-        """``project`` of time-major (src_len, sentences, dim) rows, in that order: of the real
-        rows only, zeros at padded positions (whose keys attention masks out); of every row,
-        fairseq's call, without ``source_rows``."""
-        if source_rows is None:
-            return project(time_major.contiguous())
-        return source_rows.spread(project(source_rows.take(time_major.reshape(-1, time_major.size(2)))))
+
+def projected(project: Callable[[Tensor], Tensor], time_major: Tensor, source_rows: Optional[SourceRows]) -> Tensor:
+    """``project`` of time-major (src_len, sentences, dim) rows, in that order: of the real
+    rows only, zeros at padded positions (whose keys attention masks out); of every row,
+    fairseq's call, without ``source_rows``."""
+    if source_rows is None:
+        return project(time_major.contiguous())
+    return source_rows.spread(project(source_rows.take(time_major.reshape(-1, time_major.size(2)))))

@@ -484,7 +484,7 @@ at::Tensor grouped_attention(const at::Tensor& queries, const at::Tensor& keys, 
                 "native grouped attention: averaged must be (rows, src_len) float32, contiguous");
     float* a = mean.data_ptr<float>();
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t sentence = row / std::max<int64_t>(beams, 1), b = row % std::max<int64_t>(beams, 1);
+      const int64_t sentence = row / beams, b = row % beams;  // rows > 0: beams > 0 (checked above)
       float* average = a + row * src_len;
       for (int64_t j = 0; j < src_len; ++j) average[j] = 0.f;
       for (int64_t h = 0; h < heads; ++h) {
