@@ -94,3 +94,23 @@ def _build_toy_models(root: Path) -> Dict[str, ToyModel]:
             name: ToyModel(name=name, checkpoint=training.result(), data_bin=data_bin, task=task, bpe_model=bpe_model)
             for name, (training, task, data_bin, bpe_model) in jobs.items()
         }
+
+
+@pytest.fixture
+def failing_build(monkeypatch):
+    """Every native build fails as without a compiler; the native loaders' caches cleared
+    before and after (they remember a loaded or a failed build)."""
+    import torch.utils.cpp_extension
+
+    from fairseq_fastseq.step import native
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    loaders = (native.compiled, native.exact_gemm)
+    for loader in loaders:
+        loader.cache_clear()
+    yield
+    for loader in loaders:
+        loader.cache_clear()

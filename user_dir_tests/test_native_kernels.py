@@ -142,21 +142,11 @@ def test_only_the_tiers_that_round_differently_use_it_and_only_on_cpu_float32():
     assert kernels.Int8Kernels().native_attention(weight.double()) is None
 
 
-def test_without_a_build_the_tiers_fall_back_to_bmm_and_say_why(monkeypatch, caplog):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: g++: command not found")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    native.compiled.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
-            assert kernels.FusedKernels().native_attention(torch.zeros(4, 4)) is None
-        assert "native self-attention kernel is unavailable (RuntimeError: Error building extension: g++: command not found)" in caplog.text
-        assert "through bmm instead" in caplog.text
-    finally:
-        native.compiled.cache_clear()
+def test_without_a_build_the_tiers_fall_back_to_bmm_and_say_why(failing_build, caplog):
+    with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
+        assert kernels.FusedKernels().native_attention(torch.zeros(4, 4)) is None
+    assert "native self-attention kernel is unavailable (RuntimeError: Error building extension: g++: command not found)" in caplog.text
+    assert "through bmm instead" in caplog.text
 
 
 @pytest.mark.parametrize("rows", [3, 2 * ROWS_PER_CALL, 2 * ROWS_PER_CALL + 1, 5 * ROWS_PER_CALL + 7])

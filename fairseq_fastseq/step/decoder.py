@@ -105,7 +105,7 @@ class LeanDecoder:
         if project is not None:
             return lambda features, temperature: log_probabilities_in_place(project(features), temperature)
         weight = bufferable_projection(self.model)
-        return BufferedOutput(weight, pool) if weight is not None else None
+        return BufferedOutput(weight, pool, self.kernels.buffered_output_projection(weight)) if weight is not None else None
 
     def step(
         self, tokens: Tensor, step: int, caches: LayerCaches, need_attention: bool, temperature: float

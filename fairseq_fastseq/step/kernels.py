@@ -29,7 +29,9 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from . import native
+from .column_blocks import BlockedProjection
 from .cpu import CPU_VENDOR, HAS_VNNI
+from .exact_gemm import native_linear
 from .prepared import int8_packed, interleaved_qkv, scaled_linear
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,35 @@ class ExactKernels:
     # The tier's output projection in calls of a bounded number of rows (``output.RowChunkedOutput``).
     output_in_row_chunks = False
 
+    def __init__(self) -> None:
+        self._prepared: Dict[Tuple, object] = {}
+
     def linear(self, module: nn.Linear) -> Projection:
-        return exact_linear(module.weight, module.bias)
+        return self.exact_projection(module.weight, module.bias)
+
+    def exact_projection(self, weight: Tensor, bias: Optional[Tensor], fallback: Optional[Projection] = None) -> Projection:
+        """``fallback`` (default ``exact_linear``: MKL's ``addmm``, with ``out=``) through
+        the native kernel on the shapes where it gives the same bits (``exact_gemm.py``)."""
+        fallback = fallback or exact_linear(weight, bias)
+        pack = lambda: self.prepared(("exact_gemm",), (weight,), lambda: native.exact_gemm().pack(weight.detach()))
+        return native_linear(weight, bias, fallback, pack)
+
+    def buffered_output_projection(self, weight: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """(features, out) -> logits written into ``out``, for fairseq's ``mm`` into the
+        per-batch buffers (``output.py``): MKL in column blocks or the native kernel, both
+        with one ``mm``'s bits."""
+        blocked = BlockedProjection(weight)
+        project = self.exact_projection(weight, None, lambda x, out=None: blocked(x, x.new_empty(x.size(0), weight.size(0)) if out is None else out))
+        return lambda features, out: project(features, out=out)
+
+    def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
+        """``make()``, cached for the identity and version of ``tensors`` (in-place changes
+        of a parameter bump its version; tensors made in inference mode, such as prepared
+        weights prepared again, have none and change only there, never by a caller)."""
+        full_key = key + tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
+        if full_key not in self._prepared:
+            self._prepared[full_key] = make()
+        return self._prepared[full_key]
 
     def feed_forward_in(self, module: nn.Linear, activation: Callable[[Tensor], Tensor]) -> Projection:
         """``activation(fc1(x))``; ReLU in place (the same values)."""
@@ -86,7 +115,7 @@ class ExactKernels:
         contiguous rows), sparing their copy; None where the tier cannot."""
         heads = (attention.num_heads, attention.head_dim)
         q = self.queries(attention)
-        k, v = (exact_linear(m.weight, m.bias) for m in (attention.k_proj, attention.v_proj))
+        k, v = (self.exact_projection(m.weight, m.bias) for m in (attention.k_proj, attention.v_proj))
 
         def projections(x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
             k(x, out=keys)
@@ -114,9 +143,6 @@ class FusedKernels(ExactKernels):
     grouped_encoder_attention = True
     tier_encoder = True
     first_step_per_sentence = True
-
-    def __init__(self) -> None:
-        self._prepared: Dict[Tuple, object] = {}
 
     def linear(self, module: nn.Linear) -> Projection:
         return self._linear(module.weight, module.bias, "none")
@@ -152,15 +178,6 @@ class FusedKernels(ExactKernels):
             return torch.relu_(out) if relu else out
 
         return project
-
-    def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
-        """``make()``, cached for the identity and version of ``tensors`` (in-place changes
-        of a parameter bump its version; tensors made in inference mode, such as prepared
-        weights prepared again, have none and change only there, never by a caller)."""
-        full_key = key + tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
-        if full_key not in self._prepared:
-            self._prepared[full_key] = make()
-        return self._prepared[full_key]
 
     def queries(self, attention: MultiheadAttention) -> Projection:
         module = attention.q_proj

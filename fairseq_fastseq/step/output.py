@@ -58,11 +58,14 @@ class _PerBatchBuffer:
 
 class BufferedOutput(_PerBatchBuffer):
     """Log-probabilities (rows, vocab) of features (rows, dim) through ``weight`` (fairseq's
-    ``mm``, in column blocks where bitwise the same), into the per-batch buffer."""
+    ``mm``, in column blocks where bitwise the same, or ``project`` (features, out) with its
+    bits), into the per-batch buffer."""
 
-    def __init__(self, weight: Tensor, pool: Optional[BufferPool] = None) -> None:
+    def __init__(
+        self, weight: Tensor, pool: Optional[BufferPool] = None, project: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    ) -> None:
         super().__init__(weight, pool)
-        self.project = BlockedProjection(weight)
+        self.project = project or BlockedProjection(weight)
 
     def __call__(self, features: Tensor, temperature: float) -> Tensor:
         return log_probabilities_in_place(self.project(features, self._rows(features.size(0))), temperature)

@@ -1,19 +1,23 @@
-"""C++ kernels of the kernel tiers that round differently (``fused``, ``int8``): the
-self-attention of one query per (row, head) over the time-major cache (``attention.cpp``).
+"""C++ kernels: the self-attention of the kernel tiers that round differently (``fused``,
+``int8``; ``attention.cpp``), and the linear layers of ``exact`` in MKL's own order of
+operations (``exact_gemm.cpp``, for CPUs with AVX-512).
 
 Compiled once per machine and source by ``torch.utils.cpp_extension`` (g++ and ninja) into
-PyTorch's extension cache; ``install.sh`` builds it ahead (``python -m
-fairseq_fastseq.step.native``), so a search only loads it. Where it cannot be built, the
-tiers run the same attention through ``bmm`` (slower, the same class of rounding) and one
-log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the int8 output
-projection in row chunks", "the tiers' attention with sums in registers and its own softmax").
+PyTorch's extension cache; ``install.sh`` builds them ahead (``python -m
+fairseq_fastseq.step.native``), so a search only loads them. Where one cannot be built, its
+users run PyTorch's operators instead (``bmm`` for the tiers' attention, MKL's ``addmm`` for
+``exact``) and one log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the
+int8 output projection in row chunks", "the tiers' attention with sums in registers and its
+own softmax", "exact's linear layers in MKL's order").
 """
 
 import functools
 import logging
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import List, Optional
+
+from ..cpu import PROCESSOR
 
 logger = logging.getLogger(__name__)
 
@@ -22,34 +26,56 @@ EXTENSION = "fairseq_fastseq_attention"
 # Sums may be reassociated (vectorized reductions); no other fast-math (the masked scores are -inf).
 FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
+EXACT_GEMM_SOURCE = Path(__file__).with_name("exact_gemm.cpp")
+EXACT_GEMM_EXTENSION = "fairseq_fastseq_exact_gemm"
+# No fast-math of any kind: each multiply-add and add is one rounding, in the order written.
+EXACT_GEMM_FLAGS = ["-O3", "-mavx512f", "-mfma"]
+HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 
-@functools.lru_cache(maxsize=None)
-def compiled() -> Optional[ModuleType]:
-    """The compiled kernels (built on first use where the cache lacks them), or None with a
-    log line naming why not."""
+
+def _load(extension: str, source: Path, flags: List[str], what: str, instead: str) -> Optional[ModuleType]:
+    """The compiled extension (built on first use where the cache lacks it), or None with a
+    log line naming ``what`` is missing, why, and what runs ``instead``."""
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        if not (Path(_get_build_directory(EXTENSION, False)) / f"{EXTENSION}.so").exists():
+        if not (Path(_get_build_directory(extension, False)) / f"{extension}.so").exists():
             logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
-        return load(EXTENSION, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+        return load(extension, [str(source)], extra_cflags=flags, verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
         logger.warning(
-            "kernels: the native self-attention kernel is unavailable (%s: %s); the kernel tiers run it "
-            "through bmm instead (slower, outputs as before). Install g++ and ninja and run "
+            "kernels: the native %s is unavailable (%s: %s); %s. Install g++ and ninja and run "
             "'python -m fairseq_fastseq.step.native' to build it.",
-            type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "no message",
+            what, type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "no message", instead,
         )  # fmt: skip
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def compiled() -> Optional[ModuleType]:
+    """The tiers' attention kernels, or None (they run ``bmm`` then)."""
+    instead = "the kernel tiers run it through bmm instead (slower, outputs as before)"
+    return _load(EXTENSION, SOURCE, FLAGS, "self-attention kernel", instead)
+
+
+@functools.lru_cache(maxsize=None)
+def exact_gemm() -> Optional[ModuleType]:
+    """``exact``'s linear-layer kernel, or None (MKL's ``addmm`` then): on CPUs without AVX-512
+    it is not built at all."""
+    if not HAS_AVX512:
+        return None
+    instead = "exact runs MKL's addmm instead (slower, the same bits)"
+    return _load(EXACT_GEMM_EXTENSION, EXACT_GEMM_SOURCE, EXACT_GEMM_FLAGS, "exact linear kernel", instead)
+
+
 def main() -> None:
-    """Build (or find) the kernels; exit 1 where they cannot be built."""
+    """Build (or find) the kernels; exit 1 where one that this CPU can run cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    kernels = compiled()
-    if kernels is None:
+    built = {"attention": compiled(), "exact linear": exact_gemm() if HAS_AVX512 else "not for this CPU (no AVX-512)"}
+    if any(kernels is None for kernels in built.values()):
         raise SystemExit(1)
-    logger.info("native kernels ready: %s", kernels.__file__)
+    for name, kernels in built.items():
+        logger.info("native kernels, %s: %s", name, getattr(kernels, "__file__", kernels))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""``exact``'s linear layers through our own kernel, bit for bit MKL's.
+
+MKL's single-precision product gives each output element as the bias (or nothing) plus, for
+each block of the inner dimension in turn, that block's dot product summed from zero by
+fused multiply-adds in index order (on the AMD EPYC of BENCHMARKS.md: one block up to 192
+inner terms, two halves up to 384, blocks of 192 and the rest beyond). The bits depend only
+on that order; tiling, threads and the weight's layout are free. ``native/exact_gemm.cpp``
+keeps the order, packs each weight once (MKL packs its operands per call) and tiles for
+this core: 1.1-1.2x MKL at 160 rows, 1.5-2.8x at 5-40 rows (BENCHMARKS.md, "exact's
+linear layers in MKL's order").
+
+Nothing is assumed: the blocks are found per inner dimension by trying candidates against
+MKL on this machine (none found: MKL for that dimension), and the first time a shape comes
+(rows, inner and output dimensions, bias or not, threads) the kernel's output is compared bit
+for bit with MKL's on that call's own operands, the caller getting MKL's. Where they differ
+(MKL takes another path at 1-3 rows, a matrix-vector product at 1), that shape stays on MKL.
+"""
+
+import functools
+import logging
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import native
+
+logger = logging.getLogger(__name__)
+
+# out = x @ weight.T (+ bias): (rows, in) [, out (rows, out_features)] -> out
+Projection = Callable[..., Tensor]
+
+# A shape's check compares at least this many outputs (random operands added to the call's
+# own, in at most MAX_DRAWS draws): the fuzzer found a 1-row shape of 8 outputs whose call agreed.
+CHECKED_ELEMENTS, MAX_DRAWS = 4096, 64
+
+# (rows, inner, outputs, bias, threads) -> whether the kernel gave MKL's bits there
+_SAME_BITS: Dict[Tuple[int, int, int, bool, int], bool] = {}
+
+
+def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
+    """Bounds (0, ..., inner) of the blocks to try: equal parts (2-8), then every width that
+    is a multiple of 16 with the rest last (one block included)."""
+    candidates = []
+    for parts in range(2, 9):
+        width = -(-inner // parts)
+        candidates.append(tuple(range(0, inner, width)) + (inner,))
+    for width in [*range(16, inner, 16), inner]:
+        candidates.append(tuple(range(0, inner, width)) + (inner,))
+    return list(dict.fromkeys(candidates))
+
+
+@functools.lru_cache(maxsize=None)
+def mkl_blocks(inner: int, threads: int) -> Optional[Tuple[int, ...]]:
+    """The blocks of the inner dimension in which MKL sums on this machine, or None where
+    no candidate gives its bits (random operands of 16 rows and 40 outputs, with a bias)."""
+    kernels = native.exact_gemm()
+    generator = torch.Generator().manual_seed(inner)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((16, inner), (40, inner), (40,)))
+    want, packed = torch.addmm(bias, x, weight.t()), kernels.pack(weight)
+    for bounds in candidate_blocks(inner):
+        got = torch.empty_like(want)
+        kernels.linear_into(x, packed, bias, list(bounds), got)
+        if same_bits(got, want):
+            return bounds
+    logger.info("exact linear layers: no block order of %d inner terms gives MKL's bits on this CPU; MKL there", inner)
+    return None
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two float32 tensors hold the same bits (signed zeros and NaNs included)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+class NativeLinear:
+    """``x @ weight.T + bias`` (rows, outputs) through the native kernel on the shapes where
+    it was checked to give ``fallback``'s (MKL's) bits, through ``fallback`` elsewhere."""
+
+    def __init__(self, kernels: ModuleType, packed: Tensor, weight: Tensor, bias: Optional[Tensor], fallback: Projection) -> None:
+        self.kernels, self.packed, self.bias, self.fallback = kernels, packed, bias, fallback
+        self.inner, self.outputs = weight.size(1), weight.size(0)
+
+    def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        threads = torch.get_num_threads()
+        bounds = mkl_blocks(self.inner, threads) if self._fits(x, out) else None
+        if bounds is None:
+            return self.fallback(x, out=out)
+        shape = (x.size(0), self.inner, self.outputs, self.bias is not None, threads)
+        same = _SAME_BITS.get(shape)
+        if same is None:
+            return self._check(x, out, shape)
+        return self._kernel(x, out) if same else self.fallback(x, out=out)
+
+    def _fits(self, x: Tensor, out: Optional[Tensor]) -> bool:
+        rows_of = lambda t: t.dim() == 2 and t.stride(1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
+        return rows_of(x) and (out is None or rows_of(out)) and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def _check(self, x: Tensor, out: Optional[Tensor], shape: Tuple) -> Tensor:
+        """MKL's output; whether the kernel gives its bits at ``shape``, recorded: on this
+        call's operands and on random ones of the same shape, at least ``CHECKED_ELEMENTS``
+        outputs in all (on a few outputs of a few terms two orders can agree by chance)."""
+        want = self.fallback(x, out=out)
+        same = same_bits(self._kernel(x), want)
+        generator = torch.Generator().manual_seed(len(_SAME_BITS))
+        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel()))):
+            probe = torch.randn(x.shape, generator=generator)
+            same = same and same_bits(self._kernel(probe), self.fallback(probe))
+        _SAME_BITS[shape] = same
+        if not same:
+            logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
+        return want
+
+    def _kernel(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        out = out if out is not None else x.new_empty(x.size(0), self.outputs)
+        self.kernels.linear_into(x, self.packed, self.bias, list(mkl_blocks(self.inner, torch.get_num_threads())), out)
+        return out
+
+
+def native_linear(weight: Tensor, bias: Optional[Tensor], fallback: Projection, packed: Callable[[], Tensor]) -> Projection:
+    """``fallback`` (MKL's product with ``out=``) through the native kernel where it gives the
+    same bits; ``fallback`` itself where the kernel cannot run (no AVX-512, no build, not a
+    CPU float32 weight). ``packed()`` gives the weight packed by the kernel (cached by the caller)."""
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    kernels = native.exact_gemm() if cpu_fp32 else None
+    if kernels is None:
+        return fallback
+    return NativeLinear(kernels, packed(), weight, bias, fallback)

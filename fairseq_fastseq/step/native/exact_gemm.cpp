@@ -1,0 +1,120 @@
+// The linear layers of `--fast-kernels exact` with MKL's own order of operations, faster.
+//
+// Each output element of MKL's single-precision product (`addmm`, `mm`), as the CPU of
+// BENCHMARKS.md runs it, is: the bias (or nothing), then for each block of the inner dimension
+// in turn the block's dot product, summed from zero by fused multiply-adds in index order,
+// added to the element. Which blocks is calibrated per inner dimension against MKL on the
+// machine (`exact_gemm.py`), and every shape is checked bit for bit before it is used. The
+// order of operations per element is all that fixes the bits: how elements are tiled, which
+// thread computes which columns, and the weight's layout (packed once here, per call in MKL)
+// are free, and that is where the time goes.
+//
+// Compiled without any fast-math flag: every multiply-add and add below is one rounding,
+// in the order written.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // output columns per packed panel: two 16-float vectors
+constexpr int kRowsPerTile = 6; // 6 rows x 2 vectors = 12 accumulators
+
+// One tile: rows [0, R) of x against one panel, over inner indices [k0, k1); the block's sums
+// are added to c (or, for the first block, to the bias or to nothing).
+template <int R>
+inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1, float* c, int64_t ldc,
+                 bool first, const float* bias, __mmask16 low, __mmask16 high) {
+  __m512 sum[R][2];
+  for (int r = 0; r < R; ++r) {
+    sum[r][0] = _mm512_setzero_ps();
+    sum[r][1] = _mm512_setzero_ps();
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel), w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      sum[r][0] = _mm512_fmadd_ps(a, w0, sum[r][0]);
+      sum[r][1] = _mm512_fmadd_ps(a, w1, sum[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* row = c + r * ldc;
+    __m512 c0 = sum[r][0], c1 = sum[r][1];
+    if (!first) {
+      c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(low, row), c0);
+      c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(high, row + 16), c1);
+    } else if (bias != nullptr) {
+      c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(low, bias), c0);
+      c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(high, bias + 16), c1);
+    }
+    _mm512_mask_storeu_ps(row, low, c0);
+    _mm512_mask_storeu_ps(row + 16, high, c1);
+  }
+}
+
+using Tile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool, const float*,
+                      __mmask16, __mmask16);
+constexpr Tile kTiles[kRowsPerTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+__mmask16 lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+}  // namespace
+
+// weight (out_features, in_features) -> (panels, in_features, 32), the columns of panel p
+// being output features [32p, 32p + 32), zero past the last.
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu(),
+              "exact_gemm.pack: a 2-D CPU float32 weight");
+  const auto source = weight.contiguous();
+  const int64_t n = source.size(0), k = source.size(1), panels = (n + kPanel - 1) / kPanel;
+  auto packed = torch::zeros({panels, k, kPanel}, source.options());
+  const float* w = source.data_ptr<float>();
+  float* p = packed.data_ptr<float>();
+  for (int64_t column = 0; column < n; ++column)
+    for (int64_t i = 0; i < k; ++i) p[((column / kPanel) * k + i) * kPanel + column % kPanel] = w[column * k + i];
+  return packed;
+}
+
+// out (rows, out_features) = bias + x (rows, in_features) @ weight.T, with x's and out's rows
+// at any stride (columns contiguous), in the blocks of the inner dimension that `bounds` gives
+// (0 = b0 < b1 < ... = in_features).
+void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                 const std::vector<int64_t>& bounds, torch::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1, "exact_gemm.linear_into: 2-D rows");
+  const int64_t rows = x.size(0), k = x.size(1), n = out.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == k && out.size(0) == rows && (n + kPanel - 1) / kPanel == panels, "exact_gemm.linear_into: shapes");
+  TORCH_CHECK(bounds.size() >= 2 && bounds.front() == 0 && bounds.back() == k, "exact_gemm.linear_into: blocks");
+  const float* xs = x.data_ptr<float>();
+  const float* ws = packed.data_ptr<float>();
+  const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* cs = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldc = out.stride(0);
+  // Panels apart on threads: each element is computed whole by one thread, in the same order.
+  at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
+      const __mmask16 low = lanes(width), high = lanes(width - 16);
+      const float* panel = ws + p * k * kPanel;
+      const float* panel_bias = bs != nullptr ? bs + column : nullptr;
+      for (size_t block = 0; block + 1 < bounds.size(); ++block) {
+        for (int64_t row = 0; row < rows; row += kRowsPerTile) {
+          const int64_t tile_rows = std::min<int64_t>(kRowsPerTile, rows - row);
+          kTiles[tile_rows](xs + row * ldx, ldx, panel, bounds[block], bounds[block + 1], cs + row * ldc + column, ldc,
+                            block == 0, panel_bias, low, high);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
+  m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given");
+}

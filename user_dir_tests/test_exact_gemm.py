@@ -1,0 +1,141 @@
+"""``exact``'s linear layers through the native kernel (``step/exact_gemm.py``): MKL's bits on
+every shape, through the kernel only where the check found them equal."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq_fastseq.step import exact_gemm, kernels, native
+from fairseq_fastseq.step.exact_gemm import NativeLinear, mkl_blocks, native_linear, same_bits
+
+pytestmark = pytest.mark.skipif(native.exact_gemm() is None, reason="no AVX-512 or the kernel could not be built here")
+
+
+def mkl(weight, bias):
+    return kernels.exact_linear(weight, bias)
+
+
+def linear_of(weight, bias, fallback=None):
+    packed = native.exact_gemm().pack(weight)
+    return NativeLinear(native.exact_gemm(), packed, weight, bias, fallback or mkl(weight, bias))
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    monkeypatch.setattr(exact_gemm, "_SAME_BITS", {})
+
+
+@pytest.mark.parametrize("inner", [256, 512, 1024])
+def test_mkl_blocks_are_found_on_this_cpu(inner):
+    """The decoder's inner dimensions (model and feed-forward widths) have a block order here:
+    without it the kernel never runs."""
+    assert mkl_blocks(inner, torch.get_num_threads()) is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 32, 160])
+@pytest.mark.parametrize("inner, outputs, bias", [(256, 768, True), (1024, 256, True), (256, 8008, False), (512, 40, True)])
+def test_every_call_has_mkls_bits_and_the_kernel_runs_where_checked(rows, inner, outputs, bias):
+    torch.manual_seed(rows)
+    weight, x = torch.randn(outputs, inner) * 0.05, torch.randn(rows, inner)
+    b = torch.randn(outputs) if bias else None
+    linear, want = linear_of(weight, b), F.linear(x, weight, b)
+    for _ in range(2):  # the check's call, then the kernel's (or MKL's where it differs)
+        assert same_bits(linear(x), want)
+    if rows >= 5:  # MKL's own path at these rows is the blocked one on AVX-512 CPUs measured
+        assert exact_gemm._SAME_BITS == {(rows, inner, outputs, bias, torch.get_num_threads()): True}
+
+
+def test_a_shape_where_the_bits_differ_stays_on_the_fallback():
+    """A fallback that rounds otherwise (here: one ulp up) stands for an MKL path the kernel
+    does not reproduce: after the check, every call at that shape is the fallback's."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(64, 256), torch.randn(64), torch.randn(16, 256)
+    calls = []
+
+    def other(x, out=None):
+        calls.append(x.size(0))
+        return torch.nextafter(F.linear(x, weight, bias), torch.tensor(float("inf")))
+
+    linear, want = linear_of(weight, bias, other), other(x)
+    assert same_bits(linear(x), want)  # the check
+    assert exact_gemm._SAME_BITS[(16, 256, 64, True, torch.get_num_threads())] is False
+    calls.clear()
+    for _ in range(3):
+        assert same_bits(linear(x), want)
+    assert calls == [16, 16, 16]
+
+
+def test_a_check_compares_enough_outputs_to_tell_orders_apart(monkeypatch):
+    """One row onto 8 outputs is 8 numbers: two summation orders can agree on them by chance
+    (the fuzzer found such a call). The check adds random operands of the same shape, here
+    (16 rows x 32 outputs, a shape where the kernel gives MKL's bits) 8 draws."""
+    torch.manual_seed(4)
+    weight, x = torch.randn(32, 64), torch.randn(16, 64)
+    probes = []
+    original = exact_gemm.NativeLinear._kernel
+
+    def counting(self, x, out=None):
+        probes.append(x.size(0))
+        return original(self, x, out)
+
+    monkeypatch.setattr(exact_gemm.NativeLinear, "_kernel", counting)
+    linear_of(weight, None)(x)
+    assert len(probes) == 1 + exact_gemm.CHECKED_ELEMENTS // (16 * 32)
+    assert exact_gemm._SAME_BITS == {(16, 64, 32, False, torch.get_num_threads()): True}
+
+
+def test_out_rows_at_a_stride_are_written_in_place():
+    """The self-attention keys/values are written into a slice of the cache's rows."""
+    torch.manual_seed(1)
+    weight, bias, x = torch.randn(48, 256), torch.randn(48), torch.randn(10, 256)
+    cache = torch.zeros(10, 100)
+    linear = linear_of(weight, bias)
+    for _ in range(2):
+        got = linear(x, out=cache[:, 20:68])
+        assert got.data_ptr() == cache[:, 20:68].data_ptr()
+        assert same_bits(cache[:, 20:68], F.linear(x, weight, bias))
+    assert cache[:, :20].eq(0).all() and cache[:, 68:].eq(0).all()
+
+
+def test_kernels_repack_a_weight_changed_in_place():
+    torch.manual_seed(2)
+    module, x = torch.nn.Linear(256, 64), torch.randn(8, 256)
+    tier = kernels.ExactKernels()
+    before = tier.linear(module)(x)
+    with torch.no_grad():
+        module.weight.mul_(2)
+    after = tier.linear(module)(x)
+    assert same_bits(before, F.linear(x, module.weight / 2, module.bias))
+    assert same_bits(after, F.linear(x, module.weight, module.bias))
+
+
+def test_the_output_projection_writes_the_buffer_with_one_mms_bits():
+    torch.manual_seed(3)
+    weight, features = torch.randn(8008, 256) * 0.05, torch.randn(40, 256)
+    project = kernels.ExactKernels().buffered_output_projection(weight)
+    buffer = torch.empty(40, 8008)
+    for _ in range(2):
+        assert project(features, buffer) is buffer
+        assert same_bits(buffer, torch.mm(features, weight.t()))
+
+
+def test_without_the_kernel_exact_is_mkl_itself(monkeypatch):
+    monkeypatch.setattr(native, "exact_gemm", lambda: None)
+    weight, fallback = torch.randn(8, 16), mkl(torch.randn(8, 16), None)
+    assert native_linear(weight, None, fallback, packed=lambda: pytest.fail("nothing to pack")) is fallback
+
+
+def test_no_block_order_found_means_mkl_and_a_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(exact_gemm, "candidate_blocks", lambda inner: [(0, 100, inner)])
+    with caplog.at_level(logging.INFO, logger="fairseq_fastseq.step.exact_gemm"):
+        assert mkl_blocks.__wrapped__(256, 1) is None
+    assert "no block order of 256 inner terms gives MKL's bits on this CPU; MKL there" in caplog.text
+
+
+def test_a_failed_build_says_what_exact_runs_instead(failing_build, caplog):
+    with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
+        assert native.exact_gemm() is None
+    assert "native exact linear kernel is unavailable (RuntimeError: Error building extension" in caplog.text
+    assert "exact runs MKL's addmm instead (slower, the same bits)" in caplog.text
