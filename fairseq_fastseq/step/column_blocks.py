@@ -62,7 +62,10 @@ class BlockedProjection:
         # Each block's transposed weight, a view taken once (as ``mm`` operands, per call).
         self._block_weights = {block.start: weight[block].t() for block in self.blocks or ()}
 
-    def __call__(self, features: Tensor, out: Tensor) -> Tensor:
+    def __call__(self, features: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The logits (rows, vocabulary), into ``out`` (a new tensor where None)."""
+        if out is None:
+            out = features.new_empty(features.size(0), self.weight.size(0))
         rows, threads = features.size(0), torch.get_num_threads()
         if self.blocks is None or not blocks_help(rows, threads):
             return self._one_call(features, out)

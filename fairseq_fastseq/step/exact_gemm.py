@@ -12,8 +12,9 @@ linear layers in MKL's order").
 Nothing is assumed: the blocks are found per inner dimension by trying candidates against
 MKL on this machine (none found: MKL for that dimension), and the first time a shape comes
 (rows, inner and output dimensions, bias or not, threads) the kernel's output is compared bit
-for bit with MKL's on that call's own operands, the caller getting MKL's. Where they differ
-(MKL takes another path at 1-3 rows, a matrix-vector product at 1), that shape stays on MKL.
+for bit with MKL's on that call's own operands and on random operands of the same shape, the
+caller getting MKL's. Where they differ (MKL takes another path at 1-3 rows, a matrix-vector
+product at 1), that shape stays on MKL.
 """
 
 import functools
@@ -61,7 +62,7 @@ def mkl_blocks(inner: int, threads: int) -> Optional[Tuple[int, ...]]:
     want, packed = torch.addmm(bias, x, weight.t()), kernels.pack(weight)
     for bounds in candidate_blocks(inner):
         got = torch.empty_like(want)
-        kernels.linear_into(x, packed, bias, list(bounds), got)
+        kernels.linear_into(x, packed, bias, bounds, got)
         if same_bits(got, want):
             return bounds
     logger.info("exact linear layers: no block order of %d inner terms gives MKL's bits on this CPU; MKL there", inner)
@@ -89,32 +90,38 @@ class NativeLinear:
         shape = (x.size(0), self.inner, self.outputs, self.bias is not None, threads)
         same = _SAME_BITS.get(shape)
         if same is None:
-            return self._check(x, out, shape)
-        return self._kernel(x, out) if same else self.fallback(x, out=out)
+            return self._check(x, out, bounds, shape)
+        return self._kernel(x, bounds, out) if same else self.fallback(x, out=out)
 
     def _fits(self, x: Tensor, out: Optional[Tensor]) -> bool:
-        rows_of = lambda t: t.dim() == 2 and t.stride(1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
-        return rows_of(x) and (out is None or rows_of(out)) and not (torch.is_grad_enabled() and x.requires_grad)
+        return _cpu_rows(x) and (out is None or _cpu_rows(out)) and not (torch.is_grad_enabled() and x.requires_grad)
 
-    def _check(self, x: Tensor, out: Optional[Tensor], shape: Tuple) -> Tensor:
+    def _check(self, x: Tensor, out: Optional[Tensor], bounds: Tuple[int, ...], shape: Tuple) -> Tensor:
         """MKL's output; whether the kernel gives its bits at ``shape``, recorded: on this
         call's operands and on random ones of the same shape, at least ``CHECKED_ELEMENTS``
         outputs in all (on a few outputs of a few terms two orders can agree by chance)."""
         want = self.fallback(x, out=out)
-        same = same_bits(self._kernel(x), want)
+        same = same_bits(self._kernel(x, bounds), want)
         generator = torch.Generator().manual_seed(len(_SAME_BITS))
-        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel()))):
+        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel())) if same else 0):
             probe = torch.randn(x.shape, generator=generator)
-            same = same and same_bits(self._kernel(probe), self.fallback(probe))
+            if not same_bits(self._kernel(probe, bounds), self.fallback(probe)):
+                same = False
+                break
         _SAME_BITS[shape] = same
         if not same:
             logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
         return want
 
-    def _kernel(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    def _kernel(self, x: Tensor, bounds: Tuple[int, ...], out: Optional[Tensor] = None) -> Tensor:
         out = out if out is not None else x.new_empty(x.size(0), self.outputs)
-        self.kernels.linear_into(x, self.packed, self.bias, list(mkl_blocks(self.inner, torch.get_num_threads())), out)
+        self.kernels.linear_into(x, self.packed, self.bias, bounds, out)
         return out
+
+
+def _cpu_rows(t: Tensor) -> bool:
+    """Whether ``t`` is CPU float32 rows (2-D, columns contiguous), as the kernel takes them."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def native_linear(weight: Tensor, bias: Optional[Tensor], fallback: Projection, packed: Callable[[], Tensor]) -> Projection:

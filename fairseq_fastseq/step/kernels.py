@@ -73,9 +73,7 @@ class ExactKernels:
         """(features, out) -> logits written into ``out``, for fairseq's ``mm`` into the
         per-batch buffers (``output.py``): MKL in column blocks or the native kernel, both
         with one ``mm``'s bits."""
-        blocked = BlockedProjection(weight)
-        project = self.exact_projection(weight, None, lambda x, out=None: blocked(x, x.new_empty(x.size(0), weight.size(0)) if out is None else out))
-        return lambda features, out: project(features, out=out)
+        return self.exact_projection(weight, None, BlockedProjection(weight))
 
     def prepared(self, key: Tuple, tensors: Tuple[Tensor, ...], make: Callable[[], object]) -> object:
         """``make()``, cached for the identity and version of ``tensors`` (in-place changes
