@@ -280,3 +280,18 @@ def test_linear_sweep_flags_where_the_rule_picks_the_slower_kernel():
     assert rows[-3].endswith("| F.linear | **no** |") and rows[-2].endswith("| yes |") and rows[-1].endswith("| oneDNN | yes |")
     with pytest.raises(SystemExit):
         linear_sweep.main(["--shapes", "512"])
+
+
+def test_exact_kernels_time_each_kernel_beside_the_call_whose_bits_it_keeps():
+    from benchmarks import exact_kernels
+    from fairseq_fastseq.step import native
+
+    if native.exact_gemm() is None or native.exact_attention() is None:
+        pytest.skip("no AVX-512 or the kernels could not be built here")
+    results = exact_kernels.linear_rows([5], [(256, 40)], 1e-4, 1) + exact_kernels.attention_rows([2], [3, 9], 4, 1e-4, 1)
+    assert [r["product"] for r in results] == ["linear (addmm)"] + ["scores (bmm)", "context (bmm)"] * 2
+    assert all(r["same_bits"] for r in results)  # the orders exact relies on, at both of bmm's paths
+    table = exact_kernels.markdown([dict(results[0], same_bits=False)], "title").splitlines()
+    assert table[-1].startswith("| linear (addmm) | 5 x 256 -> 40 |") and table[-1].endswith("| **no** |")
+    with pytest.raises(SystemExit):
+        exact_kernels.main(["--rows", "0"])

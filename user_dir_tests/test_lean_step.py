@@ -19,7 +19,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
-from fairseq_fastseq.step import caches, encoder_caches, layer
+from fairseq_fastseq.step import caches, encoder_caches, exact_attention, kernels, layer
 from fairseq_fastseq.step.coverage import why_not_lean
 from fairseq_fastseq.step.encoder_projection import MIN_ROWS_PROJECTED_ONCE
 
@@ -97,15 +97,22 @@ def test_exact_keys_and_values_are_written_into_the_cache_by_their_products(toy_
 
 
 @pytest.mark.parametrize(
-    "name, need_attention, chunk_bytes",
-    [("transformer", True, layer.CACHE_RESIDENT_BYTES), ("transformer_prenorm_2heads", False, 3000)],  # 3000 bytes: a few matrices a chunk
+    "name, need_attention, chunk_bytes, native_products",
+    [
+        ("transformer", True, exact_attention.CACHE_RESIDENT_BYTES, True),
+        ("transformer", True, exact_attention.CACHE_RESIDENT_BYTES, False),
+        ("transformer_prenorm_2heads", False, 3000, False),  # 3000 bytes: a few matrices a chunk
+    ],
 )
-def test_encoder_keys_once_per_sentence_give_fairseqs_per_beam_products(toy_models, monkeypatch, name, need_attention, chunk_bytes):
+def test_encoder_keys_once_per_sentence_give_fairseqs_per_beam_products(toy_models, monkeypatch, name, need_attention, chunk_bytes, native_products):
     """A batch large enough to project the encoder output once per sentence: each beam's
     queries attend in turn to one copy of the keys/values per sentence (``PER_SENTENCE``),
-    all matrices at once or a few at a time, with finished sentences kept in the cache, then
-    compacted; bitwise fairseq's."""
-    monkeypatch.setattr(layer, "CACHE_RESIDENT_BYTES", chunk_bytes)
+    all matrices at once or a few at a time (``bmm``), or all beams of a matrix at once (the
+    native products, where built), with finished sentences kept in the cache, then compacted;
+    bitwise fairseq's."""
+    monkeypatch.setattr(exact_attention, "CACHE_RESIDENT_BYTES", chunk_bytes)
+    if not native_products:
+        monkeypatch.setattr(kernels, "attention_products", lambda weight: exact_attention.AttentionProducts(None))
     model, task, batches = _fresh_model(toy_models[name], batch_size=40)
     sample, beam, dictionary = batches[0], 3, task.target_dictionary
     sentences, src_len = sample["net_input"]["src_tokens"].shape
@@ -122,10 +129,10 @@ def test_encoder_keys_once_per_sentence_give_fairseqs_per_beam_products(toy_mode
 
 
 def test_cache_resident_chunks_cover_every_matrix_once(monkeypatch):
-    monkeypatch.setattr(layer, "CACHE_RESIDENT_BYTES", 1000)
-    chunks = layer._cache_resident_chunks(10, 300)  # 3 matrices a chunk
+    monkeypatch.setattr(exact_attention, "CACHE_RESIDENT_BYTES", 1000)
+    chunks = exact_attention.cache_resident_chunks(10, 300)  # 3 matrices a chunk
     assert [(c.start, c.stop) for c in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert [(c.start, c.stop) for c in layer._cache_resident_chunks(4, 5000)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [(c.start, c.stop) for c in exact_attention.cache_resident_chunks(4, 5000)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def test_an_ensemble_and_a_temperature_combine_as_fairseqs(toy_models):

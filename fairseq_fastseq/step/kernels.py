@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from . import native
 from .column_blocks import BlockedProjection
 from .cpu import CPU_VENDOR, HAS_VNNI
+from .exact_attention import AttentionProducts, attention_products
 from .exact_gemm import native_linear
 from .prepared import int8_packed, interleaved_qkv, scaled_linear
 
@@ -131,6 +132,10 @@ class ExactKernels:
         """The C++ attention kernels (``native``) for an attention with this weight, or None
         for fairseq's ``bmm`` / softmax / ``bmm``."""
         return None
+
+    def attention_products(self, weight: Tensor) -> AttentionProducts:
+        """fairseq's two ``bmm`` of an attention with this weight, with their bits (``exact_attention.py``)."""
+        return attention_products(weight)
 
 
 class FusedKernels(ExactKernels):

@@ -3,7 +3,8 @@
 The arithmetic is fairseq's ``TransformerDecoderLayerBase.forward`` with
 ``MultiheadAttention`` for one query position: with the ``exact`` kernels (``kernels.py``) the
 same linear layers (``F.linear`` on the same rows), the same ``bmm``/``einsum`` products
-(encoder attention: the same matrices, one ``bmm`` per beam), float32 softmax and layer
+(encoder attention: the same matrices, one ``bmm`` per beam; on CPUs with AVX-512 through
+our own kernels in their order, ``exact_attention.py``), float32 softmax and layer
 norms, and the residual added in place (``a + b`` and ``b + a`` are the same float). Dropout
 is left out: the coverage check (``coverage.py``) only lets models through whose dropout is off in
 inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
@@ -11,7 +12,7 @@ inference. Activations are ``(rows, embed_dim)``: for one position fairseq's
 differently (``fused``, ``int8``) take the attention's products to C++ (``native``).
 """
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from .caches import SelfAttentionCache
 from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
+from .exact_attention import by_matrix, cache_resident_chunks, each_beams_products
 from .kernels import ExactKernels
 from .source_rows import SourceRows, projected
 
@@ -49,10 +51,21 @@ class _Attention:
         self.scaled_queries = kernels.queries(module)
         self.heads, self.head_dim, self.embed_dim = module.num_heads, module.head_dim, module.embed_dim
         self.native = kernels.native_attention(module.k_proj.weight)  # None: fairseq's products
+        self.products = kernels.attention_products(module.k_proj.weight)  # fairseq's products, with their bits
 
     def heads_view(self, q: Tensor) -> Tensor:
         """Scaled queries (rows, heads, head_dim) as fairseq's (rows * heads, 1, head_dim) view."""
         return q.view(1, q.size(0) * self.heads, self.head_dim).transpose(0, 1)
+
+    def scores(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """``bmm(queries, keys.transpose(1, 2))``: (matrices, 1, head_dim), (matrices, length, head_dim) -> (matrices, 1, length)."""
+        out = queries.new_empty(queries.size(0), 1, keys.size(1))
+        return self.products.scores(queries, keys, out, lambda: torch.bmm(queries, keys.transpose(1, 2), out=out))
+
+    def context(self, probs: Tensor, values: Tensor) -> Tensor:
+        """``bmm(probs, values)``: (matrices, 1, length), (matrices, length, head_dim) -> (matrices, 1, head_dim)."""
+        out = probs.new_empty(probs.size(0), 1, values.size(2))
+        return self.products.context(probs, values, out, lambda: torch.bmm(probs, values, out=out))
 
     def output(self, context: Tensor, rows: int) -> Tensor:
         """(rows * heads, 1, head_dim) -> the output projection, (rows, embed_dim)."""
@@ -80,11 +93,11 @@ class SelfAttentionStep(_Attention):
                 q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads, cache.history()
             )
             return self.out(context.view(rows, self.embed_dim))
-        weights = torch.bmm(self.heads_view(q), keys.transpose(1, 2))  # (rows * heads, 1, length)
+        weights = self.scores(self.heads_view(q), keys)  # (rows * heads, 1, length)
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
         _, probs = _softmax(weights)
-        return self.out(torch.bmm(probs, values).view(rows, self.embed_dim))  # (rows * heads, 1, head_dim): contiguous
+        return self.out(self.context(probs, values).view(rows, self.embed_dim))  # (rows * heads, 1, head_dim): contiguous
 
 
 class CrossAttentionStep(_Attention):
@@ -143,7 +156,7 @@ class CrossAttentionStep(_Attention):
             ).reshape(rows * self.heads, 1, -1)
             masked = weights.view(sentences, -1, self.heads, 1, weights.size(-1))
         else:  # the cached rows, finished ones included (``CrossAttentionCache``)
-            weights = torch.bmm(cache.all_queries(q), cache.keys.transpose(1, 2))  # (rows * heads, 1, src_len)
+            weights = self.scores(cache.all_queries(q), cache.keys)  # (rows * heads, 1, src_len)
             masked = weights.view(-1, self.heads, 1, weights.size(-1))
         if cache.padding is not None:
             masked.masked_fill_(cache.padding, float("-inf"))
@@ -155,7 +168,7 @@ class CrossAttentionStep(_Attention):
                 cache.values.view(sentences, self.heads, *cache.values.shape[1:]),
             ).reshape(rows * self.heads, 1, self.head_dim)
         else:
-            context = cache.live_part(torch.bmm(probs, cache.values))
+            context = cache.live_part(self.context(probs, cache.values))
         averaged = _mean_over_heads(cache.live_part(probs_float).view(rows, self.heads, 1, -1), x) if need_weights else None
         return self.output(context, rows), averaged
 
@@ -172,12 +185,13 @@ class CrossAttentionStep(_Attention):
         by_beam = by_beam.view(beams, matrices, 1, head_dim)
         weights = by_beam.new_empty(beams, matrices, 1, src_len)
         context = by_beam.new_empty(beams, matrices, 1, head_dim)
-        chunks = _cache_resident_chunks(matrices, cache.keys[0].numel() * cache.keys.element_size())
-        _each_beams_products(by_beam, cache.keys.transpose(1, 2), weights, chunks)
+        chunks = cache_resident_chunks(matrices, cache.keys[0].numel() * cache.keys.element_size())
+        keys = cache.keys.transpose(1, 2)
+        self.products.scores(by_matrix(by_beam), cache.keys, by_matrix(weights), lambda: each_beams_products(by_beam, keys, weights, chunks))
         if cache.padding is not None:
             weights.view(beams, cached, heads, 1, src_len).masked_fill_(cache.padding, float("-inf"))
         probs_float, probs = _softmax(weights)
-        _each_beams_products(probs, cache.values, context, chunks)
+        self.products.context(by_matrix(probs), cache.values, by_matrix(context), lambda: each_beams_products(probs, cache.values, context, chunks))
         live = cache.live_sentences(context.view(beams, cached, heads * head_dim))  # (beams, live sentences, embed_dim)
         rows = live.size(1) * beams
         out = self.out(live.transpose(0, 1).reshape(rows, self.embed_dim))
@@ -211,29 +225,6 @@ class CrossAttentionStep(_Attention):
         if need_weights:
             averaged = probs_float.view(sentences, heads, beams, -1).float().to(out).mean(dim=1).view(rows, -1)
         return out, averaged
-
-
-# Each beam's product reads its sentence's keys (values) again: taken a chunk of matrices at a
-# time, about this many bytes, the beams after the first find them in the CPU's last-level
-# cache instead of memory (long sources: BENCHMARKS.md, "Encoder keys/values once per sentence").
-CACHE_RESIDENT_BYTES = 4 * 2**20
-
-
-def _cache_resident_chunks(matrices: int, bytes_per_matrix: int) -> List[slice]:
-    """Consecutive slices of ``matrices`` of about ``CACHE_RESIDENT_BYTES`` each (at least one matrix)."""
-    size = max(1, CACHE_RESIDENT_BYTES // max(1, bytes_per_matrix))
-    return [slice(start, min(start + size, matrices)) for start in range(0, matrices, size)]
-
-
-def _each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: List[slice]) -> None:
-    """``out[beam] = per_beam[beam] @ shared`` for every beam, (matrices, m, k) @ (matrices, k, n)
-    with ``shared`` the same for all beams: one ``bmm`` per chunk of matrices and beam, every
-    beam before the next chunk."""
-    whole = len(chunks) == 1  # the common case: nothing to slice
-    for chunk in chunks:
-        matrices, rows, outs = (shared, per_beam, out) if whole else (shared[chunk], per_beam[:, chunk], out[:, chunk])
-        for beam_rows, beam_out in zip(rows.unbind(0), outs.unbind(0)):  # each beam's views from one call
-            torch.bmm(beam_rows, matrices, out=beam_out)
 
 
 def _mean_over_heads(per_row: Tensor, like: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """C++ kernels: the self-attention of the kernel tiers that round differently (``fused``,
-``int8``; ``attention.cpp``), and the linear layers of ``exact`` in MKL's own order of
-operations (``exact_gemm.cpp``, for CPUs with AVX-512).
+``int8``; ``attention.cpp``), and the linear layers and attention products of ``exact`` in
+MKL's and ATen's own order of operations (``exact_gemm.cpp``, ``exact_attention.cpp``, for
+CPUs with AVX-512).
 
 Compiled once per machine and source by ``torch.utils.cpp_extension`` (g++ and ninja) into
 PyTorch's extension cache; ``install.sh`` builds them ahead (``python -m
@@ -8,7 +9,8 @@ fairseq_fastseq.step.native``), so a search only loads them. Where one cannot be
 users run PyTorch's operators instead (``bmm`` for the tiers' attention, MKL's ``addmm`` for
 ``exact``) and one log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the
 int8 output projection in row chunks", "the tiers' attention with sums in registers and its
-own softmax", "exact's linear layers in MKL's order").
+own softmax", "exact's linear layers in MKL's order", "exact's attention products in bmm's
+order").
 """
 
 import functools
@@ -30,6 +32,10 @@ EXACT_GEMM_SOURCE = Path(__file__).with_name("exact_gemm.cpp")
 EXACT_GEMM_EXTENSION = "fairseq_fastseq_exact_gemm"
 # No fast-math of any kind: each multiply-add and add is one rounding, in the order written.
 EXACT_GEMM_FLAGS = ["-O3", "-mavx512f", "-mfma"]
+EXACT_ATTENTION_SOURCE = Path(__file__).with_name("exact_attention.cpp")
+EXACT_ATTENTION_EXTENSION = "fairseq_fastseq_exact_attention"
+# Multiplies and adds never fused into one rounding: bmm's kernels round each product.
+EXACT_ATTENTION_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off"]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 
 
@@ -68,10 +74,24 @@ def exact_gemm() -> Optional[ModuleType]:
     return _load(EXACT_GEMM_EXTENSION, EXACT_GEMM_SOURCE, EXACT_GEMM_FLAGS, "exact linear kernel", instead)
 
 
+@functools.lru_cache(maxsize=None)
+def exact_attention() -> Optional[ModuleType]:
+    """``exact``'s attention products, or None (``bmm`` then): not built without AVX-512."""
+    if not HAS_AVX512:
+        return None
+    instead = "exact runs bmm instead (slower, the same bits)"
+    return _load(EXACT_ATTENTION_EXTENSION, EXACT_ATTENTION_SOURCE, EXACT_ATTENTION_FLAGS, "exact attention kernel", instead)
+
+
 def main() -> None:
     """Build (or find) the kernels; exit 1 where one that this CPU can run cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    built = {"attention": compiled(), "exact linear": exact_gemm() if HAS_AVX512 else "not for this CPU (no AVX-512)"}
+    unsupported = "not for this CPU (no AVX-512)"
+    built = {
+        "attention": compiled(),
+        "exact linear": exact_gemm() if HAS_AVX512 else unsupported,
+        "exact attention": exact_attention() if HAS_AVX512 else unsupported,
+    }
     if any(kernels is None for kernels in built.values()):
         raise SystemExit(1)
     for name, kernels in built.items():

@@ -1,0 +1,140 @@
+"""``exact``'s attention products through our own kernels, bit for bit ``bmm``'s.
+
+The decoder step's attention is two ``bmm`` calls of one query row per matrix: scores =
+queries (matrices, 1, head_dim) @ keys^T, and context = probabilities (matrices, 1, length) @
+values. ``bmm`` hands them to ATen's own loop (under 400 multiply-adds) or to MKL, one
+matrix-vector product per matrix, with a call overhead per matrix that is most of their
+time at these sizes. ``native/exact_attention.cpp`` computes each output element in the
+order these kernels do on the CPU of BENCHMARKS.md (found there by cancelling pairs of terms,
+"exact's attention products in bmm's order"), for all of a sentence's beams against its keys
+in one pass.
+
+Nothing is assumed: the first time a kind of product comes at a length (and thread count),
+the kernel's output is compared bit for bit with ``bmm``'s on that call's operands and on
+random ones, the caller getting ``bmm``'s; where they differ, that length stays on ``bmm``.
+Scores whose queries or keys are off the 16-byte alignment that the caches keep (MKL's
+order changes with it) or whose heads are not 64 wide go to ``bmm`` unchecked.
+"""
+
+import logging
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import native
+from .exact_gemm import CHECKED_ELEMENTS, MAX_DRAWS, same_bits
+
+logger = logging.getLogger(__name__)
+
+SCORES, CONTEXT = "scores", "context"
+_SAME_BITS: Dict[Tuple[str, int, int], bool] = {}  # (kind, length, threads) -> the kernel gave bmm's bits
+ALIGNMENT_FLOATS = 4  # 16 bytes
+
+
+class AttentionProducts:
+    """``out[m, i] = a[m, i] @ b[m]`` for each query row ``i`` (``bmm`` of one row per matrix):
+    scores (``b`` = keys transposed) or context (``b`` = values), through the native kernel
+    where it was checked to give ``bmm``'s bits."""
+
+    def __init__(self, kernels: Optional[ModuleType]) -> None:
+        self.kernels = kernels
+
+    def scores(self, queries: Tensor, keys: Tensor, out: Tensor, reference: Callable[[], None]) -> Tensor:
+        """queries (matrices, rows, head_dim), keys (matrices, length, head_dim) -> ``out``
+        (matrices, rows, length); ``reference()`` writes ``bmm``'s result into ``out``."""
+        fits = queries.size(2) == 64 and _aligned_rows(queries) and _aligned_rows(keys)  # MKL's order depends on it
+        return self._product(SCORES, queries, keys, out, reference, fits)
+
+    def context(self, probs: Tensor, values: Tensor, out: Tensor, reference: Callable[[], None]) -> Tensor:
+        """probs (matrices, rows, length), values (matrices, length, dim) -> ``out`` (matrices, rows, dim)."""
+        fits = values.size(2) % 16 == 0 and all(_cpu_rows(t) for t in (probs, values))
+        return self._product(CONTEXT, probs, values, out, reference, fits)
+
+    def _product(self, kind: str, a: Tensor, b: Tensor, out: Tensor, reference: Callable[[], None], fits: bool) -> Tensor:
+        differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        if self.kernels is None or differentiable or not (fits and _cpu_rows(out)):
+            reference()
+            return out
+        key = (kind, b.size(1), torch.get_num_threads())
+        same = _SAME_BITS.get(key)
+        if same is None:
+            reference()
+            _SAME_BITS[key] = self._check(kind, a, b, out, key)
+        elif same:
+            self._kernel(kind, a, b, out)
+        else:
+            reference()
+        return out
+
+    def _kernel(self, kind: str, a: Tensor, b: Tensor, out: Tensor) -> None:
+        (self.kernels.scores_into if kind == SCORES else self.kernels.context_into)(a, b, out)
+
+    def _check(self, kind: str, a: Tensor, b: Tensor, want: Tensor, key: Tuple) -> bool:
+        """Whether the kernel gives ``want`` (``bmm``'s on the call's operands) and ``bmm``'s
+        on random operands of the same shape, at least ``CHECKED_ELEMENTS`` outputs in all."""
+        got = torch.empty_like(want)
+        self._kernel(kind, a, b, got)
+        same = same_bits(got, want)
+        generator = torch.Generator().manual_seed(len(_SAME_BITS))
+        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel())) if same else 0):
+            a_probe, b_probe = (torch.randn(t.shape, generator=generator) for t in (a, b))
+            self._kernel(kind, a_probe, b_probe, got)
+            if not same_bits(got, _bmm_per_row(kind, a_probe, b_probe)):
+                same = False
+                break
+        if not same:
+            logger.debug("exact attention: bmm for the %s at length %d (%d threads)", *key)
+        return same
+
+
+# Each beam's product reads its sentence's keys (values) again: taken a chunk of matrices at a
+# time, about this many bytes, the beams after the first find them in the CPU's last-level
+# cache instead of memory (long sources: BENCHMARKS.md, "Encoder keys/values once per sentence").
+CACHE_RESIDENT_BYTES = 4 * 2**20
+
+
+def cache_resident_chunks(matrices: int, bytes_per_matrix: int) -> List[slice]:
+    """Consecutive slices of ``matrices`` of about ``CACHE_RESIDENT_BYTES`` each (at least one matrix)."""
+    size = max(1, CACHE_RESIDENT_BYTES // max(1, bytes_per_matrix))
+    return [slice(start, min(start + size, matrices)) for start in range(0, matrices, size)]
+
+
+def each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: List[slice]) -> None:
+    """``out[beam] = per_beam[beam] @ shared`` for every beam, (matrices, m, k) @ (matrices, k, n)
+    with ``shared`` the same for all beams: one ``bmm`` per chunk of matrices and beam, every
+    beam before the next chunk."""
+    whole = len(chunks) == 1  # the common case: nothing to slice
+    for chunk in chunks:
+        matrices, rows, outs = (shared, per_beam, out) if whole else (shared[chunk], per_beam[:, chunk], out[:, chunk])
+        for beam_rows, beam_out in zip(rows.unbind(0), outs.unbind(0)):  # each beam's views from one call
+            torch.bmm(beam_rows, matrices, out=beam_out)
+
+
+def by_matrix(per_beam: Tensor) -> Tensor:
+    """(beams, matrices, 1, n) -> the same memory as (matrices, beams, n)."""
+    return per_beam[:, :, 0].transpose(0, 1)
+
+
+def _bmm_per_row(kind: str, a: Tensor, b: Tensor) -> Tensor:
+    """``bmm`` of each row of ``a`` on its own (one row per matrix, as the decoder step calls it)."""
+    b = b.transpose(1, 2) if kind == SCORES else b
+    return torch.cat([torch.bmm(a[:, i : i + 1], b) for i in range(a.size(1))], dim=1)
+
+
+def _cpu_rows(t: Tensor) -> bool:
+    """(matrices, rows, columns) CPU float32 with contiguous columns, as the kernels take them."""
+    return t.dim() == 3 and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(2) == 1
+
+
+def _aligned_rows(t: Tensor) -> bool:
+    """``_cpu_rows`` with every row starting on a 16-byte boundary."""
+    aligned = t.data_ptr() % (4 * ALIGNMENT_FLOATS) == 0 and t.stride(0) % ALIGNMENT_FLOATS == 0
+    return _cpu_rows(t) and aligned and (t.size(1) == 1 or t.stride(1) % ALIGNMENT_FLOATS == 0)
+
+
+def attention_products(weight: Tensor) -> AttentionProducts:
+    """The products for an attention with this weight: native where it is CPU float32 and built."""
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    return AttentionProducts(native.exact_attention() if cpu_fp32 else None)

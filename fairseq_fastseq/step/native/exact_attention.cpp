@@ -1,0 +1,182 @@
+// The attention products of `--fast-kernels exact` with the bits of PyTorch's `bmm`, faster.
+//
+// For one query per matrix (the decoder step), PyTorch's `bmm` on the CPU takes one of two
+// paths per call, and each gives every output element by a fixed order of operations, found
+// on the CPU of BENCHMARKS.md by making each pair of terms cancel in turn (the size of the
+// sum in which they meet shows the tree) and then confirmed bit for bit on random operands:
+//
+// - Products of fewer than 400 multiply-adds: ATen's own loop, each output a sequential sum
+//   from zero, every product rounded before its add.
+// - Otherwise MKL. Queries times keys (head_dim 64, the keys' rows as columns): the columns
+//   in groups of four, each a dot product whose first four products are summed in turn, then
+//   four lanes (d mod 4, lane 0 starting from that sum) over d = 4..63, reduced as
+//   (lane 0 + lane 2) + (lane 1 + lane 3); the last L mod 4 columns by two other trees
+//   (eight lanes over d = 4..59 for the first and third, four for the second; then the last
+//   four products in turn). Probabilities times values: a sequential sum over the keys,
+//   each product rounded first.
+//
+// No multiply-add is fused: compiled with `-ffp-contract=off` and written as separate
+// multiplies and adds. Every shape is still checked against `bmm` before use
+// (`exact_attention.py`).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t kHeadDim = 64;        // the trees below are for 64 terms
+constexpr int64_t kAtenLoopWork = 400;  // below this many multiply-adds, ATen's loop
+constexpr int64_t kMatrixBlock = 32;    // matrices taken together through the keys
+
+struct Strided3 {  // a (matrices, rows, columns) view with contiguous columns
+  const float* data;
+  int64_t matrix, row;
+  const float* at(int64_t m, int64_t r) const { return data + m * matrix + r * row; }
+};
+
+Strided3 view(const torch::Tensor& t) {
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.scalar_type() == torch::kFloat32 && t.device().is_cpu(),
+              "exact_attention: 3-D CPU float32 views with contiguous last dimension");
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+float sequential(const float* q, const float* k) {
+  float sum = 0.0f;
+  for (int64_t d = 0; d < kHeadDim; ++d) sum = sum + q[d] * k[d];
+  return sum;
+}
+
+float first_four(const float* q, const float* k) {
+  float sum = 0.0f;
+  for (int d = 0; d < 4; ++d) sum = sum + q[d] * k[d];
+  return sum;
+}
+
+float last_four(float sum, const float* q, const float* k) {
+  for (int d = 60; d < 64; ++d) sum = sum + q[d] * k[d];
+  return sum;
+}
+
+// (lane 0 + lane 2) + (lane 1 + lane 3)
+float reduced(__m128 lanes) {
+  const __m128 pairs = _mm_add_ps(lanes, _mm_movehl_ps(lanes, lanes));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+
+// Four lanes (d mod 4) over d in [4, stop), lane 0 starting from the first four's sum,
+// reduced as (lane 0 + lane 2) + (lane 1 + lane 3).
+float four_lanes(const float* q, const float* k, int stop) {
+  __m128 lanes = _mm_set_ss(first_four(q, k));
+  for (int d = 4; d < stop; d += 4) lanes = _mm_add_ps(lanes, _mm_mul_ps(_mm_loadu_ps(q + d), _mm_loadu_ps(k + d)));
+  return reduced(lanes);
+}
+
+// C columns' `four_lanes(q, k, 64)` at once (keys `step` floats apart): independent chains
+// for the core to overlap.
+template <int C>
+void columns(const float* q, const float* k, int64_t step, float* out) {
+  __m128 lanes[C];
+  for (int c = 0; c < C; ++c) lanes[c] = _mm_set_ss(first_four(q, k + c * step));
+  for (int d = 4; d < 64; d += 4) {
+    const __m128 query = _mm_loadu_ps(q + d);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm_add_ps(lanes[c], _mm_mul_ps(query, _mm_loadu_ps(k + c * step + d)));
+  }
+  for (int c = 0; c < C; ++c) out[c] = reduced(lanes[c]);
+}
+
+// Eight lanes (d mod 8 from 4) over d in [4, 60), lane 0 starting from the first four's sum,
+// reduced as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+float eight_lanes(const float* q, const float* k) {
+  float lane[8] = {first_four(q, k), 0, 0, 0, 0, 0, 0, 0};
+  for (int d = 4; d < 60; d += 8)
+    for (int i = 0; i < 8; ++i) lane[i] = lane[i] + q[d + i] * k[d + i];
+  const float even = (lane[0] + lane[4]) + (lane[2] + lane[6]), odd = (lane[1] + lane[5]) + (lane[3] + lane[7]);
+  return even + odd;
+}
+
+// The last L mod 4 columns: the first and third by eight lanes, the second by four, to d = 60;
+// then the last four products in turn.
+float remainder_column(const float* q, const float* k, int64_t position) {
+  return last_four(position % 2 == 0 ? eight_lanes(q, k) : four_lanes(q, k, 60), q, k);
+}
+
+// out[0, 16 * vectors) += weights[l] * values[m, l, d + ...] for l in [l0, l1) in order
+// (starting from zero at l0 = 0).
+void add_products(const float* weights, const Strided3& v, int64_t m, int64_t l0, int64_t l1, int64_t d, int64_t vectors,
+                  float* out) {
+  __m512 sum[4];
+  for (int64_t j = 0; j < vectors; ++j) sum[j] = l0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + 16 * j);
+  for (int64_t l = l0; l < l1; ++l) {
+    const __m512 w = _mm512_set1_ps(weights[l]);
+    const float* value = v.at(m, l) + d;
+    for (int64_t j = 0; j < vectors; ++j) sum[j] = _mm512_add_ps(sum[j], _mm512_mul_ps(w, _mm512_loadu_ps(value + 16 * j)));
+  }
+  for (int64_t j = 0; j < vectors; ++j) _mm512_storeu_ps(out + 16 * j, sum[j]);
+}
+
+}  // namespace
+
+// scores[m, i, l] = queries[m, i, :] . keys[m, l, :], as bmm(queries, keys.transpose(1, 2))
+// gives it one query row per matrix.
+void scores_into(const torch::Tensor& queries, const torch::Tensor& keys, torch::Tensor& scores) {
+  const Strided3 q = view(queries), k = view(keys), s = view(scores);
+  const int64_t matrices = queries.size(0), rows = queries.size(1), length = keys.size(1);
+  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && keys.size(0) == matrices &&
+              scores.size(0) == matrices && scores.size(1) == rows && scores.size(2) == length,
+              "exact_attention.scores_into: shapes");
+  const bool aten_loop = kHeadDim * length < kAtenLoopWork;
+  const int64_t grouped = length - length % 4;
+  float* out = scores.data_ptr<float>();
+  auto one = [&](const float* query, const float* key, int64_t l) {
+    return aten_loop ? sequential(query, key) : l < grouped ? four_lanes(query, key, 64) : remainder_column(query, key, l - grouped);
+  };
+  // A block of matrices at a time, eight keys of each in turn: the keys of the step's
+  // time-major cache (a time slice of every matrix contiguous) are then read as a few
+  // sequential streams, and each query row serves eight dots.
+  const int64_t in_eights = aten_loop ? 0 : grouped - grouped % 8;
+  at::parallel_for(0, matrices, kMatrixBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
+      const int64_t m1 = std::min(end, m0 + kMatrixBlock);
+      for (int64_t l = 0; l < in_eights; l += 8)
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t i = 0; i < rows; ++i) columns<8>(q.at(m, i), k.at(m, l), k.row, out + m * s.matrix + i * s.row + l);
+      for (int64_t l = in_eights; l < length; ++l)
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t i = 0; i < rows; ++i) out[m * s.matrix + i * s.row + l] = one(q.at(m, i), k.at(m, l), l);
+    }
+  });
+}
+
+// context[m, i, :] = sum over l of probs[m, i, l] * values[m, l, :] in order, as
+// bmm(probs, values) gives it one row per matrix.
+void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch::Tensor& context) {
+  const Strided3 p = view(probs), v = view(values), c = view(context);
+  const int64_t matrices = probs.size(0), rows = probs.size(1), length = probs.size(2), dim = values.size(2);
+  TORCH_CHECK(values.size(0) == matrices && values.size(1) == length && context.size(0) == matrices &&
+              context.size(1) == rows && context.size(2) == dim && dim % 16 == 0 && length > 0,
+              "exact_attention.context_into: shapes");
+  float* out = context.data_ptr<float>();
+  // Each output row is its own running sum (from zero, one key at a time, in order), kept in
+  // the output between blocks of keys: for the step's time-major values eight keys of a block
+  // of matrices at a time, read as a few sequential streams; otherwise all keys in one pass.
+  const int64_t keys_per_pass = v.row > v.matrix ? 8 : length;
+  at::parallel_for(0, matrices, kMatrixBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
+      const int64_t m1 = std::min(end, m0 + kMatrixBlock);
+      for (int64_t l0 = 0; l0 < length; l0 += keys_per_pass)
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < dim; d += 64)
+              add_products(p.at(m, i), v, m, l0, std::min(l0 + keys_per_pass, length), d, std::min<int64_t>(64, dim - d) / 16,
+                           out + m * c.matrix + i * c.row + d);
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64)");
+  m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix");
+}

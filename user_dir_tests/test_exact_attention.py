@@ -1,0 +1,187 @@
+"""``exact``'s attention products through the native kernel (``step/exact_attention.py``):
+``bmm``'s bits at every length and layout the decoder step gives it, the kernel only where
+the check found them equal, and a whole lean step at heads of 64 (the toy models' heads
+are narrower, so the suite's other tests run these products through ``bmm``)."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+from fairseq.models.transformer import TransformerModel, base_architecture
+from fairseq.sequence_generator import EnsembleModel
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
+from fairseq_fastseq.step import exact_attention, native
+from fairseq_fastseq.step.exact_attention import CONTEXT, SCORES, AttentionProducts, by_matrix, each_beams_products
+from fairseq_fastseq.step.exact_gemm import same_bits
+
+from .test_lean_step import _drive
+
+pytestmark = pytest.mark.skipif(native.exact_attention() is None, reason="no AVX-512 or the kernel could not be built here")
+
+# ATen's loop (up to 6 keys at 64 wide), then MKL's groups of four columns with 0-3 left over
+LENGTHS = [1, 2, 6, 7, 8, 9, 10, 11, 30, 31, 65, 130]
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    monkeypatch.setattr(exact_attention, "_SAME_BITS", {})
+
+
+class CountingKernels:
+    """The native kernels, counting their calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def scores_into(self, *args):
+        self.calls += 1
+        native.exact_attention().scores_into(*args)
+
+    def context_into(self, *args):
+        self.calls += 1
+        native.exact_attention().context_into(*args)
+
+
+def _signed_zeros(t, generator):
+    """About one entry in ten set to +0 or -0 (masked probabilities, zero weights)."""
+    zero = torch.rand(t.shape, generator=generator) < 0.1
+    t[zero] = torch.where(torch.rand(t.shape, generator=generator) < 0.5, 0.0, -0.0)[zero]
+    return t
+
+
+def _time_major_cache(generator, length, rows, heads, capacity=140):
+    """Self-attention keys as the step reads them: (rows * heads, length, 64) views of a
+    (capacity, rows * heads, 64) buffer."""
+    buffer = _signed_zeros(torch.randn(capacity, rows * heads, 64, generator=generator), generator)
+    return buffer[:length].transpose(0, 1)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_self_attention_products_have_bmms_bits_through_the_kernel(length):
+    generator = torch.Generator().manual_seed(length)
+    rows, heads = 13, 4
+    kernels = CountingKernels()
+    products = AttentionProducts(kernels)
+    keys, values = (_time_major_cache(generator, length, rows, heads) for _ in range(2))
+    for draw in range(2):  # the first call is checked (bmm's result returned), the second trusted
+        queries = torch.randn(1, rows * heads, 64, generator=generator).transpose(0, 1)
+        scores = torch.empty(rows * heads, 1, length)
+        bmm = lambda: torch.bmm(queries, keys.transpose(1, 2), out=scores)  # noqa: E731
+        products.scores(queries, keys, scores, bmm if draw == 0 else lambda: pytest.fail("a checked length went to bmm"))
+        assert same_bits(scores, torch.bmm(queries, keys.transpose(1, 2)))
+        probs = _signed_zeros(torch.softmax(scores, dim=-1), generator)
+        context = torch.empty(rows * heads, 1, 64)
+        bmm = lambda: torch.bmm(probs, values, out=context)  # noqa: E731
+        products.context(probs, values, context, bmm if draw == 0 else lambda: pytest.fail("a checked length went to bmm"))
+        assert same_bits(context, torch.bmm(probs, values))
+    assert exact_attention._SAME_BITS[(SCORES, length, torch.get_num_threads())] is True
+
+
+def test_first_call_of_a_length_returns_bmms_result_and_checks_the_kernel():
+    products, calls = AttentionProducts(CountingKernels()), []
+    queries, keys = torch.randn(8, 1, 64), torch.randn(8, 20, 64)
+    out = torch.empty(8, 1, 20)
+    products.scores(queries, keys, out, lambda: calls.append(torch.bmm(queries, keys.transpose(1, 2), out=out)))
+    assert len(calls) == 1 and products.kernels.calls >= 2  # the call's operands, then random ones (160 outputs)
+    assert exact_attention._SAME_BITS[(SCORES, 20, torch.get_num_threads())] is True
+
+
+@pytest.mark.parametrize("length", [5, 31])
+def test_each_beam_against_its_sentences_keys_has_the_per_beam_bmms_bits(length):
+    """The encoder attention held once per sentence: all beams of a (sentence, head) matrix in
+    one pass of the kernel, as fairseq's one ``bmm`` per beam gives them."""
+    generator = torch.Generator().manual_seed(length)
+    beams, matrices = 5, 24
+    keys, values = (_signed_zeros(torch.randn(matrices, length, 64, generator=generator), generator) for _ in range(2))
+    queries = torch.randn(beams, matrices, 1, 64, generator=generator)
+    products, chunks = AttentionProducts(native.exact_attention()), [slice(0, matrices)]
+    for _ in range(2):
+        want = torch.empty(beams, matrices, 1, length)
+        each_beams_products(queries, keys.transpose(1, 2), want, chunks)
+        got = torch.empty(beams, matrices, 1, length)
+        products.scores(by_matrix(queries), keys, by_matrix(got), lambda: each_beams_products(queries, keys.transpose(1, 2), got, chunks))
+        assert same_bits(got, want)
+    probs = torch.softmax(want, dim=-1)
+    want, got = torch.empty(beams, matrices, 1, 64), torch.empty(beams, matrices, 1, 64)
+    each_beams_products(probs, values, want, chunks)
+    for _ in range(2):
+        products.context(by_matrix(probs), values, by_matrix(got), lambda: each_beams_products(probs, values, got, chunks))
+        assert same_bits(got, want)
+
+
+def test_all_zero_products_sum_to_positive_zero_as_bmms():
+    products = AttentionProducts(native.exact_attention())
+    for length in (3, 9):
+        queries, keys = torch.zeros(4, 1, 64), -torch.rand(4, length, 64)  # every product -0
+        out = torch.empty(4, 1, length)
+        products.scores(queries, keys, out, lambda: torch.bmm(queries, keys.transpose(1, 2), out=out))
+        got = products.scores(queries, keys, torch.empty(4, 1, length), lambda: pytest.fail("a checked length went to bmm"))
+        assert same_bits(got, torch.bmm(queries, keys.transpose(1, 2))) and not torch.signbit(got).any()
+
+
+def test_scores_off_the_caches_alignment_go_to_bmm_unchecked():
+    """MKL's order changes with the operands' alignment: a key matrix starting 4 bytes off is
+    left to ``bmm``, and nothing is recorded for its length."""
+    kernels, calls = CountingKernels(), []
+    keys = torch.randn(8 * 12 * 64 + 1)[1:].view(8, 12, 64)
+    queries, out = torch.randn(8, 1, 64), torch.empty(8, 1, 12)
+    AttentionProducts(kernels).scores(queries, keys, out, lambda: calls.append(1))
+    assert calls == [1] and kernels.calls == 0 and not exact_attention._SAME_BITS
+
+
+def test_a_length_where_the_kernel_differs_stays_on_bmm(caplog):
+    class Wrong(CountingKernels):
+        def context_into(self, probs, values, out):
+            super().context_into(probs, values, out)
+            out.add_(1e-3)
+
+    kernels = Wrong()
+    products = AttentionProducts(kernels)
+    probs, values = torch.softmax(torch.randn(6, 1, 9), dim=-1), torch.randn(6, 9, 64)
+    references = []
+    for _ in range(3):
+        out = torch.empty(6, 1, 64)
+        products.context(probs, values, out, lambda: references.append(torch.bmm(probs, values, out=out)))
+        assert same_bits(out, torch.bmm(probs, values))
+    assert len(references) == 3 and kernels.calls == 1
+    assert exact_attention._SAME_BITS == {(CONTEXT, 9, torch.get_num_threads()): False}
+
+
+def _heads_of_64():
+    """A random transformer whose heads are 64 wide (two of them), as real checkpoints' are."""
+    args = Namespace(
+        encoder_layers=2, decoder_layers=2, encoder_embed_dim=128, decoder_embed_dim=128, encoder_ffn_embed_dim=256,
+        decoder_ffn_embed_dim=256, encoder_attention_heads=2, decoder_attention_heads=2, dropout=0.0,
+    )  # fmt: skip
+    base_architecture(args)
+    dictionary = Dictionary()
+    for word in range(40):
+        dictionary.add_symbol(f"w{word}")
+    task = TranslationTask(TranslationConfig(), dictionary, dictionary)
+    torch.manual_seed(0)
+    return TransformerModel.build_model(args, task).eval(), dictionary
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam):
+    """Self-attention up to 20 keys and encoder attention over sources of 3-33 tokens (left
+    padded), through the kernel: fairseq's log-probabilities and attention, bitwise."""
+    model, dictionary = _heads_of_64()
+    generator = torch.Generator().manual_seed(beam)
+    lengths = torch.tensor([33, 30, 29, 17, 11, 9, 8, 7, 3])
+    tokens = torch.full((len(lengths), int(lengths.max())), dictionary.pad())
+    for row, length in enumerate(lengths.tolist()):
+        tokens[row, -length:] = torch.randint(4, len(dictionary), (length,), generator=generator)
+        tokens[row, -1] = dictionary.eos()
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": lengths}}
+    args = (sample, beam, dictionary.eos(), dictionary.pad(), len(dictionary))
+    with torch.no_grad():
+        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=beam, num_steps=20)
+        actual = _drive(LeanSteps(EnsembleModel([model]), beam, 21, True, 1.0), *args, seed=beam, num_steps=20)
+    for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
+        assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
+    used = {key for key, same in exact_attention._SAME_BITS.items() if same}
+    assert {kind for kind, _, _ in used} == {SCORES, CONTEXT} and max(length for _, length, _ in used) >= 20
