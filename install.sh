@@ -13,8 +13,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps ve-fairseq==0.12.3
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps .
 # The C++ kernels, compiled once for this machine (g++, ninja): the attention of --fast-kernels
-# fused/int8 and, with AVX-512, exact's linear layers in MKL's order. Without them the tiers
-# run their attention through bmm and exact runs MKL (slower, the same outputs), and say so.
+# fused/int8 and, with AVX-512, exact's linear layers and attention products in MKL's and bmm's
+# order. Without them the tiers run their attention through bmm and exact runs MKL and bmm
+# (slower, the same outputs), and say so.
 .venv/bin/python -m fairseq_fastseq.step.native \
   || echo "install.sh: the native kernels were not built (see above); the kernel tiers run their attention through bmm and exact runs MKL" >&2
 .venv/bin/python -m fairseq_fastseq.demo

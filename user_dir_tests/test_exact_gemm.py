@@ -2,6 +2,7 @@
 every shape, through the kernel only where the check found them equal."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -139,3 +140,14 @@ def test_a_failed_build_says_what_exact_runs_instead(failing_build, caplog):
         assert native.exact_gemm() is None
     assert "native exact linear kernel is unavailable (RuntimeError: Error building extension" in caplog.text
     assert "exact runs MKL's addmm instead (slower, the same bits)" in caplog.text
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core")
+def test_native_kernels_split_their_work_over_torchs_threads():
+    """at::parallel_for in an extension built without OpenMP runs on one thread, silently."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert native.exact_gemm().threads_used(64) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,11 @@ from ..cpu import PROCESSOR
 
 logger = logging.getLogger(__name__)
 
+# at::parallel_for splits a kernel over torch's threads only when compiled with OpenMP (without
+# it, silently one thread); linked to the libgomp torch itself loaded (the same soname), so
+# torch's thread count and pool are the kernels' too.
+OPENMP = ["-fopenmp"]
+
 SOURCE = Path(__file__).with_name("attention.cpp")
 EXTENSION = "fairseq_fastseq_attention"
 # Sums may be reassociated (vectorized reductions); no other fast-math (the masked scores are -inf).
@@ -47,7 +52,7 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
 
         if not (Path(_get_build_directory(extension, False)) / f"{extension}.so").exists():
             logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
-        return load(extension, [str(source)], extra_cflags=flags, verbose=False)
+        return load(extension, [str(source)], extra_cflags=flags + OPENMP, extra_ldflags=OPENMP, verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
         logger.warning(
             "kernels: the native %s is unavailable (%s: %s); %s. Install g++ and ninja and run "

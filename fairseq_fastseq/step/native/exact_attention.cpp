@@ -30,6 +30,14 @@ namespace {
 constexpr int64_t kHeadDim = 64;        // the trees below are for 64 terms
 constexpr int64_t kAtenLoopWork = 400;  // below this many multiply-adds, ATen's loop
 constexpr int64_t kMatrixBlock = 32;    // matrices taken together through the keys
+// Split over threads only calls of at least this many multiply-adds per thread: a parallel
+// region costs microseconds, and a busy core makes every region wait for it.
+constexpr int64_t kWorkPerThread = int64_t{1} << 20;
+
+// at::parallel_for's grain (in matrices) for `work` multiply-adds per matrix.
+int64_t grain(int64_t work) {
+  return std::max(kMatrixBlock, (kWorkPerThread + work - 1) / std::max<int64_t>(work, 1));
+}
 
 struct Strided3 {  // a (matrices, rows, columns) view with contiguous columns
   const float* data;
@@ -137,7 +145,7 @@ void scores_into(const torch::Tensor& queries, const torch::Tensor& keys, torch:
   // time-major cache (a time slice of every matrix contiguous) are then read as a few
   // sequential streams, and each query row serves eight dots.
   const int64_t in_eights = aten_loop ? 0 : grouped - grouped % 8;
-  at::parallel_for(0, matrices, kMatrixBlock, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, matrices, grain(rows * length * kHeadDim), [&](int64_t begin, int64_t end) {
     for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
       const int64_t m1 = std::min(end, m0 + kMatrixBlock);
       for (int64_t l = 0; l < in_eights; l += 8)
@@ -163,7 +171,7 @@ void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch
   // the output between blocks of keys: for the step's time-major values eight keys of a block
   // of matrices at a time, read as a few sequential streams; otherwise all keys in one pass.
   const int64_t keys_per_pass = v.row > v.matrix ? 8 : length;
-  at::parallel_for(0, matrices, kMatrixBlock, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, matrices, grain(rows * length * dim), [&](int64_t begin, int64_t end) {
     for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
       const int64_t m1 = std::min(end, m0 + kMatrixBlock);
       for (int64_t l0 = 0; l0 < length; l0 += keys_per_pass)

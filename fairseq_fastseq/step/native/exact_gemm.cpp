@@ -23,6 +23,9 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // output columns per packed panel: two 16-float vectors
 constexpr int kRowsPerTile = 6; // 6 rows x 2 vectors = 12 accumulators
+// Panels go to threads in chunks of at least this many multiply-adds: a parallel region
+// costs microseconds, worth it only for more work than that.
+constexpr int64_t kWorkPerThread = int64_t{1} << 18;
 
 // One tile: rows [0, R) of x against one panel, over inner indices [k0, k1); the block's sums
 // are added to c (or, for the first block, to the bias or to nothing).
@@ -97,7 +100,8 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10:
   float* cs = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldc = out.stride(0);
   // Panels apart on threads: each element is computed whole by one thread, in the same order.
-  at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kWorkPerThread / std::max<int64_t>(1, rows * k * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
       const __mmask16 low = lanes(width), high = lanes(width - 16);
@@ -114,7 +118,16 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10:
   });
 }
 
+// How many of torch's threads at::parallel_for gives `tasks` single-task chunks: more than one
+// only where the extensions are compiled with OpenMP (native/__init__.py), else silently one.
+int64_t threads_used(int64_t tasks) {
+  std::vector<char> ran(at::get_num_threads(), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("threads_used", &threads_used, "how many threads at::parallel_for spreads `tasks` chunks of one over");
   m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
   m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given");
 }
