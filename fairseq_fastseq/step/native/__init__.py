@@ -14,6 +14,7 @@ order").
 """
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 # at::parallel_for splits a kernel over torch's threads only when compiled with OpenMP (without
 # it, silently one thread); linked to the libgomp torch itself loaded (the same soname), so
-# torch's thread count and pool are the kernels' too.
+# torch's thread count and pool are the kernels' too. For exact's kernels, whose chunks are
+# sized by work; the tiers' attention (fine-grained chunks) stays on the calling thread.
 OPENMP = ["-fopenmp"]
 
 SOURCE = Path(__file__).with_name("attention.cpp")
@@ -36,23 +38,27 @@ FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 EXACT_GEMM_SOURCE = Path(__file__).with_name("exact_gemm.cpp")
 EXACT_GEMM_EXTENSION = "fairseq_fastseq_exact_gemm"
 # No fast-math of any kind: each multiply-add and add is one rounding, in the order written.
-EXACT_GEMM_FLAGS = ["-O3", "-mavx512f", "-mfma"]
+EXACT_GEMM_FLAGS = ["-O3", "-mavx512f", "-mfma", *OPENMP]
 EXACT_ATTENTION_SOURCE = Path(__file__).with_name("exact_attention.cpp")
 EXACT_ATTENTION_EXTENSION = "fairseq_fastseq_exact_attention"
 # Multiplies and adds never fused into one rounding: bmm's kernels round each product.
-EXACT_ATTENTION_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off"]
+EXACT_ATTENTION_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off", *OPENMP]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 
 
 def _load(extension: str, source: Path, flags: List[str], what: str, instead: str) -> Optional[ModuleType]:
     """The compiled extension (built on first use where the cache lacks it), or None with a
     log line naming ``what`` is missing, why, and what runs ``instead``."""
+    # One build per copy of the sources: PyTorch's build file names their path, so a checkout
+    # and an installed copy sharing one build directory would rebuild it each time the other
+    # loaded it (about a minute each).
+    name = f"{extension}_{hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:8]}"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        if not (Path(_get_build_directory(extension, False)) / f"{extension}.so").exists():
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
-        return load(extension, [str(source)], extra_cflags=flags + OPENMP, extra_ldflags=OPENMP, verbose=False)
+        return load(name, [str(source)], extra_cflags=flags, extra_ldflags=[f for f in flags if f in OPENMP], verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
         logger.warning(
             "kernels: the native %s is unavailable (%s: %s); %s. Install g++ and ninja and run "

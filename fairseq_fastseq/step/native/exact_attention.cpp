@@ -32,7 +32,7 @@ constexpr int64_t kAtenLoopWork = 400;  // below this many multiply-adds, ATen's
 constexpr int64_t kMatrixBlock = 32;    // matrices taken together through the keys
 // Split over threads only calls of at least this many multiply-adds per thread: a parallel
 // region costs microseconds, and a busy core makes every region wait for it.
-constexpr int64_t kWorkPerThread = int64_t{1} << 20;
+constexpr int64_t kWorkPerThread = int64_t{1} << 22;
 
 // at::parallel_for's grain (in matrices) for `work` multiply-adds per matrix.
 int64_t grain(int64_t work) {

@@ -23,9 +23,9 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // output columns per packed panel: two 16-float vectors
 constexpr int kRowsPerTile = 6; // 6 rows x 2 vectors = 12 accumulators
-// Panels go to threads in chunks of at least this many multiply-adds: a parallel region
-// costs microseconds, worth it only for more work than that.
-constexpr int64_t kWorkPerThread = int64_t{1} << 18;
+// Panels go to threads in chunks of at least this many multiply-adds (tens of microseconds):
+// a parallel region costs microseconds, and far more where another process holds a core.
+constexpr int64_t kWorkPerThread = int64_t{1} << 22;
 
 // One tile: rows [0, R) of x against one panel, over inner indices [k0, k1); the block's sums
 // are added to c (or, for the first block, to the bias or to nothing).
