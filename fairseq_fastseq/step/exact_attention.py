@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .exact_gemm import CHECKED_ELEMENTS, MAX_DRAWS, same_bits
+from .exact_gemm import agrees_on_random_operands, cpu_rows, same_bits
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ class AttentionProducts:
 
     def context(self, probs: Tensor, values: Tensor, out: Tensor, reference: Callable[[], None]) -> Tensor:
         """probs (matrices, rows, length), values (matrices, length, dim) -> ``out`` (matrices, rows, dim)."""
-        fits = values.size(2) % 16 == 0 and all(_cpu_rows(t) for t in (probs, values))
+        fits = values.size(2) % 16 == 0 and all(cpu_rows(t, 3) for t in (probs, values))
         return self._product(CONTEXT, probs, values, out, reference, fits)
 
     def _product(self, kind: str, a: Tensor, b: Tensor, out: Tensor, reference: Callable[[], None], fits: bool) -> Tensor:
         differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-        if self.kernels is None or differentiable or not (fits and _cpu_rows(out)):
+        if self.kernels is None or differentiable or not (fits and cpu_rows(out, 3)):
             reference()
             return out
         key = (kind, b.size(1), torch.get_num_threads())
@@ -68,22 +68,16 @@ class AttentionProducts:
             reference()
         return out
 
-    def _kernel(self, kind: str, a: Tensor, b: Tensor, out: Tensor) -> None:
+    def _kernel(self, kind: str, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
         (self.kernels.scores_into if kind == SCORES else self.kernels.context_into)(a, b, out)
+        return out
 
     def _check(self, kind: str, a: Tensor, b: Tensor, want: Tensor, key: Tuple) -> bool:
         """Whether the kernel gives ``want`` (``bmm``'s on the call's operands) and ``bmm``'s
-        on random operands of the same shape, at least ``CHECKED_ELEMENTS`` outputs in all."""
-        got = torch.empty_like(want)
-        self._kernel(kind, a, b, got)
-        same = same_bits(got, want)
-        generator = torch.Generator().manual_seed(len(_SAME_BITS))
-        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel())) if same else 0):
-            a_probe, b_probe = (torch.randn(t.shape, generator=generator) for t in (a, b))
-            self._kernel(kind, a_probe, b_probe, got)
-            if not same_bits(got, _bmm_per_row(kind, a_probe, b_probe)):
-                same = False
-                break
+        on random operands of the same shape (``agrees_on_random_operands``)."""
+        kernel = lambda a_, b_: self._kernel(kind, a_, b_, torch.empty_like(want))  # noqa: E731
+        reference = lambda a_, b_: _bmm_per_row(kind, a_, b_)  # noqa: E731
+        same = same_bits(kernel(a, b), want) and agrees_on_random_operands(want.numel(), [a.shape, b.shape], kernel, reference, len(_SAME_BITS))
         if not same:
             logger.debug("exact attention: bmm for the %s at length %d (%d threads)", *key)
         return same
@@ -123,15 +117,10 @@ def _bmm_per_row(kind: str, a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([torch.bmm(a[:, i : i + 1], b) for i in range(a.size(1))], dim=1)
 
 
-def _cpu_rows(t: Tensor) -> bool:
-    """(matrices, rows, columns) CPU float32 with contiguous columns, as the kernels take them."""
-    return t.dim() == 3 and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(2) == 1
-
-
 def _aligned_rows(t: Tensor) -> bool:
-    """``_cpu_rows`` with every row starting on a 16-byte boundary."""
+    """``cpu_rows`` (3-D) with every row starting on a 16-byte boundary."""
     aligned = t.data_ptr() % (4 * ALIGNMENT_FLOATS) == 0 and t.stride(0) % ALIGNMENT_FLOATS == 0
-    return _cpu_rows(t) and aligned and (t.size(1) == 1 or t.stride(1) % ALIGNMENT_FLOATS == 0)
+    return cpu_rows(t, 3) and aligned and (t.size(1) == 1 or t.stride(1) % ALIGNMENT_FLOATS == 0)
 
 
 def attention_products(weight: Tensor) -> AttentionProducts:

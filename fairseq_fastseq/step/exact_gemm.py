@@ -20,7 +20,7 @@ product at 1), that shape stays on MKL.
 import functools
 import logging
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -94,20 +94,15 @@ class NativeLinear:
         return self._kernel(x, bounds, out) if same else self.fallback(x, out=out)
 
     def _fits(self, x: Tensor, out: Optional[Tensor]) -> bool:
-        return _cpu_rows(x) and (out is None or _cpu_rows(out)) and not (torch.is_grad_enabled() and x.requires_grad)
+        return cpu_rows(x) and (out is None or cpu_rows(out)) and not (torch.is_grad_enabled() and x.requires_grad)
 
     def _check(self, x: Tensor, out: Optional[Tensor], bounds: Tuple[int, ...], shape: Tuple) -> Tensor:
         """MKL's output; whether the kernel gives its bits at ``shape``, recorded: on this
         call's operands and on random ones of the same shape, at least ``CHECKED_ELEMENTS``
         outputs in all (on a few outputs of a few terms two orders can agree by chance)."""
         want = self.fallback(x, out=out)
-        same = same_bits(self._kernel(x, bounds), want)
-        generator = torch.Generator().manual_seed(len(_SAME_BITS))
-        for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // want.numel())) if same else 0):
-            probe = torch.randn(x.shape, generator=generator)
-            if not same_bits(self._kernel(probe, bounds), self.fallback(probe)):
-                same = False
-                break
+        kernel = lambda probe: self._kernel(probe, bounds)  # noqa: E731
+        same = same_bits(kernel(x), want) and agrees_on_random_operands(want.numel(), [x.shape], kernel, self.fallback, len(_SAME_BITS))
         _SAME_BITS[shape] = same
         if not same:
             logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
@@ -119,9 +114,24 @@ class NativeLinear:
         return out
 
 
-def _cpu_rows(t: Tensor) -> bool:
-    """Whether ``t`` is CPU float32 rows (2-D, columns contiguous), as the kernel takes them."""
-    return t.dim() == 2 and t.stride(1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
+def agrees_on_random_operands(
+    outputs: int, shapes: Sequence[torch.Size], kernel: Callable[..., Tensor], reference: Callable[..., Tensor], seed: int
+) -> bool:
+    """Whether ``kernel`` gives ``reference``'s bits on random operands of ``shapes``, drawn
+    (at most ``MAX_DRAWS`` times) until, with the ``outputs`` of a call already compared,
+    ``CHECKED_ELEMENTS`` outputs were: on a few outputs of a few terms two orders can agree by
+    chance. Stops at the first difference."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // outputs))):
+        operands = [torch.randn(shape, generator=generator) for shape in shapes]
+        if not same_bits(kernel(*operands), reference(*operands)):
+            return False
+    return True
+
+
+def cpu_rows(t: Tensor, dims: int = 2) -> bool:
+    """Whether ``t`` is CPU float32 with ``dims`` dimensions, the last contiguous, as the native kernels take it."""
+    return t.dim() == dims and t.stride(-1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def native_linear(weight: Tensor, bias: Optional[Tensor], fallback: Projection, packed: Callable[[], Tensor]) -> Projection:
