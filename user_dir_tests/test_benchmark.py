@@ -291,7 +291,11 @@ def test_exact_kernels_time_each_kernel_beside_the_call_whose_bits_it_keeps():
     results = exact_kernels.linear_rows([5], [(256, 40)], 1e-4, 1) + exact_kernels.attention_rows([2], [3, 9], 4, 1e-4, 1)
     assert [r["product"] for r in results] == ["linear (addmm)"] + ["scores (bmm)", "context (bmm)"] * 2
     assert all(r["same_bits"] for r in results)  # the orders exact relies on, at both of bmm's paths
-    table = exact_kernels.markdown([dict(results[0], same_bits=False)], "title").splitlines()
-    assert table[-1].startswith("| linear (addmm) | 5 x 256 -> 40 |") and table[-1].endswith("| **no** |")
+    orders = {exact_kernels.bmm_order(native.exact_attention(), kind) for kind in ("scores", "context")}
+    assert {r["order"] for r in results[1:]} == {exact_kernels.ORDER_NAMES[order] for order in orders}
+    table = exact_kernels.markdown([dict(results[0], same_bits=False), dict(results[0], ours_ms=None, order="none", same_bits=False)], "title")
+    lines = table.splitlines()
+    assert lines[-2].startswith("| linear (addmm) | 5 x 256 -> 40 |") and lines[-2].endswith(f"| {results[0]['order']} | **no** |")
+    assert lines[-1] == "| linear (addmm) | 5 x 256 -> 40 | - | - | - | none | **no** |"
     with pytest.raises(SystemExit):
         exact_kernels.main(["--rows", "0"])

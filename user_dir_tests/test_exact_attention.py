@@ -45,6 +45,14 @@ class CountingKernels:
         native.exact_attention().context_into(*args)
 
 
+def _products(kernels):
+    """``AttentionProducts`` over ``kernels``, their calls counted from here on (not the
+    probe for this CPU's order)."""
+    products = AttentionProducts(kernels)
+    kernels.calls = 0
+    return products
+
+
 def _signed_zeros(t, generator):
     """About one entry in ten set to +0 or -0 (masked probabilities, zero weights)."""
     zero = torch.rand(t.shape, generator=generator) < 0.1
@@ -64,7 +72,7 @@ def test_self_attention_products_have_bmms_bits_through_the_kernel(length):
     generator = torch.Generator().manual_seed(length)
     rows, heads = 13, 4
     kernels = CountingKernels()
-    products = AttentionProducts(kernels)
+    products = _products(kernels)
     keys, values = (_time_major_cache(generator, length, rows, heads) for _ in range(2))
     for draw in range(2):  # the first call is checked (bmm's result returned), the second trusted
         queries = torch.randn(1, rows * heads, 64, generator=generator).transpose(0, 1)
@@ -81,7 +89,7 @@ def test_self_attention_products_have_bmms_bits_through_the_kernel(length):
 
 
 def test_first_call_of_a_length_returns_bmms_result_and_checks_the_kernel():
-    products, calls = AttentionProducts(CountingKernels()), []
+    products, calls = _products(CountingKernels()), []
     queries, keys = torch.randn(8, 1, 64), torch.randn(8, 20, 64)
     out = torch.empty(8, 1, 20)
     products.scores(queries, keys, out, lambda: calls.append(torch.bmm(queries, keys.transpose(1, 2), out=out)))
@@ -128,18 +136,19 @@ def test_scores_off_the_caches_alignment_go_to_bmm_unchecked():
     kernels, calls = CountingKernels(), []
     keys = torch.randn(8 * 12 * 64 + 1)[1:].view(8, 12, 64)
     queries, out = torch.randn(8, 1, 64), torch.empty(8, 1, 12)
-    AttentionProducts(kernels).scores(queries, keys, out, lambda: calls.append(1))
+    _products(kernels).scores(queries, keys, out, lambda: calls.append(1))
     assert calls == [1] and kernels.calls == 0 and not exact_attention._SAME_BITS
 
 
 def test_a_length_where_the_kernel_differs_stays_on_bmm(caplog):
     class Wrong(CountingKernels):
-        def context_into(self, probs, values, out):
-            super().context_into(probs, values, out)
-            out.add_(1e-3)
+        def context_into(self, probs, values, out, order):
+            super().context_into(probs, values, out, order)
+            if probs.size(2) == 9:
+                out.add_(1e-3)
 
     kernels = Wrong()
-    products = AttentionProducts(kernels)
+    products = _products(kernels)
     probs, values = torch.softmax(torch.randn(6, 1, 9), dim=-1), torch.randn(6, 9, 64)
     references = []
     for _ in range(3):
@@ -148,6 +157,38 @@ def test_a_length_where_the_kernel_differs_stays_on_bmm(caplog):
         assert same_bits(out, torch.bmm(probs, values))
     assert len(references) == 3 and kernels.calls == 1
     assert exact_attention._SAME_BITS == {(CONTEXT, 9, torch.get_num_threads()): False}
+
+
+@pytest.mark.parametrize("kind", [SCORES, CONTEXT])
+def test_this_cpus_order_is_found_and_the_other_order_differs_from_bmm(kind):
+    """The kernel holds two of MKL's orders (an AMD EPYC's, an Intel Xeon's); the one found
+    for this CPU gives bmm's bits at every length past ATen's loop, the other does not."""
+    kernels = native.exact_attention()
+    found = exact_attention.bmm_order(kernels, kind)
+    assert found in exact_attention.ORDERS
+    generator = torch.Generator().manual_seed(3)
+    for length in [7, 9, 16, 30, 65]:
+        shapes = [(40, 1, 64), (40, length, 64)] if kind == SCORES else [(40, 1, length), (40, length, 64)]
+        a, b = (torch.randn(shape, generator=generator) for shape in shapes)
+        want = torch.bmm(a, b.transpose(1, 2) if kind == SCORES else b)
+        for order in exact_attention.ORDERS:
+            assert same_bits(exact_attention._native(kernels, kind, a, b, torch.empty_like(want), order), want) == (order == found)
+
+
+def test_where_no_order_gives_bmms_bits_every_product_goes_to_bmm(caplog):
+    class NoOrder(CountingKernels):
+        def scores_into(self, queries, keys, out, order):
+            super().scores_into(queries, keys, out, order)
+            out.add_(1e-3)
+
+    exact_attention.bmm_order.cache_clear()
+    products, calls = _products(NoOrder()), []
+    queries, keys = torch.randn(8, 1, 64), torch.randn(8, 20, 64)
+    for _ in range(2):
+        products.scores(queries, keys, torch.empty(8, 1, 20), lambda: calls.append(1))
+    assert calls == [1, 1] and products.kernels.calls == 0 and not exact_attention._SAME_BITS
+    assert products.orders == {SCORES: None, CONTEXT: exact_attention.bmm_order(native.exact_attention(), CONTEXT)}
+    assert "no order of the kernel's gives bmm's bits for the scores" in caplog.text
 
 
 def _heads_of_64():

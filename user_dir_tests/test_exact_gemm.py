@@ -44,8 +44,8 @@ def test_every_call_has_mkls_bits_and_the_kernel_runs_where_checked(rows, inner,
     linear, want = linear_of(weight, b), F.linear(x, weight, b)
     for _ in range(2):  # the check's call, then the kernel's (or MKL's where it differs)
         assert same_bits(linear(x), want)
-    if rows >= 5:  # MKL's own path at these rows is the blocked one on AVX-512 CPUs measured
-        assert exact_gemm._SAME_BITS == {(rows, inner, outputs, bias, torch.get_num_threads()): True}
+    if rows >= 5:  # MKL's own paths at these rows are the kernel's on the AVX-512 CPUs measured
+        assert exact_gemm._SAME_BITS[(rows, inner, outputs, bias, torch.get_num_threads())] is not None
 
 
 def test_a_shape_where_the_bits_differ_stays_on_the_fallback():
@@ -61,7 +61,7 @@ def test_a_shape_where_the_bits_differ_stays_on_the_fallback():
 
     linear, want = linear_of(weight, bias, other), other(x)
     assert same_bits(linear(x), want)  # the check
-    assert exact_gemm._SAME_BITS[(16, 256, 64, True, torch.get_num_threads())] is False
+    assert exact_gemm._SAME_BITS[(16, 256, 64, True, torch.get_num_threads())] is None
     calls.clear()
     for _ in range(3):
         assert same_bits(linear(x), want)
@@ -77,14 +77,14 @@ def test_a_check_compares_enough_outputs_to_tell_orders_apart(monkeypatch):
     probes = []
     original = exact_gemm.NativeLinear._kernel
 
-    def counting(self, x, *bounds_and_out):
+    def counting(self, x, *order_and_out):
         probes.append(x.size(0))
-        return original(self, x, *bounds_and_out)
+        return original(self, x, *order_and_out)
 
     monkeypatch.setattr(exact_gemm.NativeLinear, "_kernel", counting)
     linear_of(weight, None)(x)
     assert len(probes) == 1 + exact_gemm.CHECKED_ELEMENTS // (16 * 32)
-    assert exact_gemm._SAME_BITS == {(16, 64, 32, False, torch.get_num_threads()): True}
+    assert exact_gemm._SAME_BITS == {(16, 64, 32, False, torch.get_num_threads()): exact_gemm.BLOCKS}
 
 
 def test_out_rows_at_a_stride_are_written_in_place():

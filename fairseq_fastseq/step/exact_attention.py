@@ -5,17 +5,20 @@ queries (matrices, 1, head_dim) @ keys^T, and context = probabilities (matrices,
 values. ``bmm`` hands them to ATen's own loop (under 400 multiply-adds) or to MKL, one
 matrix-vector product per matrix, with a call overhead per matrix that is most of their
 time at these sizes. ``native/exact_attention.cpp`` computes each output element in the
-order these kernels do on the CPU of BENCHMARKS.md (found there by cancelling pairs of terms,
-"exact's attention products in bmm's order"), for all of a sentence's beams against its keys
-in one pass.
+order these kernels do, for all of a sentence's beams against its keys in one pass. MKL's
+order depends on the CPU; the kernel has the two found by cancelling pairs of terms
+(BENCHMARKS.md, "exact's attention products in bmm's order"): on an AMD EPYC (no fused
+multiply-add) and on an Intel Xeon with AVX-512 (sixteen fused lanes).
 
-Nothing is assumed: the first time a kind of product comes at a length (and thread count),
+Nothing is assumed: which of the two this CPU's ``bmm`` follows is found on random operands
+(neither: ``bmm`` throughout), and the first time a kind of product comes at a length (and thread count),
 the kernel's output is compared bit for bit with ``bmm``'s on that call's operands and on
 random ones, the caller getting ``bmm``'s; where they differ, that length stays on ``bmm``.
 Scores whose queries or keys are off the 16-byte alignment that the caches keep (MKL's
 order changes with it) or whose heads are not 64 wide go to ``bmm`` unchecked.
 """
 
+import functools
 import logging
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple
@@ -31,6 +34,10 @@ logger = logging.getLogger(__name__)
 SCORES, CONTEXT = "scores", "context"
 _SAME_BITS: Dict[Tuple[str, int, int], bool] = {}  # (kind, length, threads) -> the kernel gave bmm's bits
 ALIGNMENT_FLOATS = 4  # 16 bytes
+ORDERS = (0, 1)  # native/exact_attention.cpp's orders, by these names:
+ORDER_NAMES = ("four lanes", "sixteen lanes, fused")
+# Where the order is looked for: grouped and remainder columns, whole blocks of keys and a rest.
+PROBE_MATRICES, PROBE_LENGTH = 64, 31
 
 
 class AttentionProducts:
@@ -40,6 +47,7 @@ class AttentionProducts:
 
     def __init__(self, kernels: Optional[ModuleType]) -> None:
         self.kernels = kernels
+        self.orders = {kind: bmm_order(kernels, kind) for kind in (SCORES, CONTEXT)} if kernels is not None else {}
 
     def scores(self, queries: Tensor, keys: Tensor, out: Tensor, reference: Callable[[], None]) -> Tensor:
         """queries (matrices, rows, head_dim), keys (matrices, length, head_dim) -> ``out``
@@ -54,7 +62,7 @@ class AttentionProducts:
 
     def _product(self, kind: str, a: Tensor, b: Tensor, out: Tensor, reference: Callable[[], None], fits: bool) -> Tensor:
         differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-        if self.kernels is None or differentiable or not (fits and cpu_rows(out, 3)):
+        if self.orders.get(kind) is None or differentiable or not (fits and cpu_rows(out, 3)):
             reference()
             return out
         key = (kind, b.size(1), torch.get_num_threads())
@@ -69,8 +77,7 @@ class AttentionProducts:
         return out
 
     def _kernel(self, kind: str, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-        (self.kernels.scores_into if kind == SCORES else self.kernels.context_into)(a, b, out)
-        return out
+        return _native(self.kernels, kind, a, b, out, self.orders[kind])
 
     def _check(self, kind: str, a: Tensor, b: Tensor, want: Tensor, key: Tuple) -> bool:
         """Whether the kernel gives ``want`` (``bmm``'s on the call's operands) and ``bmm``'s
@@ -81,6 +88,21 @@ class AttentionProducts:
         if not same:
             logger.debug("exact attention: bmm for the %s at length %d (%d threads)", *key)
         return same
+
+
+@functools.lru_cache(maxsize=None)
+def bmm_order(kernels: ModuleType, kind: str) -> Optional[int]:
+    """The kernel's order that this CPU's ``bmm`` follows for ``kind`` on random operands, or
+    None (logged) where neither does."""
+    generator = torch.Generator().manual_seed(len(kind))
+    shapes = [(PROBE_MATRICES, 1, 64), (PROBE_MATRICES, PROBE_LENGTH, 64)] if kind == SCORES else [(PROBE_MATRICES, 1, PROBE_LENGTH), (PROBE_MATRICES, PROBE_LENGTH, 64)]
+    a, b = (torch.randn(shape, generator=generator) for shape in shapes)
+    want = _bmm_per_row(kind, a, b)
+    for order in ORDERS:
+        if same_bits(_native(kernels, kind, a, b, torch.empty_like(want), order), want):
+            return order
+    logger.info("exact attention: no order of the kernel's gives bmm's bits for the %s on this CPU; bmm there", kind)
+    return None
 
 
 # Each beam's product reads its sentence's keys (values) again: taken a chunk of matrices at a
@@ -109,6 +131,11 @@ def each_beams_products(per_beam: Tensor, shared: Tensor, out: Tensor, chunks: L
 def by_matrix(per_beam: Tensor) -> Tensor:
     """(beams, matrices, 1, n) -> the same memory as (matrices, beams, n)."""
     return per_beam[:, :, 0].transpose(0, 1)
+
+
+def _native(kernels: ModuleType, kind: str, a: Tensor, b: Tensor, out: Tensor, order: int) -> Tensor:
+    (kernels.scores_into if kind == SCORES else kernels.context_into)(a, b, out, order)
+    return out
 
 
 def _bmm_per_row(kind: str, a: Tensor, b: Tensor) -> Tensor:

@@ -1,20 +1,22 @@
 """``exact``'s linear layers through our own kernel, bit for bit MKL's.
 
-MKL's single-precision product gives each output element as the bias (or nothing) plus, for
-each block of the inner dimension in turn, that block's dot product summed from zero by
+MKL's single-precision product gives each output element in one of two orders (found by
+cancelling pairs of terms; ``native/exact_gemm.cpp``): BLOCKS, the bias (or nothing) plus,
+for each block of the inner dimension in turn, that block's dot product summed from zero by
 fused multiply-adds in index order (on the AMD EPYC of BENCHMARKS.md: one block up to 192
-inner terms, two halves up to 384, blocks of 192 and the rest beyond). The bits depend only
-on that order; tiling, threads and the weight's layout are free. ``native/exact_gemm.cpp``
-keeps the order, packs each weight once (MKL packs its operands per call) and tiles for
-this core: 1.1-1.2x MKL at 160 rows, 1.5-2.8x at 5-40 rows (BENCHMARKS.md, "exact's
-linear layers in MKL's order").
+inner terms, two halves up to 384, blocks of 192 and the rest beyond; on an Intel Xeon from
+11-16 rows on, blocks of 256 up to 512 and of 384 beyond); or LANES, sixteen fused lanes over
+the inner dimension (the Intel Xeon at 2-10 rows, 2-15 from 512 inner terms on). The bits
+depend only on that order; tiling, threads and the weight's layout are free. The kernel
+keeps the order, packs each weight once for BLOCKS (MKL packs its operands per call) and
+tiles for this core (BENCHMARKS.md, "exact's linear layers in MKL's order").
 
 Nothing is assumed: the blocks are found per inner dimension by trying candidates against
-MKL on this machine (none found: MKL for that dimension), and the first time a shape comes
-(rows, inner and output dimensions, bias or not, threads) the kernel's output is compared bit
-for bit with MKL's on that call's own operands and on random operands of the same shape, the
-caller getting MKL's. Where they differ (MKL takes another path at 1-3 rows, a matrix-vector
-product at 1), that shape stays on MKL.
+MKL on this machine (none found: no BLOCKS for that dimension), and the first time a shape
+comes (rows, inner and output dimensions, bias or not, threads) each order's output is
+compared bit for bit with MKL's on that call's own operands and on random operands of the
+same shape, the caller getting MKL's. Where no order gives its bits (MKL takes another path
+at a few rows on the AMD EPYC, a matrix-vector product at one row), that shape stays on MKL.
 """
 
 import functools
@@ -36,8 +38,13 @@ Projection = Callable[..., Tensor]
 # own, in at most MAX_DRAWS draws): the fuzzer found a 1-row shape of 8 outputs whose call agreed.
 CHECKED_ELEMENTS, MAX_DRAWS = 4096, 64
 
-# (rows, inner, outputs, bias, threads) -> whether the kernel gave MKL's bits there
-_SAME_BITS: Dict[Tuple[int, int, int, bool, int], bool] = {}
+BLOCKS, LANES = "blocks", "lanes"  # the kernel's orders (native/exact_gemm.cpp)
+# The blocks are looked for on this many rows and outputs: on an Intel Xeon MKL takes other
+# paths at few outputs (40) and at few rows (up to 15).
+PROBE_ROWS, PROBE_OUTPUTS = 16, 256
+
+# (rows, inner, outputs, bias, threads) -> the order that gave MKL's bits there (None: MKL)
+_SAME_BITS: Dict[Tuple[int, int, int, bool, int], Optional[str]] = {}
 
 
 def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
@@ -55,10 +62,11 @@ def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
 @functools.lru_cache(maxsize=None)
 def mkl_blocks(inner: int, threads: int) -> Optional[Tuple[int, ...]]:
     """The blocks of the inner dimension in which MKL sums on this machine, or None where
-    no candidate gives its bits (random operands of 16 rows and 40 outputs, with a bias)."""
+    no candidate gives its bits (random operands of ``PROBE_ROWS`` x ``PROBE_OUTPUTS``, with a bias)."""
     kernels = native.exact_gemm()
     generator = torch.Generator().manual_seed(inner)
-    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((16, inner), (40, inner), (40,)))
+    shapes = ((PROBE_ROWS, inner), (PROBE_OUTPUTS, inner), (PROBE_OUTPUTS,))
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
     want, packed = torch.addmm(bias, x, weight.t()), kernels.pack(weight)
     for bounds in candidate_blocks(inner):
         got = torch.empty_like(want)
@@ -75,42 +83,54 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
 
 
 class NativeLinear:
-    """``x @ weight.T + bias`` (rows, outputs) through the native kernel on the shapes where
-    it was checked to give ``fallback``'s (MKL's) bits, through ``fallback`` elsewhere."""
+    """``x @ weight.T + bias`` (rows, outputs) through the native kernel in the order that
+    was checked to give ``fallback``'s (MKL's) bits at the call's shape, through ``fallback``
+    where none was."""
 
     def __init__(self, kernels: ModuleType, packed: Tensor, weight: Tensor, bias: Optional[Tensor], fallback: Projection) -> None:
-        self.kernels, self.packed, self.bias, self.fallback = kernels, packed, bias, fallback
+        self.kernels, self.packed, self.weight, self.bias, self.fallback = kernels, packed, weight.detach(), bias, fallback
         self.inner, self.outputs = weight.size(1), weight.size(0)
 
     def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        threads = torch.get_num_threads()
-        bounds = mkl_blocks(self.inner, threads) if self._fits(x, out) else None
-        if bounds is None:
+        if not self._fits(x, out):
             return self.fallback(x, out=out)
-        shape = (x.size(0), self.inner, self.outputs, self.bias is not None, threads)
-        same = _SAME_BITS.get(shape)
-        if same is None:
-            return self._check(x, out, bounds, shape)
-        return self._kernel(x, bounds, out) if same else self.fallback(x, out=out)
+        shape = (x.size(0), self.inner, self.outputs, self.bias is not None, torch.get_num_threads())
+        if shape not in _SAME_BITS:
+            return self._check(x, out, shape)
+        order = _SAME_BITS[shape]
+        return self._kernel(x, order, out) if order is not None else self.fallback(x, out=out)
+
+    def orders(self) -> List[str]:
+        """The kernel's orders that can run this layer: BLOCKS where this inner dimension has
+        blocks, LANES where it is a multiple of 16 and the weight's rows are contiguous."""
+        blocks = [BLOCKS] if mkl_blocks(self.inner, torch.get_num_threads()) is not None else []
+        return blocks + ([LANES] if self.inner % 16 == 0 and self.weight.stride(1) == 1 else [])
 
     def _fits(self, x: Tensor, out: Optional[Tensor]) -> bool:
         return cpu_rows(x) and (out is None or cpu_rows(out)) and not (torch.is_grad_enabled() and x.requires_grad)
 
-    def _check(self, x: Tensor, out: Optional[Tensor], bounds: Tuple[int, ...], shape: Tuple) -> Tensor:
-        """MKL's output; whether the kernel gives its bits at ``shape``, recorded: on this
-        call's operands and on random ones of the same shape, at least ``CHECKED_ELEMENTS``
-        outputs in all (on a few outputs of a few terms two orders can agree by chance)."""
+    def _check(self, x: Tensor, out: Optional[Tensor], shape: Tuple) -> Tensor:
+        """MKL's output; the first order whose kernel gives its bits at ``shape``, recorded:
+        on this call's operands and on random ones of the same shape, at least
+        ``CHECKED_ELEMENTS`` outputs in all (on a few outputs of a few terms two orders can
+        agree by chance)."""
         want = self.fallback(x, out=out)
-        kernel = lambda probe: self._kernel(probe, bounds)  # noqa: E731
-        same = same_bits(kernel(x), want) and agrees_on_random_operands(want.numel(), [x.shape], kernel, self.fallback, len(_SAME_BITS))
-        _SAME_BITS[shape] = same
-        if not same:
+        _SAME_BITS[shape] = None
+        for order in self.orders():
+            kernel = lambda probe: self._kernel(probe, order)  # noqa: E731
+            if same_bits(kernel(x), want) and agrees_on_random_operands(want.numel(), [x.shape], kernel, self.fallback, len(_SAME_BITS)):
+                _SAME_BITS[shape] = order
+                break
+        if _SAME_BITS[shape] is None:
             logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
         return want
 
-    def _kernel(self, x: Tensor, bounds: Tuple[int, ...], out: Optional[Tensor] = None) -> Tensor:
+    def _kernel(self, x: Tensor, order: str, out: Optional[Tensor] = None) -> Tensor:
         out = out if out is not None else x.new_empty(x.size(0), self.outputs)
-        self.kernels.linear_into(x, self.packed, self.bias, bounds, out)
+        if order == BLOCKS:
+            self.kernels.linear_into(x, self.packed, self.bias, list(mkl_blocks(self.inner, torch.get_num_threads())), out)
+        else:
+            self.kernels.lanes_into(x, self.weight, self.bias, out)
         return out
 
 

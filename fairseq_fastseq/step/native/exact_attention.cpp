@@ -2,21 +2,32 @@
 //
 // For one query per matrix (the decoder step), PyTorch's `bmm` on the CPU takes one of two
 // paths per call, and each gives every output element by a fixed order of operations, found
-// on the CPU of BENCHMARKS.md by making each pair of terms cancel in turn (the size of the
-// sum in which they meet shows the tree) and then confirmed bit for bit on random operands:
+// by making each pair of terms cancel in turn (the size of the sum in which they meet shows
+// the tree), with the fused multiply-adds then found on random operands:
 //
 // - Products of fewer than 400 multiply-adds: ATen's own loop, each output a sequential sum
-//   from zero, every product rounded before its add.
-// - Otherwise MKL. Queries times keys (head_dim 64, the keys' rows as columns): the columns
-//   in groups of four, each a dot product whose first four products are summed in turn, then
-//   four lanes (d mod 4, lane 0 starting from that sum) over d = 4..63, reduced as
-//   (lane 0 + lane 2) + (lane 1 + lane 3); the last L mod 4 columns by two other trees
-//   (eight lanes over d = 4..59 for the first and third, four for the second; then the last
-//   four products in turn). Probabilities times values: a sequential sum over the keys,
-//   each product rounded first.
+//   from zero, every product rounded before its add (both orders below).
+// - Otherwise MKL, whose order depends on the CPU. Two are implemented (`order`):
+//   0, "four lanes" (the AMD EPYC of BENCHMARKS.md, no multiply-add fused). Queries times
+//   keys (head_dim 64, the keys' rows as columns): the columns in groups of four, each a dot
+//   product whose first four products are summed in turn, then four lanes (d mod 4, lane 0
+//   starting from that sum) over d = 4..63, reduced as (lane 0 + lane 2) + (lane 1 + lane 3);
+//   the last L mod 4 columns by two other trees (eight lanes over d = 4..59 for the first and
+//   third, four for the second; then the last four products in turn). Probabilities times
+//   values: a sequential sum over the keys, each product rounded first.
+//   1, "sixteen lanes, fused" (an Intel Xeon with AVX-512). Queries times keys: product 0
+//   alone, sixteen lanes over d = 1..63 by fused multiply-adds, reduced by halves (lane j +
+//   lane j+8, then j + j+4, j + j+2, 0 + 1); grouped columns fold product 0 into lane 0 first
+//   and reduce d = 1..48 before d = 49..63 (which start from that sum in lane 0), the last
+//   L mod 4 columns add product 0 to the reduced lanes at the end (their first and third
+//   column round the products of d = 1..32 before adding them). Probabilities times values:
+//   blocks of eight keys, each ((k0*k2 fused) + (k1*k3 fused)) + ((k5*k7 fused) + k4 fused
+//   on k6 fused on the running sum) (kA*kB fused: kA's product fused onto kB's rounded one),
+//   then the last L mod 8 keys fused onto the sum in turn.
 //
-// No multiply-add is fused: compiled with `-ffp-contract=off` and written as separate
-// multiplies and adds. Every shape is still checked against `bmm` before use
+// Nothing is fused that the order does not fuse: compiled with `-ffp-contract=off`, fused
+// multiply-adds written as intrinsics. Which order this CPU's `bmm` follows is found on
+// random operands, and every shape is still checked against `bmm` before use
 // (`exact_attention.py`).
 
 #include <torch/extension.h>
@@ -82,19 +93,6 @@ float four_lanes(const float* q, const float* k, int stop) {
   return reduced(lanes);
 }
 
-// C columns' `four_lanes(q, k, 64)` at once (keys `step` floats apart): independent chains
-// for the core to overlap.
-template <int C>
-void columns(const float* q, const float* k, int64_t step, float* out) {
-  __m128 lanes[C];
-  for (int c = 0; c < C; ++c) lanes[c] = _mm_set_ss(first_four(q, k + c * step));
-  for (int d = 4; d < 64; d += 4) {
-    const __m128 query = _mm_loadu_ps(q + d);
-    for (int c = 0; c < C; ++c) lanes[c] = _mm_add_ps(lanes[c], _mm_mul_ps(query, _mm_loadu_ps(k + c * step + d)));
-  }
-  for (int c = 0; c < C; ++c) out[c] = reduced(lanes[c]);
-}
-
 // Eight lanes (d mod 8 from 4) over d in [4, 60), lane 0 starting from the first four's sum,
 // reduced as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
 float eight_lanes(const float* q, const float* k) {
@@ -105,14 +103,8 @@ float eight_lanes(const float* q, const float* k) {
   return even + odd;
 }
 
-// The last L mod 4 columns: the first and third by eight lanes, the second by four, to d = 60;
-// then the last four products in turn.
-float remainder_column(const float* q, const float* k, int64_t position) {
-  return last_four(position % 2 == 0 ? eight_lanes(q, k) : four_lanes(q, k, 60), q, k);
-}
-
-// out[0, 16 * vectors) += weights[l] * values[m, l, d + ...] for l in [l0, l1) in order
-// (starting from zero at l0 = 0).
+// out[0, 16 * vectors) += weights[l] * values[m, l, d + ...] for l in [l0, l1) in turn, each
+// product rounded (starting from zero at l0 = 0).
 void add_products(const float* weights, const Strided3& v, int64_t m, int64_t l0, int64_t l1, int64_t d, int64_t vectors,
                   float* out) {
   __m512 sum[4];
@@ -125,32 +117,114 @@ void add_products(const float* weights, const Strided3& v, int64_t m, int64_t l0
   for (int64_t j = 0; j < vectors; ++j) _mm512_storeu_ps(out + 16 * j, sum[j]);
 }
 
-}  // namespace
+// Order 0, "four lanes" (no multiply-add fused).
+struct FourLanes {
+  // C grouped columns at once (keys `step` floats apart): independent chains for the core to overlap.
+  template <int C>
+  static void columns(const float* q, const float* k, int64_t step, float* out) {
+    __m128 lanes[C];
+    for (int c = 0; c < C; ++c) lanes[c] = _mm_set_ss(first_four(q, k + c * step));
+    for (int d = 4; d < 64; d += 4) {
+      const __m128 query = _mm_loadu_ps(q + d);
+      for (int c = 0; c < C; ++c) lanes[c] = _mm_add_ps(lanes[c], _mm_mul_ps(query, _mm_loadu_ps(k + c * step + d)));
+    }
+    for (int c = 0; c < C; ++c) out[c] = reduced(lanes[c]);
+  }
 
-// scores[m, i, l] = queries[m, i, :] . keys[m, l, :], as bmm(queries, keys.transpose(1, 2))
-// gives it one query row per matrix.
-void scores_into(const torch::Tensor& queries, const torch::Tensor& keys, torch::Tensor& scores) {
-  const Strided3 q = view(queries), k = view(keys), s = view(scores);
-  const int64_t matrices = queries.size(0), rows = queries.size(1), length = keys.size(1);
-  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && keys.size(0) == matrices &&
-              scores.size(0) == matrices && scores.size(1) == rows && scores.size(2) == length,
-              "exact_attention.scores_into: shapes");
+  // The last L mod 4 columns: the first and third by eight lanes, the second by four, to d = 60;
+  // then the last four products in turn.
+  static float remainder(const float* q, const float* k, int64_t position) {
+    return last_four(position % 2 == 0 ? eight_lanes(q, k) : four_lanes(q, k, 60), q, k);
+  }
+
+  static constexpr auto add_keys = add_products;
+};
+
+// Order 1, "sixteen lanes, fused" (MKL's AVX-512 path).
+constexpr __mmask16 kTail = 0x7fff;  // d = 49..63
+
+__m512 lane0(float x) { return _mm512_zextps128_ps512(_mm_set_ss(x)); }
+
+// Lanes j + j+8, then j + j+4, j + j+2, 0 + 1.
+float by_halves(__m512 v) {
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+  return reduced(_mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1)));
+}
+
+struct SixteenLanesFused {
+  template <int C>
+  static void columns(const float* q, const float* k, int64_t step, float* out) {
+    const __m512 q1 = _mm512_loadu_ps(q + 1), q17 = _mm512_loadu_ps(q + 17), q33 = _mm512_loadu_ps(q + 33);
+    const __m512 q49 = _mm512_maskz_loadu_ps(kTail, q + 49);
+    __m512 lanes[C];
+    for (int c = 0; c < C; ++c) lanes[c] = lane0(q[0] * k[c * step]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + c * step + 1), lanes[c]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q17, _mm512_loadu_ps(k + c * step + 17), lanes[c]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q33, _mm512_loadu_ps(k + c * step + 33), lanes[c]);
+    for (int c = 0; c < C; ++c)
+      lanes[c] = _mm512_fmadd_ps(q49, _mm512_maskz_loadu_ps(kTail, k + c * step + 49), lane0(by_halves(lanes[c])));
+    for (int c = 0; c < C; ++c) out[c] = by_halves(lanes[c]);
+  }
+
+  static float remainder(const float* q, const float* k, int64_t position) {
+    const __m512 first = _mm512_mul_ps(_mm512_loadu_ps(q + 1), _mm512_loadu_ps(k + 1));
+    const __m512 second = _mm512_loadu_ps(q + 17), second_keys = _mm512_loadu_ps(k + 17);
+    __m512 lanes = position == 1 ? _mm512_fmadd_ps(second, second_keys, first)
+                                 : _mm512_add_ps(first, _mm512_mul_ps(second, second_keys));
+    lanes = _mm512_fmadd_ps(_mm512_loadu_ps(q + 33), _mm512_loadu_ps(k + 33), lanes);
+    lanes = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kTail, q + 49), _mm512_maskz_loadu_ps(kTail, k + 49), lanes);
+    return q[0] * k[0] + by_halves(lanes);
+  }
+
+  static void add_keys(const float* weights, const Strided3& v, int64_t m, int64_t l0, int64_t l1, int64_t d,
+                       int64_t vectors, float* out) {
+    __m512 sum[4];
+    for (int64_t j = 0; j < vectors; ++j) sum[j] = l0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + 16 * j);
+    int64_t l = l0;
+    for (; l + 8 <= l1; l += 8) {
+      __m512 w[8];
+      for (int i = 0; i < 8; ++i) w[i] = _mm512_set1_ps(weights[l + i]);
+      for (int64_t j = 0; j < vectors; ++j) {
+        __m512 x[8];
+        for (int i = 0; i < 8; ++i) x[i] = _mm512_loadu_ps(v.at(m, l + i) + d + 16 * j);
+        const __m512 late = _mm512_add_ps(_mm512_fmadd_ps(w[5], x[5], _mm512_mul_ps(w[7], x[7])),
+                                          _mm512_fmadd_ps(w[4], x[4], _mm512_fmadd_ps(w[6], x[6], sum[j])));
+        const __m512 early = _mm512_add_ps(_mm512_fmadd_ps(w[0], x[0], _mm512_mul_ps(w[2], x[2])),
+                                           _mm512_fmadd_ps(w[1], x[1], _mm512_mul_ps(w[3], x[3])));
+        sum[j] = _mm512_add_ps(early, late);
+      }
+    }
+    for (; l < l1; ++l) {
+      const __m512 w = _mm512_set1_ps(weights[l]);
+      for (int64_t j = 0; j < vectors; ++j) sum[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.at(m, l) + d + 16 * j), sum[j]);
+    }
+    for (int64_t j = 0; j < vectors; ++j) _mm512_storeu_ps(out + 16 * j, sum[j]);
+  }
+};
+
+template <class Order>
+void scores(const Strided3& q, const Strided3& k, const Strided3& s, int64_t matrices, int64_t rows, int64_t length) {
   const bool aten_loop = kHeadDim * length < kAtenLoopWork;
   const int64_t grouped = length - length % 4;
-  float* out = scores.data_ptr<float>();
   auto one = [&](const float* query, const float* key, int64_t l) {
-    return aten_loop ? sequential(query, key) : l < grouped ? four_lanes(query, key, 64) : remainder_column(query, key, l - grouped);
+    if (aten_loop) return sequential(query, key);
+    float out;
+    if (l < grouped) Order::template columns<1>(query, key, 0, &out);
+    return l < grouped ? out : Order::remainder(query, key, l - grouped);
   };
   // A block of matrices at a time, eight keys of each in turn: the keys of the step's
   // time-major cache (a time slice of every matrix contiguous) are then read as a few
   // sequential streams, and each query row serves eight dots.
   const int64_t in_eights = aten_loop ? 0 : grouped - grouped % 8;
+  float* out = const_cast<float*>(s.data);
   at::parallel_for(0, matrices, grain(rows * length * kHeadDim), [&](int64_t begin, int64_t end) {
     for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
       const int64_t m1 = std::min(end, m0 + kMatrixBlock);
       for (int64_t l = 0; l < in_eights; l += 8)
         for (int64_t m = m0; m < m1; ++m)
-          for (int64_t i = 0; i < rows; ++i) columns<8>(q.at(m, i), k.at(m, l), k.row, out + m * s.matrix + i * s.row + l);
+          for (int64_t i = 0; i < rows; ++i)
+            Order::template columns<8>(q.at(m, i), k.at(m, l), k.row, out + m * s.matrix + i * s.row + l);
       for (int64_t l = in_eights; l < length; ++l)
         for (int64_t m = m0; m < m1; ++m)
           for (int64_t i = 0; i < rows; ++i) out[m * s.matrix + i * s.row + l] = one(q.at(m, i), k.at(m, l), l);
@@ -158,18 +232,14 @@ void scores_into(const torch::Tensor& queries, const torch::Tensor& keys, torch:
   });
 }
 
-// context[m, i, :] = sum over l of probs[m, i, l] * values[m, l, :] in order, as
-// bmm(probs, values) gives it one row per matrix.
-void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch::Tensor& context) {
-  const Strided3 p = view(probs), v = view(values), c = view(context);
-  const int64_t matrices = probs.size(0), rows = probs.size(1), length = probs.size(2), dim = values.size(2);
-  TORCH_CHECK(values.size(0) == matrices && values.size(1) == length && context.size(0) == matrices &&
-              context.size(1) == rows && context.size(2) == dim && dim % 16 == 0 && length > 0,
-              "exact_attention.context_into: shapes");
-  float* out = context.data_ptr<float>();
-  // Each output row is its own running sum (from zero, one key at a time, in order), kept in
-  // the output between blocks of keys: for the step's time-major values eight keys of a block
-  // of matrices at a time, read as a few sequential streams; otherwise all keys in one pass.
+template <class Order>
+void context(const Strided3& p, const Strided3& v, const Strided3& c, int64_t matrices, int64_t rows, int64_t length,
+             int64_t dim) {
+  float* out = const_cast<float*>(c.data);
+  const bool aten_loop = dim * length < kAtenLoopWork;
+  // Each output row is a running sum kept in the output between passes over the keys: for
+  // the step's time-major values eight keys (one block of order 1) of a block of matrices at
+  // a time, read as a few sequential streams; otherwise all keys in one pass.
   const int64_t keys_per_pass = v.row > v.matrix ? 8 : length;
   at::parallel_for(0, matrices, grain(rows * length * dim), [&](int64_t begin, int64_t end) {
     for (int64_t m0 = begin; m0 < end; m0 += kMatrixBlock) {
@@ -177,14 +247,41 @@ void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch
       for (int64_t l0 = 0; l0 < length; l0 += keys_per_pass)
         for (int64_t m = m0; m < m1; ++m)
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t d = 0; d < dim; d += 64)
-              add_products(p.at(m, i), v, m, l0, std::min(l0 + keys_per_pass, length), d, std::min<int64_t>(64, dim - d) / 16,
-                           out + m * c.matrix + i * c.row + d);
+            for (int64_t d = 0; d < dim; d += 64) {
+              const int64_t l1 = std::min(l0 + keys_per_pass, length), vectors = std::min<int64_t>(64, dim - d) / 16;
+              float* row = out + m * c.matrix + i * c.row + d;
+              if (aten_loop) add_products(p.at(m, i), v, m, l0, l1, d, vectors, row);
+              else Order::add_keys(p.at(m, i), v, m, l0, l1, d, vectors, row);
+            }
     }
   });
 }
 
+}  // namespace
+
+// scores[m, i, l] = queries[m, i, :] . keys[m, l, :], as bmm(queries, keys.transpose(1, 2))
+// gives it one query row per matrix, in MKL's `order` (0 or 1, see above).
+void scores_into(const torch::Tensor& queries, const torch::Tensor& keys, torch::Tensor& out, int64_t order) {
+  const Strided3 q = view(queries), k = view(keys), s = view(out);
+  const int64_t matrices = queries.size(0), rows = queries.size(1), length = keys.size(1);
+  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && keys.size(0) == matrices &&
+              out.size(0) == matrices && out.size(1) == rows && out.size(2) == length && (order == 0 || order == 1),
+              "exact_attention.scores_into: shapes or order");
+  (order == 0 ? scores<FourLanes> : scores<SixteenLanesFused>)(q, k, s, matrices, rows, length);
+}
+
+// context[m, i, :] = sum over l of probs[m, i, l] * values[m, l, :], as bmm(probs, values)
+// gives it one row per matrix, in MKL's `order`.
+void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch::Tensor& out, int64_t order) {
+  const Strided3 p = view(probs), v = view(values), c = view(out);
+  const int64_t matrices = probs.size(0), rows = probs.size(1), length = probs.size(2), dim = values.size(2);
+  TORCH_CHECK(values.size(0) == matrices && values.size(1) == length && out.size(0) == matrices &&
+              out.size(1) == rows && out.size(2) == dim && dim % 16 == 0 && length > 0 && (order == 0 || order == 1),
+              "exact_attention.context_into: shapes or order");
+  (order == 0 ? context<FourLanes> : context<SixteenLanesFused>)(p, v, c, matrices, rows, length, dim);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64)");
-  m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix");
+  m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64) in MKL's order 0 or 1");
+  m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix in MKL's order 0 or 1");
 }

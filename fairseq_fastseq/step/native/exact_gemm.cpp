@@ -1,10 +1,17 @@
 // The linear layers of `--fast-kernels exact` with MKL's own order of operations, faster.
 //
-// Each output element of MKL's single-precision product (`addmm`, `mm`), as the CPU of
-// BENCHMARKS.md runs it, is: the bias (or nothing), then for each block of the inner dimension
-// in turn the block's dot product, summed from zero by fused multiply-adds in index order,
-// added to the element. Which blocks is calibrated per inner dimension against MKL on the
-// machine (`exact_gemm.py`), and every shape is checked bit for bit before it is used. The
+// Each output element of MKL's single-precision product (`addmm`, `mm`) follows one of two
+// orders, found by cancelling pairs of terms (BENCHMARKS.md):
+// - blocks (`linear_into`): the bias (or nothing), then for each block of the inner dimension
+//   in turn the block's dot product, summed from zero by fused multiply-adds in index order,
+//   added to the element (the AMD EPYC of BENCHMARKS.md; an Intel Xeon from 11-16 rows on).
+//   Which blocks is calibrated per inner dimension against MKL on the machine.
+// - sixteen lanes (`lanes_into`, an Intel Xeon at 2-10 rows, 2-15 from 512 inner terms on):
+//   lane j sums the products of inner indices j, j + 16, ... in turn by fused multiply-adds;
+//   the lanes' four quarters are added in turn, the quarter's four sums as (0 + 1) + (2 + 3),
+//   and the bias added last. (One row is another order again: MKL there.)
+// Which order a shape follows is found against MKL (`exact_gemm.py`): every shape is checked
+// bit for bit before it is used. The
 // order of operations per element is all that fixes the bits: how elements are tiled, which
 // thread computes which columns, and the weight's layout (packed once here, per call in MKL)
 // are free, and that is where the time goes.
@@ -68,6 +75,44 @@ __mmask16 lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
 }
 
+// Lanes' quarters in turn, then (0 + 1) + (2 + 3).
+inline float by_quarters(__m512 v) {
+  __m128 s = _mm512_castps512_ps128(v);
+  for (int quarter = 1; quarter < 4; ++quarter)
+    s = _mm_add_ps(s, quarter == 1 ? _mm512_extractf32x4_ps(v, 1) : quarter == 2 ? _mm512_extractf32x4_ps(v, 2)
+                                                                                   : _mm512_extractf32x4_ps(v, 3));
+  const __m128 pairs = _mm_add_ps(s, _mm_shuffle_ps(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehl_ps(pairs, pairs)));
+}
+
+// Rows [0, R) of x against output features [0, O) of weight (rows `ldw` apart): sixteen lanes each.
+template <int R, int O>
+inline void lanes_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, const float* bias, float* c,
+                       int64_t ldc) {
+  __m512 sum[R][O];
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < O; ++o) sum[r][o] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __m512 weights[O];
+    for (int o = 0; o < O; ++o) weights[o] = _mm512_loadu_ps(w + o * ldw + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_loadu_ps(x + r * ldx + i);
+      for (int o = 0; o < O; ++o) sum[r][o] = _mm512_fmadd_ps(a, weights[o], sum[r][o]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < O; ++o) {
+      const float total = by_quarters(sum[r][o]);
+      c[r * ldc + o] = bias != nullptr ? bias[o] + total : total;
+    }
+}
+
+constexpr int kLaneRows = 4, kLaneOutputs = 4;
+using LanesTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+constexpr LanesTile kLanesTiles[2][kLaneRows + 1] = {
+    {nullptr, lanes_tile<1, 1>, lanes_tile<2, 1>, lanes_tile<3, 1>, lanes_tile<4, 1>},
+    {nullptr, lanes_tile<1, kLaneOutputs>, lanes_tile<2, kLaneOutputs>, lanes_tile<3, kLaneOutputs>, lanes_tile<4, kLaneOutputs>}};
+
 }  // namespace
 
 // weight (out_features, in_features) -> (panels, in_features, 32), the columns of panel p
@@ -118,6 +163,33 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10:
   });
 }
 
+// out (rows, out_features) = bias + x @ weight.T in sixteen lanes of the inner dimension (a
+// multiple of 16); the weight as it is (unpacked).
+void lanes_into(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                torch::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && weight.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1 &&
+              weight.stride(1) == 1, "exact_gemm.lanes_into: 2-D rows");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k && k % 16 == 0 && out.size(0) == rows && out.size(1) == n, "exact_gemm.lanes_into: shapes");
+  const float* xs = x.data_ptr<float>();
+  const float* ws = weight.data_ptr<float>();
+  const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* cs = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldw = weight.stride(0), ldc = out.stride(0);
+  const int64_t groups = (n + kLaneOutputs - 1) / kLaneOutputs;
+  const int64_t grain = std::max<int64_t>(1, kWorkPerThread / std::max<int64_t>(1, rows * k * kLaneOutputs));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t o = g * kLaneOutputs; o < std::min(n, (g + 1) * kLaneOutputs);) {
+        const bool whole = o + kLaneOutputs <= n;
+        for (int64_t row = 0; row < rows; row += kLaneRows)
+          kLanesTiles[whole][std::min<int64_t>(kLaneRows, rows - row)](xs + row * ldx, ldx, ws + o * ldw, ldw, k,
+                                                                        bs != nullptr ? bs + o : nullptr, cs + row * ldc + o, ldc);
+        o += whole ? kLaneOutputs : 1;
+      }
+  });
+}
+
 // How many of torch's threads at::parallel_for gives `tasks` single-task chunks: more than one
 // only where the extensions are compiled with OpenMP (native/__init__.py), else silently one.
 int64_t threads_used(int64_t tasks) {
@@ -129,5 +201,6 @@ int64_t threads_used(int64_t tasks) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_used", &threads_used, "how many threads at::parallel_for spreads `tasks` chunks of one over");
   m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
+  m.def("lanes_into", &lanes_into, "out = bias + x @ weight.T in sixteen fused lanes of the inner dimension");
   m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given");
 }
