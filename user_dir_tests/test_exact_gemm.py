@@ -151,3 +151,37 @@ def test_native_kernels_split_their_work_over_torchs_threads():
         assert native.exact_gemm().threads_used(64) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_split_sums_the_second_chain_from_zero_and_adds_it_last():
+    """``split``: the blocks from there on are a chain of their own (MKL's halves of the inner
+    dimension on two threads), the same bits as each half's product added at the end."""
+    torch.manual_seed(5)
+    kernels = native.exact_gemm()
+    weight, bias, x = torch.randn(40, 512), torch.randn(40), torch.randn(9, 512)
+    halves = []
+    for part, part_bias in ((slice(0, 256), bias), (slice(256, 512), None)):
+        out = torch.empty(9, 40)
+        kernels.linear_into(x[:, part].contiguous(), kernels.pack(weight[:, part].contiguous()), part_bias, [0, 128, 256], 0, out)
+        halves.append(out)
+    got = torch.empty(9, 40)
+    kernels.linear_into(x, kernels.pack(weight), bias, [0, 128, 256, 384, 512], 2, got)
+    assert same_bits(got, halves[0] + halves[1])
+    assert not same_bits(got, F.linear(x, weight, bias))  # one chain rounds otherwise
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core")
+def test_at_two_threads_the_feed_forward_output_runs_the_kernel():
+    """On two threads MKL splits 1024 inner terms into two halves (on the Intel Xeon measured):
+    without the split the layer stayed on MKL at every row count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(6)
+        weight, bias, x = torch.randn(256, 1024) * 0.05, torch.randn(256), torch.randn(160, 1024)
+        linear = linear_of(weight, bias)
+        for _ in range(2):
+            assert same_bits(linear(x), F.linear(x, weight, bias))
+        assert exact_gemm._SAME_BITS[(160, 1024, 256, True, 2)] is not None
+    finally:
+        torch.set_num_threads(before)

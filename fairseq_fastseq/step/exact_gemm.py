@@ -5,7 +5,8 @@ cancelling pairs of terms; ``native/exact_gemm.cpp``): BLOCKS, the bias (or noth
 for each block of the inner dimension in turn, that block's dot product summed from zero by
 fused multiply-adds in index order (on the AMD EPYC of BENCHMARKS.md: one block up to 192
 inner terms, two halves up to 384, blocks of 192 and the rest beyond; on an Intel Xeon from
-11-16 rows on, blocks of 256 up to 512 and of 384 beyond); or LANES, sixteen fused lanes over
+11-16 rows on, blocks of 256 up to 512 and of 384 beyond; where MKL splits the inner dimension
+over two threads, the halves as two such chains, added at the end); or LANES, sixteen fused lanes over
 the inner dimension (the Intel Xeon at 2-10 rows, 2-15 from 512 inner terms on). The bits
 depend only on that order; tiling, threads and the weight's layout are free. The kernel
 keeps the order, packs each weight once for BLOCKS (MKL packs its operands per call) and
@@ -22,7 +23,7 @@ at a few rows on the AMD EPYC, a matrix-vector product at one row), that shape s
 import functools
 import logging
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +48,15 @@ PROBE_ROWS, PROBE_OUTPUTS = 16, 256
 _SAME_BITS: Dict[Tuple[int, int, int, bool, int], Optional[str]] = {}
 
 
+class Blocks(NamedTuple):
+    """Bounds (0, ..., inner) of the blocks summed in turn; from block ``split`` on (0: none)
+    a second such chain from zero, added to the first at the end (MKL splitting the inner
+    dimension over two threads)."""
+
+    bounds: Tuple[int, ...]
+    split: int = 0
+
+
 def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
     """Bounds (0, ..., inner) of the blocks to try: equal parts (2-8), then every width that
     is a multiple of 16 with the rest last (one block included)."""
@@ -59,8 +69,19 @@ def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
     return list(dict.fromkeys(candidates))
 
 
+def candidate_chains(inner: int) -> List[Blocks]:
+    """``candidate_blocks`` as one chain, then (for an even ``inner``) as two halves, each
+    half in the candidate blocks of its size."""
+    candidates = [Blocks(bounds) for bounds in candidate_blocks(inner)]
+    if inner % 2 == 0 and inner >= 32:
+        half = inner // 2
+        for bounds in candidate_blocks(half):
+            candidates.append(Blocks(bounds + tuple(half + bound for bound in bounds[1:]), len(bounds) - 1))
+    return candidates
+
+
 @functools.lru_cache(maxsize=None)
-def mkl_blocks(inner: int, threads: int) -> Optional[Tuple[int, ...]]:
+def mkl_blocks(inner: int, threads: int) -> Optional[Blocks]:
     """The blocks of the inner dimension in which MKL sums on this machine, or None where
     no candidate gives its bits (random operands of ``PROBE_ROWS`` x ``PROBE_OUTPUTS``, with a bias)."""
     kernels = native.exact_gemm()
@@ -68,11 +89,11 @@ def mkl_blocks(inner: int, threads: int) -> Optional[Tuple[int, ...]]:
     shapes = ((PROBE_ROWS, inner), (PROBE_OUTPUTS, inner), (PROBE_OUTPUTS,))
     x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
     want, packed = torch.addmm(bias, x, weight.t()), kernels.pack(weight)
-    for bounds in candidate_blocks(inner):
+    for blocks in candidate_chains(inner):
         got = torch.empty_like(want)
-        kernels.linear_into(x, packed, bias, bounds, got)
+        kernels.linear_into(x, packed, bias, blocks.bounds, blocks.split, got)
         if same_bits(got, want):
-            return bounds
+            return blocks
     logger.info("exact linear layers: no block order of %d inner terms gives MKL's bits on this CPU; MKL there", inner)
     return None
 
@@ -128,7 +149,8 @@ class NativeLinear:
     def _kernel(self, x: Tensor, order: str, out: Optional[Tensor] = None) -> Tensor:
         out = out if out is not None else x.new_empty(x.size(0), self.outputs)
         if order == BLOCKS:
-            self.kernels.linear_into(x, self.packed, self.bias, list(mkl_blocks(self.inner, torch.get_num_threads())), out)
+            blocks = mkl_blocks(self.inner, torch.get_num_threads())
+            self.kernels.linear_into(x, self.packed, self.bias, blocks.bounds, blocks.split, out)
         else:
             self.kernels.lanes_into(x, self.weight, self.bias, out)
         return out

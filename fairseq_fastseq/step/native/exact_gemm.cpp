@@ -5,7 +5,9 @@
 // - blocks (`linear_into`): the bias (or nothing), then for each block of the inner dimension
 //   in turn the block's dot product, summed from zero by fused multiply-adds in index order,
 //   added to the element (the AMD EPYC of BENCHMARKS.md; an Intel Xeon from 11-16 rows on).
-//   Which blocks is calibrated per inner dimension against MKL on the machine.
+//   Which blocks is calibrated per inner dimension against MKL on the machine. Where MKL
+//   splits the inner dimension over two threads, the blocks after `split` are a second
+//   such chain from zero, added to the first at the end.
 // - sixteen lanes (`lanes_into`, an Intel Xeon at 2-10 rows, 2-15 from 512 inner terms on):
 //   lane j sums the products of inner indices j, j + 16, ... in turn by fused multiply-adds;
 //   the lanes' four quarters are added in turn, the quarter's four sums as (0 + 1) + (2 + 3),
@@ -132,13 +134,15 @@ torch::Tensor pack(const torch::Tensor& weight) {
 
 // out (rows, out_features) = bias + x (rows, in_features) @ weight.T, with x's and out's rows
 // at any stride (columns contiguous), in the blocks of the inner dimension that `bounds` gives
-// (0 = b0 < b1 < ... = in_features).
+// (0 = b0 < b1 < ... = in_features); blocks from index `split` on (0: none) as a second chain.
 void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                 const std::vector<int64_t>& bounds, torch::Tensor& out) {
+                 const std::vector<int64_t>& bounds, int64_t split, torch::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1, "exact_gemm.linear_into: 2-D rows");
   const int64_t rows = x.size(0), k = x.size(1), n = out.size(1), panels = packed.size(0);
   TORCH_CHECK(packed.size(1) == k && out.size(0) == rows && (n + kPanel - 1) / kPanel == panels, "exact_gemm.linear_into: shapes");
-  TORCH_CHECK(bounds.size() >= 2 && bounds.front() == 0 && bounds.back() == k, "exact_gemm.linear_into: blocks");
+  const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
+  TORCH_CHECK(blocks >= 1 && bounds.front() == 0 && bounds.back() == k && split >= 0 && split < blocks,
+              "exact_gemm.linear_into: blocks");
   const float* xs = x.data_ptr<float>();
   const float* ws = packed.data_ptr<float>();
   const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
@@ -147,17 +151,27 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10:
   // Panels apart on threads: each element is computed whole by one thread, in the same order.
   const int64_t grain = std::max<int64_t>(1, kWorkPerThread / std::max<int64_t>(1, rows * k * kPanel));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> second(split > 0 ? rows * kPanel : 0);  // the second chain's sums, this panel's columns
     for (int64_t p = begin; p < end; ++p) {
       const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
       const __mmask16 low = lanes(width), high = lanes(width - 16);
       const float* panel = ws + p * k * kPanel;
       const float* panel_bias = bs != nullptr ? bs + column : nullptr;
-      for (size_t block = 0; block + 1 < bounds.size(); ++block) {
+      for (int64_t block = 0; block < blocks; ++block) {
+        const bool chained = split > 0 && block >= split;
+        float* target = chained ? second.data() : cs + column;
+        const int64_t ld = chained ? kPanel : ldc;
         for (int64_t row = 0; row < rows; row += kRowsPerTile) {
           const int64_t tile_rows = std::min<int64_t>(kRowsPerTile, rows - row);
-          kTiles[tile_rows](xs + row * ldx, ldx, panel, bounds[block], bounds[block + 1], cs + row * ldc + column, ldc,
-                            block == 0, panel_bias, low, high);
+          kTiles[tile_rows](xs + row * ldx, ldx, panel, bounds[block], bounds[block + 1], target + row * ld, ld,
+                            block == 0 || block == split, chained ? nullptr : panel_bias, low, high);
         }
+      }
+      for (int64_t row = 0; split > 0 && row < rows; ++row) {  // first chain + second chain
+        float* c = cs + row * ldc + column;
+        const float* t = second.data() + row * kPanel;
+        _mm512_mask_storeu_ps(c, low, _mm512_add_ps(_mm512_maskz_loadu_ps(low, c), _mm512_maskz_loadu_ps(low, t)));
+        _mm512_mask_storeu_ps(c + 16, high, _mm512_add_ps(_mm512_maskz_loadu_ps(high, c + 16), _mm512_maskz_loadu_ps(high, t + 16)));
       }
     }
   });
@@ -202,5 +216,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_used", &threads_used, "how many threads at::parallel_for spreads `tasks` chunks of one over");
   m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
   m.def("lanes_into", &lanes_into, "out = bias + x @ weight.T in sixteen fused lanes of the inner dimension");
-  m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given");
+  m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given, a second chain from `split`");
 }
