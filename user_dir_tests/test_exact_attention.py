@@ -226,3 +226,20 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
     used = {key for key, same in exact_attention._SAME_BITS.items() if same}
     assert {kind for kind, _, _ in used} == {SCORES, CONTEXT} and max(length for _, length, _ in used) >= 20
+
+
+@pytest.mark.parametrize("wrong_matrix", [0, 150, 299])
+def test_a_check_of_many_matrices_compares_a_sample_that_holds_the_edges_and_the_middle(wrong_matrix):
+    class WrongAtOne(CountingKernels):
+        def context_into(self, probs, values, out, order):
+            super().context_into(probs, values, out, order)
+            sample = exact_attention.sampled_rows(300, 64).tolist()  # first, middle and last runs, in order
+            if probs.size(0) == len(sample) and wrong_matrix in sample:  # the check's call (not the order's probe)
+                out[sample.index(wrong_matrix)].add_(1e-3)
+
+    products = _products(WrongAtOne())
+    probs, values = torch.softmax(torch.randn(300, 1, 9), dim=-1), torch.randn(300, 9, 64)
+    out = torch.empty(300, 1, 64)
+    products.context(probs, values, out, lambda: torch.bmm(probs, values, out=out))
+    assert exact_attention._SAME_BITS == {(CONTEXT, 9, torch.get_num_threads()): False}
+    assert products.kernels.calls == 1

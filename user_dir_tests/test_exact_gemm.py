@@ -83,7 +83,7 @@ def test_a_check_compares_enough_outputs_to_tell_orders_apart(monkeypatch):
 
     monkeypatch.setattr(exact_gemm.NativeLinear, "_kernel", counting)
     linear_of(weight, None)(x)
-    assert len(probes) == 1 + exact_gemm.CHECKED_ELEMENTS // (16 * 32)
+    assert len(probes) == 1 + (exact_gemm.CHECKED_ELEMENTS - 16 * 32) // (16 * 32)
     assert exact_gemm._SAME_BITS == {(16, 64, 32, False, torch.get_num_threads()): exact_gemm.BLOCKS}
 
 
@@ -185,3 +185,39 @@ def test_at_two_threads_the_feed_forward_output_runs_the_kernel():
         assert exact_gemm._SAME_BITS[(160, 1024, 256, True, 2)] is not None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("wrong_row", [0, 100, 199])
+def test_a_check_of_many_rows_compares_a_sample_that_holds_the_edges_and_the_middle(monkeypatch, wrong_row):
+    """A reference that differs from the kernel in one row only (the first, the middle one
+    where a second thread's rows start, the last) keeps the shape on the fallback; the
+    kernel itself ran on the sample's rows only."""
+    torch.manual_seed(7)
+    weight, bias, x = torch.randn(256, 256) * 0.05, torch.randn(256), torch.randn(200, 256)
+
+    def reference(x, out=None):
+        result = F.linear(x, weight, bias)
+        if x.size(0) == 200:
+            result[wrong_row] = torch.nextafter(result[wrong_row], torch.tensor(float("inf")))
+        return out.copy_(result) if out is not None else result
+
+    rows_run = []
+    original = exact_gemm.NativeLinear._kernel
+    monkeypatch.setattr(exact_gemm.NativeLinear, "_kernel", lambda self, x, *rest: rows_run.append(x.size(0)) or original(self, x, *rest))
+    linear = NativeLinear(native.exact_gemm(), native.exact_gemm().pack(weight), weight, bias, reference)
+    linear(x)
+    assert exact_gemm._SAME_BITS[(200, 256, 256, True, torch.get_num_threads())] is None
+    assert rows_run and max(rows_run) == len(exact_gemm.sampled_rows(200, 256)) < 200
+
+
+def test_the_output_projection_checks_against_one_mm_not_its_column_blocks(monkeypatch):
+    """Where the kernel gives one ``mm``'s bits, the column-blocked fallback is never run
+    (nor its own check)."""
+    from fairseq_fastseq.step import column_blocks
+
+    monkeypatch.setattr(column_blocks.BlockedProjection, "__call__", lambda *args, **kwargs: pytest.fail("the fallback ran"))
+    torch.manual_seed(8)
+    weight, features = torch.randn(8008, 256) * 0.05, torch.randn(160, 256)
+    project, buffer = kernels.ExactKernels().buffered_output_projection(weight), torch.empty(160, 8008)
+    for _ in range(2):
+        assert same_bits(project(features, buffer), torch.mm(features, weight.t()))

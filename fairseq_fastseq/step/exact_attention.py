@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .exact_gemm import agrees_on_random_operands, cpu_rows, same_bits
+from .exact_gemm import agrees_on_random_operands, cpu_rows, same_bits, sampled_rows
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ class AttentionProducts:
         return _native(self.kernels, kind, a, b, out, self.orders[kind])
 
     def _check(self, kind: str, a: Tensor, b: Tensor, want: Tensor, key: Tuple) -> bool:
-        """Whether the kernel gives ``want`` (``bmm``'s on the call's operands) and ``bmm``'s
-        on random operands of the same shape (``agrees_on_random_operands``)."""
-        kernel = lambda a_, b_: self._kernel(kind, a_, b_, torch.empty_like(want))  # noqa: E731
+        """Whether the kernel gives ``want`` (``bmm``'s on the call's operands; on a sample of
+        its matrices, ``sampled_rows``) and, for calls of few outputs, ``bmm``'s on random
+        operands of the same shape (``agrees_on_random_operands``)."""
+        kernel = lambda a_, b_: self._kernel(kind, a_, b_, a_.new_empty(a_.size(0), *want.shape[1:]))  # noqa: E731
         reference = lambda a_, b_: _bmm_per_row(kind, a_, b_)  # noqa: E731
-        same = same_bits(kernel(a, b), want) and agrees_on_random_operands(want.numel(), [a.shape, b.shape], kernel, reference, len(_SAME_BITS))
+        sample = sampled_rows(a.size(0), want[0].numel())
+        a_, b_, want = (a, b, want) if sample is None else (t.index_select(0, sample) for t in (a, b, want))
+        same = same_bits(kernel(a_, b_), want) and agrees_on_random_operands(want.numel(), [a.shape, b.shape], kernel, reference, len(_SAME_BITS))
         if not same:
             logger.debug("exact attention: bmm for the %s at length %d (%d threads)", *key)
         return same

@@ -15,8 +15,9 @@ tiles for this core (BENCHMARKS.md, "exact's linear layers in MKL's order").
 Nothing is assumed: the blocks are found per inner dimension by trying candidates against
 MKL on this machine (none found: no BLOCKS for that dimension), and the first time a shape
 comes (rows, inner and output dimensions, bias or not, threads) each order's output is
-compared bit for bit with MKL's on that call's own operands and on random operands of the
-same shape, the caller getting MKL's. Where no order gives its bits (MKL takes another path
+compared bit for bit with MKL's on that call's own operands (a sample of its rows, the
+kernel's rows being independent of each other) and, for calls of few outputs, on random
+operands of the same shape, the caller getting MKL's. Where no order gives its bits (MKL takes another path
 at a few rows on the AMD EPYC, a matrix-vector product at one row), that shape stays on MKL.
 """
 
@@ -38,6 +39,11 @@ Projection = Callable[..., Tensor]
 # A shape's check compares at least this many outputs (random operands added to the call's
 # own, in at most MAX_DRAWS draws): the fuzzer found a 1-row shape of 8 outputs whose call agreed.
 CHECKED_ELEMENTS, MAX_DRAWS = 4096, 64
+# Of a call with more rows than that needs, the check compares runs of rows at its start,
+# middle and end (where MKL's edge tiles and a second thread's first rows are), this many
+# each at least: checking every row of each new row count cost a fifth of a whole
+# fairseq-generate run (BENCHMARKS.md, "Checks on a sample of rows").
+SAMPLE_RUN = 4
 
 BLOCKS, LANES = "blocks", "lanes"  # the kernel's orders (native/exact_gemm.cpp)
 # The blocks are looked for on this many rows and outputs: on an Intel Xeon MKL takes other
@@ -105,11 +111,15 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
 
 class NativeLinear:
     """``x @ weight.T + bias`` (rows, outputs) through the native kernel in the order that
-    was checked to give ``fallback``'s (MKL's) bits at the call's shape, through ``fallback``
-    where none was."""
+    was checked to give ``reference``'s (MKL's) bits at the call's shape, through ``fallback``
+    (the same bits by other means; default ``reference``) where none was."""
 
-    def __init__(self, kernels: ModuleType, packed: Tensor, weight: Tensor, bias: Optional[Tensor], fallback: Projection) -> None:
+    def __init__(
+        self, kernels: ModuleType, packed: Tensor, weight: Tensor, bias: Optional[Tensor], fallback: Projection,
+        reference: Optional[Projection] = None,
+    ) -> None:  # fmt: skip
         self.kernels, self.packed, self.weight, self.bias, self.fallback = kernels, packed, weight.detach(), bias, fallback
+        self.reference = reference or fallback
         self.inner, self.outputs = weight.size(1), weight.size(0)
 
     def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -132,14 +142,17 @@ class NativeLinear:
 
     def _check(self, x: Tensor, out: Optional[Tensor], shape: Tuple) -> Tensor:
         """MKL's output; the first order whose kernel gives its bits at ``shape``, recorded:
-        on this call's operands and on random ones of the same shape, at least
-        ``CHECKED_ELEMENTS`` outputs in all (on a few outputs of a few terms two orders can
-        agree by chance)."""
-        want = self.fallback(x, out=out)
+        on this call's operands (``sampled_rows``) and, where they are fewer, on random ones
+        of the same shape, at least ``CHECKED_ELEMENTS`` outputs in all (on a few outputs of
+        a few terms two orders can agree by chance)."""
+        want = self.reference(x, out=out)
         _SAME_BITS[shape] = None
+        sample = sampled_rows(x.size(0), self.outputs)
+        x_sample, want_sample = (x, want) if sample is None else (x.index_select(0, sample), want.index_select(0, sample))
         for order in self.orders():
             kernel = lambda probe: self._kernel(probe, order)  # noqa: E731
-            if same_bits(kernel(x), want) and agrees_on_random_operands(want.numel(), [x.shape], kernel, self.fallback, len(_SAME_BITS)):
+            same = same_bits(kernel(x_sample), want_sample)
+            if same and agrees_on_random_operands(want_sample.numel(), [x.shape], kernel, self.reference, len(_SAME_BITS)):
                 _SAME_BITS[shape] = order
                 break
         if _SAME_BITS[shape] is None:
@@ -164,11 +177,25 @@ def agrees_on_random_operands(
     ``CHECKED_ELEMENTS`` outputs were: on a few outputs of a few terms two orders can agree by
     chance. Stops at the first difference."""
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(min(MAX_DRAWS, -(-CHECKED_ELEMENTS // outputs))):
+    for _ in range(MAX_DRAWS):
+        if outputs >= CHECKED_ELEMENTS:
+            break
         operands = [torch.randn(shape, generator=generator) for shape in shapes]
-        if not same_bits(kernel(*operands), reference(*operands)):
+        got = kernel(*operands)
+        if not same_bits(got, reference(*operands)):
             return False
+        outputs += got.numel()
     return True
+
+
+def sampled_rows(rows: int, outputs_per_row: int) -> Optional[Tensor]:
+    """The rows a check compares (None: all): runs at the start, middle and end, of
+    ``SAMPLE_RUN`` rows each or more, enough for ``CHECKED_ELEMENTS`` outputs in all."""
+    run = max(SAMPLE_RUN, -(-CHECKED_ELEMENTS // (3 * max(1, outputs_per_row))))
+    if rows <= 3 * run:
+        return None
+    middle = (rows - run) // 2
+    return torch.cat([torch.arange(0, run), torch.arange(middle, middle + run), torch.arange(rows - run, rows)])
 
 
 def cpu_rows(t: Tensor, dims: int = 2) -> bool:
@@ -176,12 +203,15 @@ def cpu_rows(t: Tensor, dims: int = 2) -> bool:
     return t.dim() == dims and t.stride(-1) == 1 and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def native_linear(weight: Tensor, bias: Optional[Tensor], fallback: Projection, packed: Callable[[], Tensor]) -> Projection:
-    """``fallback`` (MKL's product with ``out=``) through the native kernel where it gives the
-    same bits; ``fallback`` itself where the kernel cannot run (no AVX-512, no build, not a
-    CPU float32 weight). ``packed()`` gives the weight packed by the kernel (cached by the caller)."""
+def native_linear(
+    weight: Tensor, bias: Optional[Tensor], fallback: Projection, packed: Callable[[], Tensor], reference: Optional[Projection] = None
+) -> Projection:
+    """``fallback`` (MKL's product with ``out=``, or ``reference``'s bits by other means)
+    through the native kernel where it gives ``reference``'s bits; ``fallback`` itself where
+    the kernel cannot run (no AVX-512, no build, not a CPU float32 weight). ``packed()`` gives
+    the weight packed by the kernel (cached by the caller)."""
     cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
     kernels = native.exact_gemm() if cpu_fp32 else None
     if kernels is None:
         return fallback
-    return NativeLinear(kernels, packed(), weight, bias, fallback)
+    return NativeLinear(kernels, packed(), weight, bias, fallback, reference)

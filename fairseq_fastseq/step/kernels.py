@@ -64,11 +64,12 @@ class ExactKernels:
         return self.exact_projection(module.weight, module.bias)
 
     def exact_projection(self, weight: Tensor, bias: Optional[Tensor], fallback: Optional[Projection] = None) -> Projection:
-        """``fallback`` (default ``exact_linear``: MKL's ``addmm``, with ``out=``) through
-        the native kernel on the shapes where it gives the same bits (``exact_gemm.py``)."""
-        fallback = fallback or exact_linear(weight, bias)
+        """``exact_linear`` (MKL's ``addmm``, with ``out=``) through the native kernel on the
+        shapes where it gives the same bits (``exact_gemm.py``), through ``fallback`` (its
+        bits by other means; default: itself) elsewhere."""
+        reference = exact_linear(weight, bias)
         pack = lambda: self.prepared(("exact_gemm",), (weight,), lambda: native.exact_gemm().pack(weight.detach()))
-        return native_linear(weight, bias, fallback, pack)
+        return native_linear(weight, bias, fallback or reference, pack, reference)
 
     def buffered_output_projection(self, weight: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         """(features, out) -> logits written into ``out``, for fairseq's ``mm`` into the
