@@ -52,8 +52,8 @@ def linear_rows(rows: List[int], shapes: List[Tuple[int, int]], budget: float, r
             linear(x)  # finds the order that gives MKL's bits at this shape, if any
             order = exact_gemm._SAME_BITS[(count, in_features, out_features, True, torch.get_num_threads())]
             ours = lambda: linear._kernel(x, order, out)  # noqa: E731
-            shape = f"{count} x {in_features} -> {out_features}"
-            results.append({"product": "linear (addmm)", "shape": shape, **_pair(lambda: mkl(x), ours, budget, repeats, order)})
+            shape, name = f"{count} x {in_features} -> {out_features}", exact_gemm.order_name(order) if order else None
+            results.append({"product": "linear (addmm)", "shape": shape, **_pair(lambda: mkl(x), ours, budget, repeats, name)})
     return results
 
 

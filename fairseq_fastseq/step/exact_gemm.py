@@ -1,7 +1,7 @@
 """``exact``'s linear layers through our own kernel, bit for bit MKL's.
 
 MKL's single-precision product gives each output element in one of two orders (found by
-cancelling pairs of terms; ``native/exact_gemm.cpp``): BLOCKS, the bias (or nothing) plus,
+cancelling pairs of terms; ``native/exact_gemm.cpp``): blocks, the bias (or nothing) plus,
 for each block of the inner dimension in turn, that block's dot product summed from zero by
 fused multiply-adds in index order (on the AMD EPYC of BENCHMARKS.md: one block up to 192
 inner terms, two halves up to 384, blocks of 192 and the rest beyond; on an Intel Xeon from
@@ -9,11 +9,11 @@ inner terms, two halves up to 384, blocks of 192 and the rest beyond; on an Inte
 over two threads, the halves as two such chains, added at the end); or LANES, sixteen fused lanes over
 the inner dimension (the Intel Xeon at 2-10 rows, 2-15 from 512 inner terms on). The bits
 depend only on that order; tiling, threads and the weight's layout are free. The kernel
-keeps the order, packs each weight once for BLOCKS (MKL packs its operands per call) and
+keeps the order, packs each weight once for the blocks (MKL packs its operands per call) and
 tiles for this core (BENCHMARKS.md, "exact's linear layers in MKL's order").
 
 Nothing is assumed: the blocks are found per inner dimension by trying candidates against
-MKL on this machine (none found: no BLOCKS for that dimension), and the first time a shape
+MKL on this machine (none found: no blocks for that dimension), and the first time a shape
 comes (rows, inner and output dimensions, bias or not, threads) each order's output is
 compared bit for bit with MKL's on that call's own operands (a sample of its rows, the
 kernel's rows being independent of each other) and, for calls of few outputs, on random
@@ -24,7 +24,7 @@ at a few rows on the AMD EPYC, a matrix-vector product at one row), that shape s
 import functools
 import logging
 from types import ModuleType
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -45,13 +45,11 @@ CHECKED_ELEMENTS, MAX_DRAWS = 4096, 64
 # fairseq-generate run (BENCHMARKS.md, "Checks on a sample of rows").
 SAMPLE_RUN = 4
 
-BLOCKS, LANES = "blocks", "lanes"  # the kernel's orders (native/exact_gemm.cpp)
+LANES = "lanes"  # the kernel's sixteen-lane order; its block orders are ``Blocks``
 # The blocks are looked for on this many rows and outputs: on an Intel Xeon MKL takes other
-# paths at few outputs (40) and at few rows (up to 15).
-PROBE_ROWS, PROBE_OUTPUTS = 16, 256
-
-# (rows, inner, outputs, bias, threads) -> the order that gave MKL's bits there (None: MKL)
-_SAME_BITS: Dict[Tuple[int, int, int, bool, int], Optional[str]] = {}
+# paths at few outputs (40) and at few rows (up to 15); on two threads it splits the inner
+# dimension at few rows, not at many.
+PROBE_ROWS, PROBE_UNSPLIT_ROWS, PROBE_OUTPUTS = 16, 512, 256
 
 
 class Blocks(NamedTuple):
@@ -61,6 +59,19 @@ class Blocks(NamedTuple):
 
     bounds: Tuple[int, ...]
     split: int = 0
+
+
+Order = Union[Blocks, str]  # a ``Blocks`` or ``LANES``
+
+# (rows, inner, outputs, bias, threads) -> the order that gave MKL's bits there (None: MKL)
+_SAME_BITS: Dict[Tuple[int, int, int, bool, int], Optional[Order]] = {}
+
+
+def order_name(order: Optional[Order]) -> str:
+    """"blocks", "blocks in halves" (two chains), "lanes" or "none"."""
+    if isinstance(order, Blocks):
+        return "blocks in halves" if order.split else "blocks"
+    return order or "none"
 
 
 def candidate_blocks(inner: int) -> List[Tuple[int, ...]]:
@@ -87,12 +98,24 @@ def candidate_chains(inner: int) -> List[Blocks]:
 
 
 @functools.lru_cache(maxsize=None)
-def mkl_blocks(inner: int, threads: int) -> Optional[Blocks]:
-    """The blocks of the inner dimension in which MKL sums on this machine, or None where
-    no candidate gives its bits (random operands of ``PROBE_ROWS`` x ``PROBE_OUTPUTS``, with a bias)."""
+def mkl_blocks(inner: int, threads: int) -> Tuple[Blocks, ...]:
+    """The blocks of the inner dimension in which MKL sums on this machine (none found: an
+    empty tuple): found on random operands of ``PROBE_ROWS`` x ``PROBE_OUTPUTS`` (with a
+    bias), and where MKL splits the inner dimension there, also the one chain it sums at
+    ``PROBE_UNSPLIT_ROWS`` (more rows to share among threads: 180 and up at 1024 -> 256)."""
+    found = [_probed_blocks(inner, PROBE_ROWS)]
+    if found[0] is not None and found[0].split:
+        found.append(_probed_blocks(inner, PROBE_UNSPLIT_ROWS))
+    blocks = tuple(dict.fromkeys(order for order in found if order is not None))
+    if not blocks:
+        logger.info("exact linear layers: no block order of %d inner terms gives MKL's bits on this CPU; MKL there", inner)
+    return blocks
+
+
+def _probed_blocks(inner: int, rows: int) -> Optional[Blocks]:
     kernels = native.exact_gemm()
     generator = torch.Generator().manual_seed(inner)
-    shapes = ((PROBE_ROWS, inner), (PROBE_OUTPUTS, inner), (PROBE_OUTPUTS,))
+    shapes = ((rows, inner), (PROBE_OUTPUTS, inner), (PROBE_OUTPUTS,))
     x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
     want, packed = torch.addmm(bias, x, weight.t()), kernels.pack(weight)
     for blocks in candidate_chains(inner):
@@ -100,7 +123,6 @@ def mkl_blocks(inner: int, threads: int) -> Optional[Blocks]:
         kernels.linear_into(x, packed, bias, blocks.bounds, blocks.split, got)
         if same_bits(got, want):
             return blocks
-    logger.info("exact linear layers: no block order of %d inner terms gives MKL's bits on this CPU; MKL there", inner)
     return None
 
 
@@ -131,11 +153,11 @@ class NativeLinear:
         order = _SAME_BITS[shape]
         return self._kernel(x, order, out) if order is not None else self.fallback(x, out=out)
 
-    def orders(self) -> List[str]:
-        """The kernel's orders that can run this layer: BLOCKS where this inner dimension has
-        blocks, LANES where it is a multiple of 16 and the weight's rows are contiguous."""
-        blocks = [BLOCKS] if mkl_blocks(self.inner, torch.get_num_threads()) is not None else []
-        return blocks + ([LANES] if self.inner % 16 == 0 and self.weight.stride(1) == 1 else [])
+    def orders(self) -> List[Order]:
+        """The kernel's orders that can run this layer: the blocks found for this inner
+        dimension, LANES where it is a multiple of 16 and the weight's rows are contiguous."""
+        lanes = [LANES] if self.inner % 16 == 0 and self.weight.stride(1) == 1 else []
+        return [*mkl_blocks(self.inner, torch.get_num_threads()), *lanes]
 
     def _fits(self, x: Tensor, out: Optional[Tensor]) -> bool:
         return cpu_rows(x) and (out is None or cpu_rows(out)) and not (torch.is_grad_enabled() and x.requires_grad)
@@ -159,11 +181,10 @@ class NativeLinear:
             logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
         return want
 
-    def _kernel(self, x: Tensor, order: str, out: Optional[Tensor] = None) -> Tensor:
+    def _kernel(self, x: Tensor, order: Order, out: Optional[Tensor] = None) -> Tensor:
         out = out if out is not None else x.new_empty(x.size(0), self.outputs)
-        if order == BLOCKS:
-            blocks = mkl_blocks(self.inner, torch.get_num_threads())
-            self.kernels.linear_into(x, self.packed, self.bias, blocks.bounds, blocks.split, out)
+        if isinstance(order, Blocks):
+            self.kernels.linear_into(x, self.packed, self.bias, order.bounds, order.split, out)
         else:
             self.kernels.lanes_into(x, self.weight, self.bias, out)
         return out
