@@ -243,3 +243,14 @@ def test_a_check_of_many_matrices_compares_a_sample_that_holds_the_edges_and_the
     products.context(probs, values, out, lambda: torch.bmm(probs, values, out=out))
     assert exact_attention._SAME_BITS == {(CONTEXT, 9, torch.get_num_threads()): False}
     assert products.kernels.calls == 1
+
+
+def test_copy_rows_copies_each_time_slice_and_refuses_rows_out_of_range():
+    buffer = torch.arange(4 * 5 * 3, dtype=torch.float32).view(4, 5, 3)
+    expected = buffer.clone()
+    expected[:3, [0, 4]] = expected[:3, [2, 1]]
+    kernels = native.exact_attention()
+    kernels.copy_rows(buffer, 3, torch.tensor([2, 1]), torch.tensor([0, 4]))
+    assert torch.equal(buffer, expected)  # the fourth time slice (past the length) untouched
+    with pytest.raises(RuntimeError, match="a row out of range"):
+        kernels.copy_rows(buffer, 3, torch.tensor([5]), torch.tensor([0]))

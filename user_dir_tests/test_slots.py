@@ -5,6 +5,7 @@ of a parent's second and later children; the encoder caches' blocks follow the m
 import pytest
 import torch
 
+from fairseq_fastseq.step import native
 from fairseq_fastseq.step.caches import SelfAttentionCache
 from fairseq_fastseq.step.slots import RowSlots
 
@@ -14,9 +15,15 @@ from .equivalence import random_beam_order
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("beams", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # NumPy has no bfloat16
-def test_each_row_reads_its_own_history(seed, beams, dtype):
+@pytest.mark.parametrize("copies", ["native", "numpy"])
+def test_each_row_reads_its_own_history(seed, beams, dtype, copies, monkeypatch):
     """A cache of one-number keys (a step's value names the row and step) against the
-    histories reordered row by row, as fairseq reorders them."""
+    histories reordered row by row, as fairseq reorders them; the moves' copies by the
+    native ``copy_rows`` or, without it, through NumPy."""
+    if copies == "numpy":
+        monkeypatch.setattr(native, "exact_attention", lambda: None)
+    elif native.exact_attention() is None:
+        pytest.skip("no AVX-512 or the kernel could not be built here")
     rng = torch.Generator().manual_seed(seed)
     sentences, steps = 7, 12
     cache, slots = SelfAttentionCache(heads=1, head_dim=1, max_steps=steps), RowSlots(beams)

@@ -35,6 +35,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace {
 
@@ -281,7 +282,32 @@ void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch
   (order == 0 ? context<FourLanes> : context<SixteenLanesFused>)(p, v, c, matrices, rows, length, dim);
 }
 
+// buffer[t, destinations[i]] = buffer[t, sources[i]] for t < length (a contiguous CPU buffer
+// (capacity, rows, ...) of any type; no row both a source and a destination): the beam
+// reorder of `exact`'s self-attention histories in slots (`caches.py`), one pass of copies
+// where NumPy's fancy indexing made two.
+void copy_rows(torch::Tensor& buffer, int64_t length, const torch::Tensor& sources, const torch::Tensor& destinations) {
+  TORCH_CHECK(buffer.is_contiguous() && buffer.device().is_cpu() && buffer.dim() >= 2 && length >= 0 && length <= buffer.size(0),
+              "exact_attention.copy_rows: a contiguous CPU buffer (capacity, rows, ...) and length <= capacity");
+  TORCH_CHECK(sources.scalar_type() == torch::kLong && destinations.scalar_type() == torch::kLong && sources.is_contiguous() &&
+              destinations.is_contiguous() && sources.numel() == destinations.numel(),
+              "exact_attention.copy_rows: int64 sources and destinations of one size");
+  const int64_t rows = buffer.size(1), count = sources.numel();
+  const int64_t* from = sources.data_ptr<int64_t>();
+  const int64_t* to = destinations.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(from[i] >= 0 && from[i] < rows && to[i] >= 0 && to[i] < rows, "exact_attention.copy_rows: a row out of range");
+  char* base = static_cast<char*>(buffer.data_ptr());
+  const int64_t row_bytes = buffer.stride(1) * buffer.element_size(), slice_bytes = buffer.stride(0) * buffer.element_size();
+  const int64_t grain = std::max<int64_t>(1, kWorkPerThread / std::max<int64_t>(1, count * row_bytes));
+  at::parallel_for(0, length, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t i = 0; i < count; ++i) std::memcpy(base + t * slice_bytes + to[i] * row_bytes, base + t * slice_bytes + from[i] * row_bytes, row_bytes);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("copy_rows", &copy_rows, "buffer[t, destinations] = buffer[t, sources] for t < length, in one pass of copies");
   m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64) in MKL's order 0 or 1");
   m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix in MKL's order 0 or 1");
 }
