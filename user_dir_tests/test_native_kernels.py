@@ -182,3 +182,25 @@ def test_a_build_says_so_before_it_starts(monkeypatch, caplog, tmp_path):
         assert "compiling the native kernels for this machine" in caplog.text
     finally:
         native.compiled.cache_clear()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """PyTorch's build lock is a bare file that a killed build leaves behind; every later
+    load would wait on it forever."""
+    import os
+    import time
+
+    from fairseq_fastseq.step import native
+
+    stale, fresh = tmp_path / "stale" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
+        native._remove_stale_lock(stale)
+        native._remove_stale_lock(fresh)
+        native._remove_stale_lock(tmp_path / "none" / "lock")
+    assert not stale.exists() and fresh.exists()
+    assert "a build lock left 11 minutes ago by a build that did not finish" in caplog.text

@@ -16,6 +16,7 @@ order").
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
@@ -44,6 +45,10 @@ EXACT_ATTENTION_EXTENSION = "fairseq_fastseq_exact_attention"
 # Multiplies and adds never fused into one rounding: bmm's kernels round each product.
 EXACT_ATTENTION_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off", *OPENMP]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
+# PyTorch's build lock is a bare file: a build killed while compiling (a timeout, Ctrl-C at
+# the wrong moment) leaves it, and every later load waits on it forever. A build takes about
+# a minute; a lock older than this is taken for such a leftover and removed.
+STALE_LOCK_SECONDS = 600
 
 
 def _load(extension: str, source: Path, flags: List[str], what: str, instead: str) -> Optional[ModuleType]:
@@ -56,7 +61,9 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+        build = Path(_get_build_directory(name, False))
+        _remove_stale_lock(build / "lock")
+        if not (build / f"{name}.so").exists():
             logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
         return load(name, [str(source)], extra_cflags=flags, extra_ldflags=[f for f in flags if f in OPENMP], verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
@@ -66,6 +73,17 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
             what, type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "no message", instead,
         )  # fmt: skip
         return None
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """Remove a build lock left by a killed build (older than ``STALE_LOCK_SECONDS``), saying so."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("kernels: removing %s, a build lock left %d minutes ago by a build that did not finish", lock, age // 60)
+        lock.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=None)

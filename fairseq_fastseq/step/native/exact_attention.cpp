@@ -42,9 +42,11 @@ namespace {
 constexpr int64_t kHeadDim = 64;        // the trees below are for 64 terms
 constexpr int64_t kAtenLoopWork = 400;  // below this many multiply-adds, ATen's loop
 constexpr int64_t kMatrixBlock = 32;    // matrices taken together through the keys
-// Split over threads only calls of at least this many multiply-adds per thread: a parallel
-// region costs microseconds, and a busy core makes every region wait for it.
-constexpr int64_t kWorkPerThread = int64_t{1} << 22;
+// Split over threads only calls of at least this many multiply-adds per thread (about 10
+// microseconds of work): a parallel region costs microseconds, and a busy core makes every
+// region wait for it. At 4M (the linear kernel's) the products of batch 32 (160 x 4 matrices
+// of 30 keys) stayed on one thread; at 1M two threads took them 2.0-2.5x faster (BENCHMARKS.md).
+constexpr int64_t kWorkPerThread = int64_t{1} << 20;
 
 // at::parallel_for's grain (in matrices) for `work` multiply-adds per matrix.
 int64_t grain(int64_t work) {
