@@ -11,9 +11,11 @@ order depends on the CPU; the kernel has the two found by cancelling pairs of te
 multiply-add) and on an Intel Xeon with AVX-512 (sixteen fused lanes).
 
 Nothing is assumed: which of the two this CPU's ``bmm`` follows is found on random operands
-(neither: ``bmm`` throughout), and the first time a kind of product comes at a length (and thread count),
-the kernel's output is compared bit for bit with ``bmm``'s on that call's operands and on
-random ones, the caller getting ``bmm``'s; where they differ, that length stays on ``bmm``.
+(neither: ``bmm`` throughout), and the first time a kind of product comes at a length (and
+thread count), the kernel's output is compared bit for bit with ``bmm``'s on that call's
+operands (a sample of its matrices, ``exact_gemm.sampled_rows``) and, for calls of few
+outputs, on random ones, the caller getting ``bmm``'s; where they differ, that length stays
+on ``bmm``.
 Scores whose queries or keys are off the 16-byte alignment that the caches keep (MKL's
 order changes with it) or whose heads are not 64 wide go to ``bmm`` unchecked.
 """

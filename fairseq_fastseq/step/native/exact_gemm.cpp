@@ -13,10 +13,9 @@
 //   the lanes' four quarters are added in turn, the quarter's four sums as (0 + 1) + (2 + 3),
 //   and the bias added last. (One row is another order again: MKL there.)
 // Which order a shape follows is found against MKL (`exact_gemm.py`): every shape is checked
-// bit for bit before it is used. The
-// order of operations per element is all that fixes the bits: how elements are tiled, which
-// thread computes which columns, and the weight's layout (packed once here, per call in MKL)
-// are free, and that is where the time goes.
+// bit for bit before it is used. The order of operations per element is all that fixes the
+// bits: how elements are tiled, which thread computes which columns, and the weight's layout
+// (packed once here, per call in MKL) are free, and that is where the time goes.
 //
 // Compiled without any fast-math flag: every multiply-add and add below is one rounding,
 // in the order written.
@@ -31,7 +30,7 @@
 namespace {
 
 constexpr int64_t kPanel = 32;  // output columns per packed panel: two 16-float vectors
-constexpr int kRowsPerTile = 8; // 8 rows x 2 vectors = 16 accumulators (6 rows: 3-6% slower, BENCHMARKS.md)
+constexpr int kRowsPerTile = 8; // 8 rows x 2 vectors = 16 accumulators (6 rows: 3-9% slower, BENCHMARKS.md)
 // Panels go to threads in chunks of at least this many multiply-adds (tens of microseconds):
 // a parallel region costs microseconds, and far more where another process holds a core.
 constexpr int64_t kWorkPerThread = int64_t{1} << 22;
