@@ -88,6 +88,55 @@ def test_self_attention_products_have_bmms_bits_through_the_kernel(length):
     assert exact_attention._SAME_BITS[(SCORES, length, torch.get_num_threads())] is True
 
 
+def _attention_by_steps(queries, keys, values, mask, group):
+    """fairseq's steps, one ``bmm`` per query row (as the decoder step calls it): scores, -inf
+    where masked, softmax, context."""
+    per_row = []
+    for i in range(queries.size(1)):
+        weights = torch.bmm(queries[:, i : i + 1], keys.transpose(1, 2))
+        if mask is not None:
+            weights.view(-1, group, *weights.shape[1:]).masked_fill_(mask[:, None, None, :], float("-inf"))
+        per_row.append(torch.bmm(torch.softmax(weights, dim=-1), values))
+    return torch.cat(per_row, dim=1)
+
+
+def _checked(products, queries, keys, values):
+    """Both products checked at the keys' length, as a first call of the step does."""
+    scores = torch.empty(queries.size(0), queries.size(1), keys.size(1))
+    products.scores(queries, keys, scores, lambda: torch.bmm(queries, keys.transpose(1, 2), out=scores))
+    context = torch.empty(queries.size(0), queries.size(1), values.size(2))
+    probs = torch.softmax(scores, dim=-1)
+    products.context(probs, values, context, lambda: torch.bmm(probs, values, out=context))
+
+
+@pytest.mark.parametrize("length", [3, 9, 30, 31])
+def test_one_call_per_attention_has_fairseqs_bits_for_both_layouts(length):
+    """``attend``: scores, mask, softmax and context in one native call, bitwise fairseq's
+    steps, for the self-attention's time-major cache (a row's heads share a padding row) and
+    the encoder attention's beams against their sentence's keys (a sentence's heads share one)."""
+    generator = torch.Generator().manual_seed(length)
+    products = AttentionProducts(native.exact_attention())
+    rows, heads = 11, 4
+    keys, values = (_time_major_cache(generator, length, rows, heads) for _ in range(2))
+    queries = torch.randn(1, rows * heads, 64, generator=generator).transpose(0, 1)
+    padding = torch.rand(length, rows, generator=generator) < 0.3
+    padding[-1] = False  # each row's newest position is its own token
+    beams, sentences = 5, 6
+    cross_keys, cross_values = (torch.randn(sentences * heads, length, 64, generator=generator) for _ in range(2))
+    by_beam = torch.randn(beams, sentences * heads, 1, 64, generator=generator)
+    source_padding = torch.zeros(sentences, length, dtype=torch.bool)
+    source_padding[::2, : length // 3] = True  # left padded, as fairseq's sources
+    layouts = [(queries, keys, values, padding.t()), (by_matrix(by_beam), cross_keys, cross_values, source_padding)]
+    assert not products.attend(queries, keys, values, padding.t(), heads, torch.empty(rows * heads, 1, 64))  # length not checked
+    _checked(products, queries, keys, values)
+    for q, k, v, mask in layouts:
+        context = torch.empty(q.size(0), q.size(1), 64)
+        assert products.attend(q, k, v, mask, heads, context)
+        assert same_bits(context, _attention_by_steps(q, k, v, mask, heads))
+    unaligned = torch.randn(keys.numel() + 1)[1:].view(keys.shape)
+    assert not products.attend(queries, unaligned, values, padding.t(), heads, torch.empty(rows * heads, 1, 64))
+
+
 def test_first_call_of_a_length_returns_bmms_result_and_checks_the_kernel():
     products, calls = _products(CountingKernels()), []
     queries, keys = torch.randn(8, 1, 64), torch.randn(8, 20, 64)
@@ -207,9 +256,13 @@ def _heads_of_64():
 
 
 @pytest.mark.parametrize("beam", [1, 4])
-def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam):
+def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, monkeypatch):
     """Self-attention up to 20 keys and encoder attention over sources of 3-33 tokens (left
-    padded), through the kernel: fairseq's log-probabilities and attention, bitwise."""
+    padded), through the kernel: fairseq's log-probabilities and attention, bitwise; in a
+    second search over the same lengths every attention in one call (``attend``)."""
+    one_calls = []
+    attend = AttentionProducts.attend
+    monkeypatch.setattr(AttentionProducts, "attend", lambda *args: one_calls.append(attend(*args)) or one_calls[-1])
     model, dictionary = _heads_of_64()
     generator = torch.Generator().manual_seed(beam)
     lengths = torch.tensor([33, 30, 29, 17, 11, 9, 8, 7, 3])
@@ -222,8 +275,12 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam):
     with torch.no_grad():
         expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=beam, num_steps=20)
         actual = _drive(LeanSteps(EnsembleModel([model]), beam, 21, True, 1.0), *args, seed=beam, num_steps=20)
-    for step, ((want, want_attention), (got, got_attention)) in enumerate(zip(expected, actual)):
+        del one_calls[:]
+        again = _drive(LeanSteps(EnsembleModel([model]), beam, 21, False, 1.0), *args, seed=beam, num_steps=20)
+    for step, ((want, want_attention), (got, got_attention), (got_again, _)) in enumerate(zip(expected, actual, again)):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
+        assert torch.equal(got_again, want), f"step {step}, one call per attention"
+    assert one_calls and all(one_calls)  # every attention of the second search
     used = {key for key, same in exact_attention._SAME_BITS.items() if same}
     assert {kind for kind, _, _ in used} == {SCORES, CONTEXT} and max(length for _, length, _ in used) >= 20
 

@@ -93,7 +93,11 @@ class SelfAttentionStep(_Attention):
                 q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads, cache.history()
             )
             return self.out(context.view(rows, self.embed_dim))
-        weights = self.scores(self.heads_view(q), keys)  # (rows * heads, 1, length)
+        queries = self.heads_view(q)  # (rows * heads, 1, head_dim)
+        context = queries.new_empty(queries.shape)
+        if self.products.attend(queries, keys, values, padding, self.heads, context):
+            return self.out(context.view(rows, self.embed_dim))
+        weights = self.scores(queries, keys)  # (rows * heads, 1, length)
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))
         _, probs = _softmax(weights)
@@ -183,8 +187,11 @@ class CrossAttentionStep(_Attention):
         cached, src_len = by_beam.size(1), cache.keys.size(1)
         matrices = cached * heads
         by_beam = by_beam.view(beams, matrices, 1, head_dim)
-        weights = by_beam.new_empty(beams, matrices, 1, src_len)
         context = by_beam.new_empty(beams, matrices, 1, head_dim)
+        padding = None if cache.padding is None else cache.padding.view(cached, src_len)
+        if not need_weights and self.products.attend(by_matrix(by_beam), cache.keys, cache.values, padding, heads, by_matrix(context)):
+            return self._output_of_live(context, cache), None
+        weights = by_beam.new_empty(beams, matrices, 1, src_len)
         chunks = cache_resident_chunks(matrices, cache.keys[0].numel() * cache.keys.element_size())
         keys = cache.keys.transpose(1, 2)
         self.products.scores(by_matrix(by_beam), cache.keys, by_matrix(weights), lambda: each_beams_products(by_beam, keys, weights, chunks))
@@ -192,14 +199,20 @@ class CrossAttentionStep(_Attention):
             weights.view(beams, cached, heads, 1, src_len).masked_fill_(cache.padding, float("-inf"))
         probs_float, probs = _softmax(weights)
         self.products.context(by_matrix(probs), cache.values, by_matrix(context), lambda: each_beams_products(probs, cache.values, context, chunks))
-        live = cache.live_sentences(context.view(beams, cached, heads * head_dim))  # (beams, live sentences, embed_dim)
-        rows = live.size(1) * beams
-        out = self.out(live.transpose(0, 1).reshape(rows, self.embed_dim))
+        out = self._output_of_live(context, cache)
         averaged = None
         if need_weights:
+            rows = out.size(0)
             per_row = cache.live_sentences(probs_float.view(beams, cached, heads, src_len)).transpose(0, 1)
             averaged = _mean_over_heads(per_row.reshape(rows, heads, 1, src_len), out)
         return out, averaged
+
+    def _output_of_live(self, context: Tensor, cache: CrossAttentionCache) -> Tensor:
+        """The output projection (rows, embed_dim) of the live sentences' rows of a
+        (beams, cached sentences * heads, 1, head_dim) context."""
+        beams = context.size(0)
+        live = cache.live_sentences(context.view(beams, cache.cached_sentences, self.embed_dim))  # (beams, live sentences, embed_dim)
+        return self.out(live.transpose(0, 1).reshape(live.size(1) * beams, self.embed_dim))
 
     def _grouped(self, queries: Tensor, cache: CrossAttentionCache, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """A sentence's beams attend to its one copy of the keys/values as a group of queries

@@ -36,6 +36,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cstdint>
+#include <limits>
 
 namespace {
 
@@ -284,6 +286,46 @@ void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch
   (order == 0 ? context<FourLanes> : context<SixteenLanesFused>)(p, v, c, matrices, rows, length, dim);
 }
 
+// One attention of the decoder step, both products in bmm's bits and fairseq's steps between
+// them: scores = queries (matrices, rows, 64) @ keys^T in `scores_order`, -inf where `mask`
+// (matrices / group, length) bool is true for the matrix's group (a row's or sentence's
+// heads), ATen's own softmax over the keys, then context = probabilities @ values in
+// `context_order`, written into `contexts` (matrices, rows, dim). One call where Python made
+// about ten operator calls (BENCHMARKS.md, "One call per attention"). False, with nothing
+// written, where the scores' operands are off the 16-byte alignment MKL's order assumes.
+bool attend_into(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
+                 const c10::optional<torch::Tensor>& mask, int64_t group, torch::Tensor& contexts, int64_t scores_order,
+                 int64_t context_order) {
+  const Strided3 q = view(queries), k = view(keys), v = view(values), c = view(contexts);
+  const int64_t matrices = queries.size(0), rows = queries.size(1), length = keys.size(1), dim = values.size(2);
+  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && keys.size(0) == matrices && values.size(0) == matrices &&
+              values.size(1) == length && contexts.size(0) == matrices && contexts.size(1) == rows && contexts.size(2) == dim &&
+              dim % 16 == 0 && length > 0 && group > 0 && matrices % group == 0,
+              "exact_attention.attend_into: shapes");
+  TORCH_CHECK((scores_order == 0 || scores_order == 1) && (context_order == 0 || context_order == 1), "exact_attention.attend_into: order");
+  auto aligned = [](const torch::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 4 == 0 && (t.size(1) == 1 || t.stride(1) % 4 == 0);
+  };
+  if (!aligned(queries) || !aligned(keys)) return false;
+  auto weights = torch::empty({matrices, rows, length}, queries.options());
+  const Strided3 s = view(weights);
+  (scores_order == 0 ? scores<FourLanes> : scores<SixteenLanesFused>)(q, k, s, matrices, rows, length);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->scalar_type() == torch::kBool && mask->size(0) * group == matrices &&
+                mask->size(1) == length, "exact_attention.attend_into: mask (matrices / group, length) bool");
+    const bool* masked = mask->data_ptr<bool>();
+    const int64_t by_group = mask->stride(0), by_key = mask->stride(1);
+    float* out = weights.data_ptr<float>();
+    for (int64_t m = 0; m < matrices; ++m)
+      for (int64_t l = 0; l < length; ++l)
+        if (masked[(m / group) * by_group + l * by_key])
+          for (int64_t i = 0; i < rows; ++i) out[(m * rows + i) * length + l] = -std::numeric_limits<float>::infinity();
+  }
+  const auto probs = at::_softmax(weights, -1, false);  // fairseq's softmax, ATen's kernel
+  (context_order == 0 ? context<FourLanes> : context<SixteenLanesFused>)(view(probs), v, c, matrices, rows, length, dim);
+  return true;
+}
+
 // buffer[t, destinations[i]] = buffer[t, sources[i]] for t < length (a contiguous CPU buffer
 // (capacity, rows, ...) of any type; no row both a source and a destination): the beam
 // reorder of `exact`'s self-attention histories in slots (`caches.py`), one pass of copies
@@ -309,6 +351,7 @@ void copy_rows(torch::Tensor& buffer, int64_t length, const torch::Tensor& sourc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_into", &attend_into, "scores, mask, softmax and context of one attention in bmm's bits (false: operands off alignment)");
   m.def("copy_rows", &copy_rows, "buffer[t, destinations] = buffer[t, sources] for t < length, in one pass of copies");
   m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64) in MKL's order 0 or 1");
   m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix in MKL's order 0 or 1");
