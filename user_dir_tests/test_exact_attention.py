@@ -16,6 +16,7 @@ from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
 from fairseq_fastseq.step import exact_attention, native
 from fairseq_fastseq.step.exact_attention import CONTEXT, SCORES, AttentionProducts, by_matrix, each_beams_products
 from fairseq_fastseq.step.exact_gemm import same_bits
+from fairseq_fastseq.step.exact_layer import NativeLayerStep
 
 from .test_lean_step import _drive
 
@@ -240,11 +241,12 @@ def test_where_no_order_gives_bmms_bits_every_product_goes_to_bmm(caplog):
     assert "no order of the kernel's gives bmm's bits for the scores" in caplog.text
 
 
-def _heads_of_64():
+def _heads_of_64(normalize_before=False):
     """A random transformer whose heads are 64 wide (two of them), as real checkpoints' are."""
     args = Namespace(
         encoder_layers=2, decoder_layers=2, encoder_embed_dim=128, decoder_embed_dim=128, encoder_ffn_embed_dim=256,
         decoder_ffn_embed_dim=256, encoder_attention_heads=2, decoder_attention_heads=2, dropout=0.0,
+        decoder_normalize_before=normalize_before,
     )  # fmt: skip
     base_architecture(args)
     dictionary = Dictionary()
@@ -255,15 +257,18 @@ def _heads_of_64():
     return TransformerModel.build_model(args, task).eval(), dictionary
 
 
-@pytest.mark.parametrize("beam", [1, 4])
-def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, monkeypatch):
+@pytest.mark.parametrize("beam, normalize_before", [(1, False), (4, False), (4, True)])
+def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_before, monkeypatch):
     """Self-attention up to 20 keys and encoder attention over sources of 3-33 tokens (left
-    padded), through the kernel: fairseq's log-probabilities and attention, bitwise; in a
-    second search over the same lengths every attention in one call (``attend``)."""
-    one_calls = []
-    attend = AttentionProducts.attend
-    monkeypatch.setattr(AttentionProducts, "attend", lambda *args: one_calls.append(attend(*args)) or one_calls[-1])
-    model, dictionary = _heads_of_64()
+    padded), through the kernels: fairseq's log-probabilities and attention, bitwise. In a
+    second search over the same shapes every layer step is one native call
+    (``exact_layer.py``) where the encoder keys are once per sentence (beams above 1), and
+    every attention one call (``attend``) where they are per beam."""
+    ways = []
+    attend, native_step = AttentionProducts.attend, NativeLayerStep.__call__
+    monkeypatch.setattr(AttentionProducts, "attend", lambda *args: ways.append(("attend", attend(*args))) or ways[-1][1])
+    monkeypatch.setattr(NativeLayerStep, "__call__", lambda *args: ways.append(("layer", native_step(*args))) or ways[-1][1])
+    model, dictionary = _heads_of_64(normalize_before)
     generator = torch.Generator().manual_seed(beam)
     lengths = torch.tensor([33, 30, 29, 17, 11, 9, 8, 7, 3])
     tokens = torch.full((len(lengths), int(lengths.max())), dictionary.pad())
@@ -275,12 +280,16 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, monkeypatch):
     with torch.no_grad():
         expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=beam, num_steps=20)
         actual = _drive(LeanSteps(EnsembleModel([model]), beam, 21, True, 1.0), *args, seed=beam, num_steps=20)
-        del one_calls[:]
+        del ways[:]
         again = _drive(LeanSteps(EnsembleModel([model]), beam, 21, False, 1.0), *args, seed=beam, num_steps=20)
     for step, ((want, want_attention), (got, got_attention), (got_again, _)) in enumerate(zip(expected, actual, again)):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
-        assert torch.equal(got_again, want), f"step {step}, one call per attention"
-    assert one_calls and all(one_calls)  # every attention of the second search
+        assert torch.equal(got_again, want), f"step {step}, every shape checked before"
+    layer_steps = [result for way, result in ways if way == "layer"]
+    if beam > 1:
+        assert len(layer_steps) == 2 * 20 and all(result is not None for result in layer_steps)
+    else:
+        assert all(result is None for result in layer_steps) and all(result for way, result in ways if way == "attend")
     used = {key for key, same in exact_attention._SAME_BITS.items() if same}
     assert {kind for kind, _, _ in used} == {SCORES, CONTEXT} and max(length for _, length, _ in used) >= 20
 

@@ -89,9 +89,18 @@ class CrossAttentionCache:
         by_beam = queries.transpose(0, 1)
         if self.live is None:
             return by_beam.contiguous()
+        return self.queries_buffer(queries).index_copy_(1, self.live, by_beam)
+
+    def queries_buffer(self, like: Tensor) -> Optional[Tensor]:
+        """``PER_SENTENCE`` with finished sentences cached: the cached sentences' queries
+        (beams, cached sentences, heads, head_dim), the finished ones' left from earlier steps
+        (``queries_by_beam`` writes the live ones); None while every cached sentence is live.
+        ``like``: the live sentences' queries (live sentences, beams, heads, head_dim)."""
+        if self.live is None:
+            return None
         if self._queries is None:
-            self._queries = queries.new_zeros(self.beams, self.cached_sentences, *queries.shape[2:])
-        return self._queries.index_copy_(1, self.live, by_beam)
+            self._queries = like.new_zeros(self.beams, self.cached_sentences, *like.shape[2:])
+        return self._queries
 
     def live_sentences(self, per_beam: Tensor) -> Tensor:
         """``PER_SENTENCE``: the live sentences of a (beams, cached sentences, ...) result."""

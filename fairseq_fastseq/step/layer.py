@@ -25,6 +25,7 @@ from .caches import SelfAttentionCache
 from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
 from .exact_attention import by_matrix, cache_resident_chunks, each_beams_products
+from .exact_layer import native_layer_step
 from .kernels import ExactKernels
 from .source_rows import SourceRows, projected
 
@@ -259,6 +260,9 @@ class LayerStep:
         self.fc1 = kernels.feed_forward_in(layer.fc1, layer.activation_fn)
         self.fc2 = kernels.linear(layer.fc2)
         self.final_norm = layer_norm(layer.final_layer_norm)
+        attentions = (layer.self_attn,) + ((layer.encoder_attn,) if cross else ())
+        projections = [getattr(a, name) for a in attentions for name in (("q_proj", "k_proj", "v_proj", "out_proj") if a is layer.self_attn else ("q_proj", "out_proj"))]
+        self.native = native_layer_step(layer, [kernels.linear(m) for m in projections + [layer.fc1, layer.fc2]], self.self_attention.products)
 
     def __call__(
         self,
@@ -268,6 +272,10 @@ class LayerStep:
         pad: Optional[Tensor],
         need_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.native is not None and not (need_weights and self.cross_attention is not None):
+            out = self.native(x, self_cache, cross_cache, pad)  # None: a shape not checked yet
+            if out is not None:
+                return out, None
         x = self._residual(x, self.self_attention_norm, lambda h: self.self_attention(h, self_cache, pad))
         attention = None
         if self.cross_attention is not None and cross_cache is not None:

@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ..cpu import PROCESSOR
 
@@ -44,6 +44,11 @@ EXACT_ATTENTION_SOURCE = Path(__file__).with_name("exact_attention.cpp")
 EXACT_ATTENTION_EXTENSION = "fairseq_fastseq_exact_attention"
 # Multiplies and adds never fused into one rounding: bmm's kernels round each product.
 EXACT_ATTENTION_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off", *OPENMP]
+EXACT_LAYER_SOURCE = Path(__file__).with_name("exact_layer.cpp")
+EXACT_LAYER_EXTENSION = "fairseq_fastseq_exact_layer"
+# It includes both kernels' files: each keeps its own order of operations (intrinsics for
+# every fused multiply-add), nothing else fused.
+EXACT_LAYER_FLAGS = ["-O3", "-mavx512f", "-mfma", "-ffp-contract=off", *OPENMP]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 # PyTorch's build lock is a bare file: a build killed while compiling (a timeout, Ctrl-C at
 # the wrong moment) leaves it, and every later load waits on it forever. A build takes about
@@ -51,9 +56,13 @@ HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 STALE_LOCK_SECONDS = 600
 
 
-def _load(extension: str, source: Path, flags: List[str], what: str, instead: str) -> Optional[ModuleType]:
+def _load(extension: str, source: Path, flags: List[str], what: str, instead: str, includes: Sequence[Path] = ()) -> Optional[ModuleType]:
     """The compiled extension (built on first use where the cache lacks it), or None with a
-    log line naming ``what`` is missing, why, and what runs ``instead``."""
+    log line naming ``what`` is missing, why, and what runs ``instead``. PyTorch rebuilds
+    when a source changes, not a file it ``includes``: their digest goes into the flags."""
+    if includes:
+        digest = hashlib.sha1(b"".join(path.read_bytes() for path in includes)).hexdigest()[:12]
+        flags = [*flags, f"-DFASTSEQ_INCLUDED_SOURCES={digest}"]
     # One build per copy of the sources: PyTorch's build file names their path, so a checkout
     # and an installed copy sharing one build directory would rebuild it each time the other
     # loaded it (about a minute each).
@@ -112,6 +121,17 @@ def exact_attention() -> Optional[ModuleType]:
     return _load(EXACT_ATTENTION_EXTENSION, EXACT_ATTENTION_SOURCE, EXACT_ATTENTION_FLAGS, "exact attention kernel", instead)
 
 
+@functools.lru_cache(maxsize=None)
+def exact_layer() -> Optional[ModuleType]:
+    """``exact``'s decoder layer step in one call (both kernels inside), or None (the Python
+    step then): not built without AVX-512."""
+    if not HAS_AVX512:
+        return None
+    instead = "exact steps each layer from Python instead (slower, the same bits)"
+    includes = (EXACT_GEMM_SOURCE, EXACT_ATTENTION_SOURCE)
+    return _load(EXACT_LAYER_EXTENSION, EXACT_LAYER_SOURCE, EXACT_LAYER_FLAGS, "exact layer step", instead, includes)
+
+
 def main() -> None:
     """Build (or find) the kernels; exit 1 where one that this CPU can run cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -120,6 +140,7 @@ def main() -> None:
         "attention": compiled(),
         "exact linear": exact_gemm() if HAS_AVX512 else unsupported,
         "exact attention": exact_attention() if HAS_AVX512 else unsupported,
+        "exact layer step": exact_layer() if HAS_AVX512 else unsupported,
     }
     if any(kernels is None for kernels in built.values()):
         raise SystemExit(1)

@@ -350,9 +350,11 @@ void copy_rows(torch::Tensor& buffer, int64_t length, const torch::Tensor& sourc
   });
 }
 
+#ifndef FASTSEQ_EMBEDDED  // exact_layer.cpp includes this file for its functions, with a module of its own
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_into", &attend_into, "scores, mask, softmax and context of one attention in bmm's bits (false: operands off alignment)");
   m.def("copy_rows", &copy_rows, "buffer[t, destinations] = buffer[t, sources] for t < length, in one pass of copies");
   m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64) in MKL's order 0 or 1");
   m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix in MKL's order 0 or 1");
 }
+#endif

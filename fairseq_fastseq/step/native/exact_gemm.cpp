@@ -211,9 +211,11 @@ int64_t threads_used(int64_t tasks) {
   return std::count(ran.begin(), ran.end(), 1);
 }
 
+#ifndef FASTSEQ_EMBEDDED  // exact_layer.cpp includes this file for its functions, with a module of its own
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_used", &threads_used, "how many threads at::parallel_for spreads `tasks` chunks of one over");
   m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
   m.def("lanes_into", &lanes_into, "out = bias + x @ weight.T in sixteen fused lanes of the inner dimension");
   m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given, a second chain from `split`");
 }
+#endif

@@ -1,0 +1,161 @@
+// One decoder layer's incremental step for `--fast-kernels exact` in one call from Python.
+//
+// The Python step (`layer.py`) makes about fifty operator calls per layer around its
+// kernels; each costs microseconds of interpreter and dispatch, a fifth of the step at
+// batch 32 on the bundled model (BENCHMARKS.md, "One call per layer"). This file makes the
+// same calls, in the same order, on the same operands, from C++: the linear layers through
+// `exact_gemm.cpp`'s kernel in the order Python found to give MKL's bits at this shape (or
+// MKL's own `addmm` where none did), both attention products through `exact_attention.cpp`
+// (checked at this length), and ATen's own layer norm, softmax, ReLU and in-place adds. So
+// its bits are the Python step's, which are fairseq's. Python decides per call whether every
+// shape is already checked (`exact_layer.py`); if not, the Python step runs and checks them.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#define FASTSEQ_EMBEDDED  // the kernels' files without their own Python modules
+namespace gemm {
+#include "exact_gemm.cpp"
+}
+namespace attention {
+#include "exact_attention.cpp"
+}
+
+namespace {
+
+using torch::Tensor;
+using Optional = c10::optional<Tensor>;
+// How a linear layer runs at this call's shape: kMkl (`addmm`, or `mm` without a bias),
+// kBlocks (bounds, split) or kLanes, as `exact_gemm.py` recorded it.
+enum Mode : int64_t { kMkl = 0, kBlocks = 1, kLanes = 2 };
+using Order = std::tuple<int64_t, std::vector<int64_t>, int64_t>;
+
+struct Linear {
+  Tensor weight, transposed, packed;
+  Optional bias;
+
+  Tensor operator()(const Tensor& x, const Order& order, Tensor out) const {
+    const auto& [mode, bounds, split] = order;
+    if (!out.defined()) out = torch::empty({x.size(0), weight.size(0)}, x.options());
+    if (mode == kBlocks) {
+      gemm::linear_into(x, packed, bias, bounds, split, out);
+    } else if (mode == kLanes) {
+      gemm::lanes_into(x, weight, bias, out);
+    } else {
+      TORCH_CHECK(mode == kMkl, "exact_layer: a linear layer's mode");
+      if (bias.has_value()) at::addmm_out(out, *bias, x, transposed);
+      else at::mm_out(out, x, transposed);
+    }
+    return out;
+  }
+};
+
+struct Norm {
+  Optional weight, bias;
+  double eps;
+  Tensor operator()(const Tensor& x) const { return at::layer_norm(x, {x.size(1)}, weight, bias, eps); }
+};
+
+Linear linear_of(const std::tuple<Tensor, Optional, Tensor>& parts) {
+  const auto& [weight, bias, packed] = parts;
+  return {weight, weight.t(), packed, bias};
+}
+
+}  // namespace
+
+// The parameters of one `TransformerDecoderLayerBase` (ReLU feed-forward; linear layers in
+// the order q, k, v, out of self-attention, q, out of the encoder attention if any, fc1, fc2).
+class ExactLayer {
+ public:
+  ExactLayer(const std::vector<std::tuple<Tensor, Optional, Tensor>>& linears, const std::vector<std::tuple<Optional, Optional, double>>& norms,
+             bool normalize_before, int64_t heads, double self_scaling, double cross_scaling)
+      : normalize_before_(normalize_before), heads_(heads), self_scaling_(self_scaling), cross_scaling_(cross_scaling) {
+    for (const auto& parts : linears) linears_.push_back(linear_of(parts));
+    for (const auto& [weight, bias, eps] : norms) norms_.push_back({weight, bias, eps});
+    cross_ = linears_.size() == 8;
+    TORCH_CHECK((linears_.size() == 8 && norms_.size() == 3) || (linears_.size() == 6 && norms_.size() == 2),
+                "exact_layer: 8 linear layers and 3 norms, or 6 and 2 without encoder attention");
+  }
+
+  // x (rows, embed_dim) -> the layer's output. Self-attention: this step's keys and values go
+  // into `key_slice`/`value_slice` (rows, embed_dim), then all of them are read as `keys`/`values`
+  // (rows * heads, length, head_dim) views, masked where `self_mask` (rows, length) is true.
+  // Encoder attention (`PER_SENTENCE`): keys/values (cached sentences * heads, src_len,
+  // head_dim), `cross_mask` (cached sentences, src_len), the rows' queries placed by beam
+  // into `cross_queries` (beams, cached sentences, embed_dim) at the `live` sentences (None:
+  // every cached sentence is live, `cross_queries` undefined). `attention_orders`: scores and
+  // context orders (exact_attention.cpp) of the self-attention, then the encoder attention.
+  Tensor step(const Tensor& x, const std::vector<Order>& orders, Tensor key_slice, Tensor value_slice, const Tensor& keys,
+              const Tensor& values, const Optional& self_mask, const Optional& cross_keys, const Optional& cross_values,
+              const Optional& cross_mask, int64_t beams, const Optional& live, const Optional& cross_queries,
+              const std::vector<int64_t>& attention_orders) const {
+    TORCH_CHECK(orders.size() == linears_.size() && attention_orders.size() == (cross_keys.has_value() ? 4u : 2u), "exact_layer.step: orders");
+    const int64_t rows = x.size(0), embed = x.size(1), head_dim = embed / heads_;
+    Tensor out = sublayer(x, norms_[0], [&](const Tensor& h) {
+      linears_[1](h, orders[1], key_slice);
+      linears_[2](h, orders[2], value_slice);
+      Tensor q = linears_[0](h, orders[0], Tensor());
+      q.mul_(self_scaling_);
+      Tensor context = torch::empty({rows * heads_, 1, head_dim}, x.options());
+      attend(q.view({rows * heads_, 1, head_dim}), keys, values, self_mask, context, attention_orders[0], attention_orders[1]);
+      return linears_[3](context.view({rows, embed}), orders[3], Tensor());
+    });
+    if (cross_ && cross_keys.has_value()) {
+      out = sublayer(out, norms_[1], [&](const Tensor& h) {
+        Tensor q = linears_[4](h, orders[4], Tensor());
+        q.mul_(cross_scaling_);
+        const Tensor per_beam = q.view({-1, beams, embed}).transpose(0, 1);  // (beams, live sentences, embed_dim)
+        const Tensor by_beam = live.has_value() ? cross_queries->index_copy_(1, *live, per_beam) : per_beam.contiguous();
+        const int64_t cached = by_beam.size(1), matrices = cached * heads_;
+        Tensor context = torch::empty({beams, matrices, 1, head_dim}, x.options());
+        attend(by_beam.view({beams, matrices, head_dim}).transpose(0, 1), *cross_keys, *cross_values, cross_mask,
+               context.select(2, 0).transpose(0, 1), attention_orders[2], attention_orders[3]);
+        Tensor live_context = context.view({beams, cached, embed});
+        if (live.has_value()) live_context = live_context.index_select(1, *live);
+        return linears_[5](live_context.transpose(0, 1).reshape({rows, embed}), orders[5], Tensor());
+      });
+    }
+    const size_t fc = cross_ ? 6 : 4;
+    return sublayer(out, norms_.back(), [&](const Tensor& h) {
+      Tensor hidden = linears_[fc](h, orders[fc], Tensor());
+      hidden.relu_();
+      return linears_[fc + 1](hidden, orders[fc + 1], Tensor());
+    });
+  }
+
+ private:
+  // fairseq's sublayer: (norm before) -> block -> + residual -> (norm after).
+  template <class Block>
+  Tensor sublayer(const Tensor& x, const Norm& norm, Block block) const {
+    Tensor out = block(normalize_before_ ? norm(x) : x);
+    out.add_(x);
+    return normalize_before_ ? out : norm(out);
+  }
+
+  void attend(const Tensor& queries, const Tensor& keys, const Tensor& values, const Optional& mask, Tensor context,
+              int64_t scores_order, int64_t context_order) const {
+    TORCH_CHECK(attention::attend_into(queries, keys, values, mask, heads_, context, scores_order, context_order),
+                "exact_layer: attention operands off the 16-byte alignment (exact_layer.py checks it first)");
+  }
+
+  std::vector<Linear> linears_;
+  std::vector<Norm> norms_;
+  bool normalize_before_, cross_ = false;
+  int64_t heads_;
+  double self_scaling_, cross_scaling_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<ExactLayer>(m, "ExactLayer")
+      .def(pybind11::init<const std::vector<std::tuple<Tensor, Optional, Tensor>>&, const std::vector<std::tuple<Optional, Optional, double>>&,
+                          bool, int64_t, double, double>())
+      .def("step", &ExactLayer::step, "one decoder layer's step, the Python step's calls from C++");
+}
