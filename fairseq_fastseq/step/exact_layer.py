@@ -24,6 +24,7 @@ from .caches import SelfAttentionCache
 from .encoder_caches import PER_SENTENCE, CrossAttentionCache
 from .exact_attention import CONTEXT, SCORES, AttentionProducts
 from .exact_gemm import LANES, Blocks, NativeLinear, Order
+from .kernels import ExactKernels
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,16 @@ class NativeLayerStep:
         return cache.keys, cache.values, mask, cache.beams, cache.live, None if buffer is None else buffer.view(cache.beams, -1, embed_dim)
 
 
-def native_layer_step(layer: TransformerDecoderLayerBase, linears: List[object], products: AttentionProducts) -> Optional[NativeLayerStep]:
+def native_layer_step(layer: TransformerDecoderLayerBase, kernels: ExactKernels, products: AttentionProducts) -> Optional[NativeLayerStep]:
     """The layer's native step, or None where it does not apply: a kernel tier that rounds
     differently (its linear layers are not ``NativeLinear``), no AVX-512 build, an activation
     other than ReLU, heads not 64 wide, or a layer norm outside fairseq's plain one."""
     module = native.exact_layer()
+    attentions = [(layer.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj"))]
+    if layer.encoder_attn is not None:
+        attentions.append((layer.encoder_attn, ("q_proj", "out_proj")))
+    modules = [getattr(attention, name) for attention, names in attentions for name in names] + [layer.fc1, layer.fc2]
+    linears = [kernels.linear(m) for m in modules]
     heads, head_dim = layer.self_attn.num_heads, layer.self_attn.head_dim
     if module is None or not all(isinstance(linear, NativeLinear) for linear in linears) or layer.activation_fn is not F.relu:
         return None

@@ -260,17 +260,10 @@ class LayerStep:
         self.fc1 = kernels.feed_forward_in(layer.fc1, layer.activation_fn)
         self.fc2 = kernels.linear(layer.fc2)
         self.final_norm = layer_norm(layer.final_layer_norm)
-        attentions = (layer.self_attn,) + ((layer.encoder_attn,) if cross else ())
-        projections = [getattr(a, name) for a in attentions for name in (("q_proj", "k_proj", "v_proj", "out_proj") if a is layer.self_attn else ("q_proj", "out_proj"))]
-        self.native = native_layer_step(layer, [kernels.linear(m) for m in projections + [layer.fc1, layer.fc2]], self.self_attention.products)
+        self.native = native_layer_step(layer, kernels, self.self_attention.products)  # None: the steps below
 
     def __call__(
-        self,
-        x: Tensor,
-        self_cache: SelfAttentionCache,
-        cross_cache: Optional[CrossAttentionCache],
-        pad: Optional[Tensor],
-        need_weights: bool,
+        self, x: Tensor, self_cache: SelfAttentionCache, cross_cache: Optional[CrossAttentionCache], pad: Optional[Tensor], need_weights: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
         if self.native is not None and not (need_weights and self.cross_attention is not None):
             out = self.native(x, self_cache, cross_cache, pad)  # None: a shape not checked yet
