@@ -45,8 +45,9 @@ CATEGORIES: List[Tuple[str, str]] = [
     # oneDNN's and fbgemm's kernels are generated at run time: perf sees them as JIT code
     # ("[JIT] tid ..." or "[unknown]") or, for fbgemm's packing and requantization, by name.
     # exact's linear layers and attention products in MKL's and bmm's order
-    # (fairseq_fastseq_exact_gemm, fairseq_fastseq_exact_attention), as stock's BLAS calls.
-    ("matrix products (BLAS, oneDNN, fbgemm, exact's kernels; JIT code)", r"sgemm|sgemv|gemm_|_gemm|exact_attention|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
+    # (fairseq_fastseq_exact_gemm, fairseq_fastseq_exact_attention, and both compiled into
+    # fairseq_fastseq_exact_layer, whose own code around them is a few loops), as stock's BLAS calls.
+    ("matrix products (BLAS, oneDNN, fbgemm, exact's kernels; JIT code)", r"sgemm|sgemv|gemm_|_gemm|exact_attention|exact_layer|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
     ("copies (memmove, copy/index/gather kernels)", r"memmove|memcpy|copy_kernel|index_select|index_kernel|cpu_index|gather|transpose|[Cc]oncat|scopy"),
     ("softmax, log-softmax, exp", r"softmax|Sleef|exp[fF]?\d*|vml.*Exp"),
     ("top-k", r"topk|TopK|adjust_heap|nth_element|partial_sort"),
