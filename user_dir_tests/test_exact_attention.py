@@ -134,6 +134,15 @@ def test_one_call_per_attention_has_fairseqs_bits_for_both_layouts(length):
         context = torch.empty(q.size(0), q.size(1), 64)
         assert products.attend(q, k, v, mask, heads, context)
         assert same_bits(context, _attention_by_steps(q, k, v, mask, heads))
+    # the self-attention's rows read through a history table: row r's entry of slice t in cached row table[t, r]
+    cached = 15
+    buffer_keys, buffer_values = (_time_major_cache(generator, length, cached, heads) for _ in range(2))
+    table = torch.randint(0, cached, (length, rows), generator=generator)
+    in_rows = [b.transpose(0, 1).view(length, cached, heads * 64).gather(1, table.unsqueeze(2).expand(-1, -1, heads * 64)) for b in (buffer_keys, buffer_values)]
+    row_keys, row_values = (t.view(length, rows * heads, 64).transpose(0, 1) for t in in_rows)
+    context = torch.empty(rows * heads, 1, 64)
+    assert products.attend(queries, buffer_keys, buffer_values, padding.t(), heads, context, table)
+    assert same_bits(context, _attention_by_steps(queries, row_keys, row_values, padding.t(), heads))
     unaligned = torch.randn(keys.numel() + 1)[1:].view(keys.shape)
     assert not products.attend(queries, unaligned, values, padding.t(), heads, torch.empty(rows * heads, 1, 64))
 
@@ -281,7 +290,9 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_befo
         expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, True, 1.0), *args, seed=beam, num_steps=20)
         actual = _drive(LeanSteps(EnsembleModel([model]), beam, 21, True, 1.0), *args, seed=beam, num_steps=20)
         del ways[:]
-        again = _drive(LeanSteps(EnsembleModel([model]), beam, 21, False, 1.0), *args, seed=beam, num_steps=20)
+        lean = LeanSteps(EnsembleModel([model]), beam, 21, False, 1.0)
+        again = _drive(lean, *args, seed=beam, num_steps=20)
+    assert (lean.caches[0].histories is not None) == (beam > 1)  # rows read through a table, none copied
     for step, ((want, want_attention), (got, got_attention), (got_again, _)) in enumerate(zip(expected, actual, again)):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
         assert torch.equal(got_again, want), f"step {step}, every shape checked before"

@@ -192,6 +192,16 @@ class IndexedSelfAttentionCache(SelfAttentionCache):
             return None
         return self.padding[: self.length].gather(1, self.histories.table()).t()
 
+    def in_rows(self) -> Tuple[Tensor, Tensor]:
+        """Each row's keys and values gathered through the table into rows of their own, as
+        (rows * heads, length, head_dim) views: for ``bmm``, which reads a row's history as one
+        strided matrix (``exact``'s products at a length not checked yet)."""
+        table = self.histories.table()
+        index = table.unsqueeze(2).expand(-1, -1, self.heads * self.head_dim)
+        filled = (buffer[: self.length].view(self.length, buffer.size(1), -1) for buffer in (self.keys, self.values))
+        keys, values = (torch.gather(buffer, 1, index).view(self.length, -1, self.head_dim).transpose(0, 1) for buffer in filled)
+        return keys, values
+
 
 # The copies of ``move`` copy bits: through an integer type of the element's size, which NumPy
 # has for every dtype of the caches (it has no bfloat16).

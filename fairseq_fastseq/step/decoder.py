@@ -58,7 +58,7 @@ class LeanDecoder:
         if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
             padding = encoder_out["encoder_padding_mask"][0]  # (sentences, src_len)
             padding = padding if bool(padding.any()) else None  # masking nothing changes nothing
-        histories = self._histories(max_steps)
+        histories = self._histories(max_steps, beams, memory is not None)
         self_caches, cross_caches = [], []
         for layer in self.layers:
             attention = layer.self_attention
@@ -71,11 +71,16 @@ class LeanDecoder:
         slots = RowSlots(beams) if self.embed_tokens.device.type == "cpu" and histories is None else None
         return LayerCaches(self_caches, cross_caches, slots=slots, histories=histories)
 
-    def _histories(self, max_steps: int) -> Optional[Histories]:
+    def _histories(self, max_steps: int, beams: int, attends_source: bool) -> Optional[Histories]:
         """Histories read where they were written (``histories.py``) where every layer's
-        self-attention is the C++ kernel that reads them, else None."""
-        native = all(layer.self_attention.native is not None for layer in self.layers)
-        return Histories(max_steps) if native and self.layers else None
+        self-attention is a C++ kernel that reads them: the tiers', or ``exact``'s in its
+        one-call layer step (``exact_layer.py``) for beams above one with encoder keys/values
+        once per sentence (the layouts it steps); else None (slots, ``slots.py``)."""
+        if not self.layers:
+            return None
+        tiers = all(layer.self_attention.native is not None for layer in self.layers)
+        exact = beams > 1 and all(layer.native is not None for layer in self.layers)
+        return Histories(max_steps) if tiers or (exact and (not attends_source or self._encoder_layout(beams) == PER_SENTENCE)) else None
 
     def _self_attention_cache(
         self, heads: int, head_dim: int, max_steps: int, pool: BufferPool, histories: Optional[Histories]

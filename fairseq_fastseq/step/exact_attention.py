@@ -62,11 +62,14 @@ class AttentionProducts:
         fits = values.size(2) % 16 == 0 and all(cpu_rows(t, 3) for t in (probs, values))
         return self._product(CONTEXT, probs, values, out, reference, fits)
 
-    def attend(self, queries: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], group: int, context: Tensor) -> bool:
+    def attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], group: int, context: Tensor, history: Optional[Tensor] = None
+    ) -> bool:
         """The whole attention in one native call (``attend_into``): queries (matrices, rows,
         head_dim) against keys and values (matrices, length, dim), keys masked where ``mask``
         (matrices / group, length) is true, fairseq's softmax, the context written into
-        ``context`` (matrices, rows, dim). Only where both products were already checked to give
+        ``context`` (matrices, rows, dim); with ``history`` (length, matrices / group), keys and
+        values of every cached row, each row's read through the table (``histories.py``). Only where both products were already checked to give
         ``bmm``'s bits at this length; False (nothing written) otherwise: the caller then takes
         ``scores`` / softmax / ``context``, which check a new length."""
         if self.kernels is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))):
@@ -76,7 +79,7 @@ class AttentionProducts:
             return False
         if not (queries.size(2) == 64 and all(cpu_rows(t, 3) for t in (queries, keys, values, context)) and values.size(2) % 16 == 0):
             return False
-        return self.kernels.attend_into(queries, keys, values, mask, group, context, self.orders[SCORES], self.orders[CONTEXT])
+        return self.kernels.attend_into(queries, keys, values, mask, group, context, self.orders[SCORES], self.orders[CONTEXT], history)
 
     def _product(self, kind: str, a: Tensor, b: Tensor, out: Tensor, reference: Callable[[], None], fits: bool) -> Tensor:
         differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)

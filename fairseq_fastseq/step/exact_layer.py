@@ -54,7 +54,7 @@ class NativeLayerStep:
         """The layer's output (rows, embed_dim), or None where it cannot run (nothing changed)."""
         threads = torch.get_num_threads()
         orders = self._linear_orders(x.size(0), threads)
-        if orders is None or type(self_cache) is not SelfAttentionCache:
+        if orders is None or not self_cache.SLICES_WRITABLE:
             return None
         attention_orders = self._attention_orders(self_cache.length + 1, threads)
         cross_args: Tuple = (None, None, None, 0, None, None)
@@ -69,7 +69,8 @@ class NativeLayerStep:
         if not all(buffer.data_ptr() % 16 == 0 for buffer in (self_cache.keys, self_cache.values)):
             return None  # MKL's order of the scores assumes it (``exact_attention.py``)
         keys, values = self_cache.commit(pad)
-        return self.module.step(x, orders, key_slice, value_slice, keys, values, self_cache.padding_so_far(), *cross_args, attention_orders)
+        history = self_cache.history()
+        return self.module.step(x, orders, key_slice, value_slice, keys, values, self_cache.padding_so_far(), history, *cross_args, attention_orders)
 
     def _linear_orders(self, rows: int, threads: int) -> Optional[List[NativeOrder]]:
         """Each linear layer's recorded order at ``rows``, or None if one is not checked yet."""

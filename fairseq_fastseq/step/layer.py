@@ -96,8 +96,10 @@ class SelfAttentionStep(_Attention):
             return self.out(context.view(rows, self.embed_dim))
         queries = self.heads_view(q)  # (rows * heads, 1, head_dim)
         context = queries.new_empty(queries.shape)
-        if self.products.attend(queries, keys, values, padding, self.heads, context):
+        if self.products.attend(queries, keys, values, padding, self.heads, context, cache.history()):
             return self.out(context.view(rows, self.embed_dim))
+        if cache.history() is not None:  # rows read through a table (``exact_layer.py`` steps them)
+            keys, values = cache.in_rows()
         weights = self.scores(queries, keys)  # (rows * heads, 1, length)
         if padding is not None:
             weights.view(rows, self.heads, 1, -1).masked_fill_(padding[:, None, None, :], float("-inf"))

@@ -58,7 +58,16 @@ int64_t grain(int64_t work) {
 struct Strided3 {  // a (matrices, rows, columns) view with contiguous columns
   const float* data;
   int64_t matrix, row;
-  const float* at(int64_t m, int64_t r) const { return data + m * matrix + r * row; }
+  // Self-attention keys/values read through a history table (`histories.py`): matrix m is
+  // head m % heads of hypothesis row m / heads, whose entry of time slice r is in cache row
+  // table[r * table_row + m / heads]; `matrix` then steps from one cached (row, head) piece
+  // to the next, `row` from one time slice to the next.
+  const int64_t* table = nullptr;
+  int64_t table_row = 0, heads = 1;
+  const float* at(int64_t m, int64_t r) const {
+    if (table == nullptr) return data + m * matrix + r * row;
+    return data + r * row + (table[r * table_row + m / heads] * heads + m % heads) * matrix;
+  }
 };
 
 Strided3 view(const torch::Tensor& t) {
@@ -124,14 +133,14 @@ void add_products(const float* weights, const Strided3& v, int64_t m, int64_t l0
 
 // Order 0, "four lanes" (no multiply-add fused).
 struct FourLanes {
-  // C grouped columns at once (keys `step` floats apart): independent chains for the core to overlap.
+  // C grouped columns at once (key c at k[c]): independent chains for the core to overlap.
   template <int C>
-  static void columns(const float* q, const float* k, int64_t step, float* out) {
+  static void columns(const float* q, const float* const* k, float* out) {
     __m128 lanes[C];
-    for (int c = 0; c < C; ++c) lanes[c] = _mm_set_ss(first_four(q, k + c * step));
+    for (int c = 0; c < C; ++c) lanes[c] = _mm_set_ss(first_four(q, k[c]));
     for (int d = 4; d < 64; d += 4) {
       const __m128 query = _mm_loadu_ps(q + d);
-      for (int c = 0; c < C; ++c) lanes[c] = _mm_add_ps(lanes[c], _mm_mul_ps(query, _mm_loadu_ps(k + c * step + d)));
+      for (int c = 0; c < C; ++c) lanes[c] = _mm_add_ps(lanes[c], _mm_mul_ps(query, _mm_loadu_ps(k[c] + d)));
     }
     for (int c = 0; c < C; ++c) out[c] = reduced(lanes[c]);
   }
@@ -159,16 +168,16 @@ float by_halves(__m512 v) {
 
 struct SixteenLanesFused {
   template <int C>
-  static void columns(const float* q, const float* k, int64_t step, float* out) {
+  static void columns(const float* q, const float* const* k, float* out) {
     const __m512 q1 = _mm512_loadu_ps(q + 1), q17 = _mm512_loadu_ps(q + 17), q33 = _mm512_loadu_ps(q + 33);
     const __m512 q49 = _mm512_maskz_loadu_ps(kTail, q + 49);
     __m512 lanes[C];
-    for (int c = 0; c < C; ++c) lanes[c] = lane0(q[0] * k[c * step]);
-    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + c * step + 1), lanes[c]);
-    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q17, _mm512_loadu_ps(k + c * step + 17), lanes[c]);
-    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q33, _mm512_loadu_ps(k + c * step + 33), lanes[c]);
+    for (int c = 0; c < C; ++c) lanes[c] = lane0(q[0] * k[c][0]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k[c] + 1), lanes[c]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q17, _mm512_loadu_ps(k[c] + 17), lanes[c]);
+    for (int c = 0; c < C; ++c) lanes[c] = _mm512_fmadd_ps(q33, _mm512_loadu_ps(k[c] + 33), lanes[c]);
     for (int c = 0; c < C; ++c)
-      lanes[c] = _mm512_fmadd_ps(q49, _mm512_maskz_loadu_ps(kTail, k + c * step + 49), lane0(by_halves(lanes[c])));
+      lanes[c] = _mm512_fmadd_ps(q49, _mm512_maskz_loadu_ps(kTail, k[c] + 49), lane0(by_halves(lanes[c])));
     for (int c = 0; c < C; ++c) out[c] = by_halves(lanes[c]);
   }
 
@@ -215,7 +224,7 @@ void scores(const Strided3& q, const Strided3& k, const Strided3& s, int64_t mat
   auto one = [&](const float* query, const float* key, int64_t l) {
     if (aten_loop) return sequential(query, key);
     float out;
-    if (l < grouped) Order::template columns<1>(query, key, 0, &out);
+    if (l < grouped) Order::template columns<1>(query, &key, &out);
     return l < grouped ? out : Order::remainder(query, key, l - grouped);
   };
   // A block of matrices at a time, eight keys of each in turn: the keys of the step's
@@ -228,8 +237,11 @@ void scores(const Strided3& q, const Strided3& k, const Strided3& s, int64_t mat
       const int64_t m1 = std::min(end, m0 + kMatrixBlock);
       for (int64_t l = 0; l < in_eights; l += 8)
         for (int64_t m = m0; m < m1; ++m)
-          for (int64_t i = 0; i < rows; ++i)
-            Order::template columns<8>(q.at(m, i), k.at(m, l), k.row, out + m * s.matrix + i * s.row + l);
+          for (int64_t i = 0; i < rows; ++i) {
+            const float* keys[8];
+            for (int c = 0; c < 8; ++c) keys[c] = k.at(m, l + c);
+            Order::template columns<8>(q.at(m, i), keys, out + m * s.matrix + i * s.row + l);
+          }
       for (int64_t l = in_eights; l < length; ++l)
         for (int64_t m = m0; m < m1; ++m)
           for (int64_t i = 0; i < rows; ++i) out[m * s.matrix + i * s.row + l] = one(q.at(m, i), k.at(m, l), l);
@@ -291,18 +303,40 @@ void context_into(const torch::Tensor& probs, const torch::Tensor& values, torch
 // (matrices / group, length) bool is true for the matrix's group (a row's or sentence's
 // heads), ATen's own softmax over the keys, then context = probabilities @ values in
 // `context_order`, written into `contexts` (matrices, rows, dim). One call where Python made
-// about ten operator calls (BENCHMARKS.md, "One call per attention"). False, with nothing
-// written, where the scores' operands are off the 16-byte alignment MKL's order assumes.
+// about ten operator calls (BENCHMARKS.md, "One call per attention"). With `history` (length,
+// matrices / group) int64, the self-attention's keys and values are those of every cached row,
+// (cached rows * group, length, 64), and matrix m reads its entry of time slice t from cached
+// row history[t, m / group] (`histories.py`). False, with nothing written, where the scores'
+// operands are off the 16-byte alignment MKL's order assumes.
 bool attend_into(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
                  const c10::optional<torch::Tensor>& mask, int64_t group, torch::Tensor& contexts, int64_t scores_order,
-                 int64_t context_order) {
-  const Strided3 q = view(queries), k = view(keys), v = view(values), c = view(contexts);
+                 int64_t context_order, const c10::optional<torch::Tensor>& history) {
+  Strided3 k = view(keys), v = view(values);
+  const Strided3 q = view(queries), c = view(contexts);
   const int64_t matrices = queries.size(0), rows = queries.size(1), length = keys.size(1), dim = values.size(2);
-  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && keys.size(0) == matrices && values.size(0) == matrices &&
+  TORCH_CHECK(queries.size(2) == kHeadDim && keys.size(2) == kHeadDim && values.size(0) == keys.size(0) &&
               values.size(1) == length && contexts.size(0) == matrices && contexts.size(1) == rows && contexts.size(2) == dim &&
               dim % 16 == 0 && length > 0 && group > 0 && matrices % group == 0,
               "exact_attention.attend_into: shapes");
   TORCH_CHECK((scores_order == 0 || scores_order == 1) && (context_order == 0 || context_order == 1), "exact_attention.attend_into: order");
+  if (history.has_value()) {
+    const torch::Tensor& table = *history;
+    TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kLong && table.size(0) == length &&
+                table.size(1) * group == matrices && table.stride(1) == 1 && keys.size(0) % group == 0,
+                "exact_attention.attend_into: history (length, matrices / group) int64, unit stride along rows");
+    const int64_t cached = keys.size(0) / group;
+    const int64_t* at = table.data_ptr<int64_t>();
+    for (int64_t t = 0; t < length; ++t)
+      for (int64_t r = 0; r < table.size(1); ++r)
+        TORCH_CHECK(at[t * table.stride(0) + r] >= 0 && at[t * table.stride(0) + r] < cached, "exact_attention.attend_into: history names a row past the cache");
+    for (Strided3* s : {&k, &v}) {
+      s->table = at;
+      s->table_row = table.stride(0);
+      s->heads = group;
+    }
+  } else {
+    TORCH_CHECK(keys.size(0) == matrices, "exact_attention.attend_into: a key matrix per query matrix");
+  }
   auto aligned = [](const torch::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 4 == 0 && (t.size(1) == 1 || t.stride(1) % 4 == 0);
   };
@@ -352,7 +386,9 @@ void copy_rows(torch::Tensor& buffer, int64_t length, const torch::Tensor& sourc
 
 #ifndef FASTSEQ_EMBEDDED  // exact_layer.cpp includes this file for its functions, with a module of its own
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_into", &attend_into, "scores, mask, softmax and context of one attention in bmm's bits (false: operands off alignment)");
+  m.def("attend_into", &attend_into, "scores, mask, softmax and context of one attention in bmm's bits (false: operands off alignment)",
+        pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("mask"), pybind11::arg("group"),
+        pybind11::arg("contexts"), pybind11::arg("scores_order"), pybind11::arg("context_order"), pybind11::arg("history") = pybind11::none());
   m.def("copy_rows", &copy_rows, "buffer[t, destinations] = buffer[t, sources] for t < length, in one pass of copies");
   m.def("scores_into", &scores_into, "bmm(queries, keys^T)'s bits for one query per matrix (head_dim 64) in MKL's order 0 or 1");
   m.def("context_into", &context_into, "bmm(probs, values)'s bits for one row per matrix in MKL's order 0 or 1");

@@ -87,14 +87,16 @@ class ExactLayer {
 
   // x (rows, embed_dim) -> the layer's output. Self-attention: this step's keys and values go
   // into `key_slice`/`value_slice` (rows, embed_dim), then all of them are read as `keys`/`values`
-  // (rows * heads, length, head_dim) views, masked where `self_mask` (rows, length) is true.
+  // (rows * heads, length, head_dim) views, masked where `self_mask` (rows, length) is true; with
+  // `history` (length, rows), the views hold every cached row and each row's entries are where
+  // the table says (`attend_into`).
   // Encoder attention (`PER_SENTENCE`): keys/values (cached sentences * heads, src_len,
   // head_dim), `cross_mask` (cached sentences, src_len), the rows' queries placed by beam
   // into `cross_queries` (beams, cached sentences, embed_dim) at the `live` sentences (None:
   // every cached sentence is live, `cross_queries` undefined). `attention_orders`: scores and
   // context orders (exact_attention.cpp) of the self-attention, then the encoder attention.
   Tensor step(const Tensor& x, const std::vector<Order>& orders, Tensor key_slice, Tensor value_slice, const Tensor& keys,
-              const Tensor& values, const Optional& self_mask, const Optional& cross_keys, const Optional& cross_values,
+              const Tensor& values, const Optional& self_mask, const Optional& history, const Optional& cross_keys, const Optional& cross_values,
               const Optional& cross_mask, int64_t beams, const Optional& live, const Optional& cross_queries,
               const std::vector<int64_t>& attention_orders) const {
     TORCH_CHECK(orders.size() == linears_.size() && attention_orders.size() == (cross_keys.has_value() ? 4u : 2u), "exact_layer.step: orders");
@@ -105,7 +107,7 @@ class ExactLayer {
       Tensor q = linears_[0](h, orders[0], Tensor());
       q.mul_(self_scaling_);
       Tensor context = torch::empty({rows * heads_, 1, head_dim}, x.options());
-      attend(q.view({rows * heads_, 1, head_dim}), keys, values, self_mask, context, attention_orders[0], attention_orders[1]);
+      attend(q.view({rows * heads_, 1, head_dim}), keys, values, self_mask, context, attention_orders[0], attention_orders[1], history);
       return linears_[3](context.view({rows, embed}), orders[3], Tensor());
     });
     if (cross_ && cross_keys.has_value()) {
@@ -117,7 +119,7 @@ class ExactLayer {
         const int64_t cached = by_beam.size(1), matrices = cached * heads_;
         Tensor context = torch::empty({beams, matrices, 1, head_dim}, x.options());
         attend(by_beam.view({beams, matrices, head_dim}).transpose(0, 1), *cross_keys, *cross_values, cross_mask,
-               context.select(2, 0).transpose(0, 1), attention_orders[2], attention_orders[3]);
+               context.select(2, 0).transpose(0, 1), attention_orders[2], attention_orders[3], c10::nullopt);
         Tensor live_context = context.view({beams, cached, embed});
         if (live.has_value()) live_context = live_context.index_select(1, *live);
         return linears_[5](live_context.transpose(0, 1).reshape({rows, embed}), orders[5], Tensor());
@@ -141,8 +143,8 @@ class ExactLayer {
   }
 
   void attend(const Tensor& queries, const Tensor& keys, const Tensor& values, const Optional& mask, Tensor context,
-              int64_t scores_order, int64_t context_order) const {
-    TORCH_CHECK(attention::attend_into(queries, keys, values, mask, heads_, context, scores_order, context_order),
+              int64_t scores_order, int64_t context_order, const Optional& history) const {
+    TORCH_CHECK(attention::attend_into(queries, keys, values, mask, heads_, context, scores_order, context_order, history),
                 "exact_layer: attention operands off the 16-byte alignment (exact_layer.py checks it first)");
   }
 
