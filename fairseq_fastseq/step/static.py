@@ -123,7 +123,7 @@ class StaticLeanDecoder(LeanDecoder):
         super().__init__(model, kernels)
         self.clock = clock
 
-    def _histories(self, max_steps: int) -> None:
+    def _histories(self, max_steps: int, beams: int, attends_source: bool) -> None:
         return None  # the static caches reorder in the step's graph
 
     def _self_attention_cache(self, heads: int, head_dim: int, max_steps: int, pool: BufferPool, histories: None) -> SelfAttentionCache:
