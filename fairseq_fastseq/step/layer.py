@@ -87,18 +87,16 @@ class SelfAttentionStep(_Attention):
         else:
             q, k, v = self.projections(x)
             keys, values = cache.append(k, v, pad)
-        padding = cache.padding_so_far()
+        padding, history = cache.padding_so_far(), cache.history()
         if self.native is not None:  # over the time-major views, (length, rows * heads, head_dim)
             time_major = None if padding is None else padding.t()
-            context = self.native.self_attention(
-                q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads, cache.history()
-            )
+            context = self.native.self_attention(q.reshape(-1, self.head_dim), keys.transpose(0, 1), values.transpose(0, 1), time_major, self.heads, history)
             return self.out(context.view(rows, self.embed_dim))
         queries = self.heads_view(q)  # (rows * heads, 1, head_dim)
         context = queries.new_empty(queries.shape)
-        if self.products.attend(queries, keys, values, padding, self.heads, context, cache.history()):
+        if self.products.attend(queries, keys, values, padding, self.heads, context, history):
             return self.out(context.view(rows, self.embed_dim))
-        if cache.history() is not None:  # rows read through a table (``exact_layer.py`` steps them)
+        if history is not None:  # rows read through a table: each row's own, for ``bmm``
             keys, values = cache.in_rows()
         weights = self.scores(queries, keys)  # (rows * heads, 1, length)
         if padding is not None:
