@@ -9,7 +9,9 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerModel, base_architecture
+from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture
 from fairseq.sequence_generator import EnsembleModel
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
@@ -303,6 +305,34 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_befo
         assert all(result is None for result in layer_steps) and all(result for way, result in ways if way == "attend")
     used = {key for key, same in exact_attention._SAME_BITS.items() if same}
     assert {kind for kind, _, _ in used} == {SCORES, CONTEXT} and max(length for _, length, _ in used) >= 20
+
+
+def test_language_model_with_heads_of_64_steps_natively_with_fairseqs_bits(monkeypatch):
+    """A ``transformer_lm`` (no encoder attention; 6 linear layers and 2 norms per layer): in a
+    second search over the same shapes every layer step is one native call over rows read
+    through the history table, bitwise fairseq's modules."""
+    ways = []
+    native_step = NativeLayerStep.__call__
+    monkeypatch.setattr(NativeLayerStep, "__call__", lambda *args: ways.append(native_step(*args)) or ways[-1])
+    args = Namespace(decoder_layers=2, decoder_embed_dim=128, decoder_ffn_embed_dim=256, decoder_attention_heads=2, dropout=0.0)
+    base_lm_architecture(args)
+    dictionary = Dictionary()
+    for word in range(40):
+        dictionary.add_symbol(f"w{word}")
+    torch.manual_seed(0)
+    model = TransformerLanguageModel.build_model(args, LanguageModelingTask(LanguageModelingConfig(), dictionary, dictionary)).eval()
+    beam, sentences = 4, 5
+    sample = {"net_input": {"src_tokens": torch.full((sentences, 1), dictionary.eos()), "src_lengths": torch.ones(sentences, dtype=torch.long)}}
+    drive_args = (sample, beam, dictionary.eos(), dictionary.pad(), len(dictionary))
+    with torch.no_grad():
+        expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, False, 1.0), *drive_args, seed=3, num_steps=12)
+        _drive(LeanSteps(EnsembleModel([model]), beam, 13, False, 1.0), *drive_args, seed=3, num_steps=12)
+        del ways[:]
+        lean = LeanSteps(EnsembleModel([model]), beam, 13, False, 1.0)
+        again = _drive(lean, *drive_args, seed=3, num_steps=12)
+    assert lean.caches[0].histories is not None and len(ways) == 2 * 12 and all(out is not None for out in ways)
+    for step, ((want, _), (got, _)) in enumerate(zip(expected, again)):
+        assert torch.equal(got, want), f"step {step}"
 
 
 @pytest.mark.parametrize("wrong_matrix", [0, 150, 299])
