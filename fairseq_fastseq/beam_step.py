@@ -5,15 +5,19 @@ in a new tensor: at batch 128, beam 5 and a 32k vocabulary another 82 MB allocat
 step, which on CPU costs page faults (see ``ensemble.py``). The fast loop owns the
 log-probabilities it passes and does not read them afterwards, so the sum can overwrite
 them. The rest is fairseq's step: the same top-k over the same values (``topk.top_k``: the
-result of ``torch.topk``, from the chunks that can hold it).
+result of ``torch.topk``, from the chunks that can hold it). On CPUs with AVX-512 each sum is
+made in a register instead, in one read of the row that keeps the best (``native/beam_top_k.cpp``;
+nothing written), wherever the best ``k + 1`` sums are distinct: ``torch.topk``'s result then
+has one answer (BENCHMARKS.md, "Candidates in one pass").
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from fairseq.search import BeamSearch, Search
 from torch import Tensor
 
+from .step import native
 from .topk import top_k
 
 
@@ -24,10 +28,25 @@ def adds_in_place(search: Search, step: int) -> bool:
 
 
 def beam_step_in_place(lprobs: Tensor, scores: Tensor, step: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """``BeamSearch.step`` for ``step > 0``: ``lprobs`` (bsz, beam, vocab) is overwritten with the
-    cumulative scores; returns candidate scores, tokens and beams, each (bsz, 2 * beam)."""
+    """``BeamSearch.step`` for ``step > 0``: ``lprobs`` (bsz, beam, vocab) may be overwritten with
+    the cumulative scores; returns candidate scores, tokens and beams, each (bsz, 2 * beam)."""
     bsz, beam_size, vocab_size = lprobs.size()
-    cumulative = lprobs.add_(scores[:, :, step - 1].unsqueeze(-1)).view(bsz, -1)
-    cand_scores, flat_indices = top_k(cumulative, min(2 * beam_size, cumulative.size(1) - 1))
+    k = min(2 * beam_size, beam_size * vocab_size - 1)
+    found = _in_one_pass(lprobs, scores[:, :, step - 1], k)
+    if found is not None:
+        cand_scores, flat_indices = found
+    else:
+        cumulative = lprobs.add_(scores[:, :, step - 1].unsqueeze(-1)).view(bsz, -1)
+        cand_scores, flat_indices = top_k(cumulative, k)
     cand_beams = torch.div(flat_indices, vocab_size, rounding_mode="trunc")
     return cand_scores, flat_indices.fmod(vocab_size), cand_beams
+
+
+def _in_one_pass(lprobs: Tensor, running: Tensor, k: int) -> Optional[Tuple[Tensor, Tensor]]:
+    """``torch.topk`` of ``lprobs + running`` per sentence from one read of ``lprobs``, nothing
+    written (``native/beam_top_k.cpp``); None where the kernel is not built, the operands
+    are not CPU float32, or a sentence's best ``k + 1`` tie (``torch.topk``'s order decides)."""
+    kernels = native.beam_top_k() if lprobs.device.type == "cpu" else None
+    if kernels is None or lprobs.dtype != torch.float32 or running.dtype != torch.float32 or not lprobs.is_contiguous():
+        return None
+    return kernels.added_top_k(lprobs, running, k)

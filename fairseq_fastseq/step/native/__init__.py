@@ -49,6 +49,10 @@ EXACT_LAYER_EXTENSION = "fairseq_fastseq_exact_layer"
 # It includes both kernels' files: each keeps its own order of operations (intrinsics for
 # every fused multiply-add), nothing else fused.
 EXACT_LAYER_FLAGS = ["-O3", "-mavx512f", "-mfma", "-ffp-contract=off", *OPENMP]
+BEAM_TOP_K_SOURCE = Path(__file__).with_name("beam_top_k.cpp")
+BEAM_TOP_K_EXTENSION = "fairseq_fastseq_beam_top_k"
+# Each sum one rounding, as ATen's add makes it.
+BEAM_TOP_K_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off", *OPENMP]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
 # PyTorch's build lock is a bare file: a build killed while compiling (a timeout, Ctrl-C at
 # the wrong moment) leaves it, and every later load waits on it forever. A build takes about
@@ -132,6 +136,16 @@ def exact_layer() -> Optional[ModuleType]:
     return _load(EXACT_LAYER_EXTENSION, EXACT_LAYER_SOURCE, EXACT_LAYER_FLAGS, "exact layer step", instead, includes)
 
 
+@functools.lru_cache(maxsize=None)
+def beam_top_k() -> Optional[ModuleType]:
+    """A beam step's candidates in one pass (``beam_step.py``), or None (the add and
+    ``torch.topk`` then): not built without AVX-512."""
+    if not HAS_AVX512:
+        return None
+    instead = "beam search adds the scores and takes torch.topk instead (slower, the same candidates)"
+    return _load(BEAM_TOP_K_EXTENSION, BEAM_TOP_K_SOURCE, BEAM_TOP_K_FLAGS, "beam top-k kernel", instead)
+
+
 def main() -> None:
     """Build (or find) the kernels; exit 1 where one that this CPU can run cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -141,6 +155,7 @@ def main() -> None:
         "exact linear": exact_gemm() if HAS_AVX512 else unsupported,
         "exact attention": exact_attention() if HAS_AVX512 else unsupported,
         "exact layer step": exact_layer() if HAS_AVX512 else unsupported,
+        "beam top-k": beam_top_k() if HAS_AVX512 else unsupported,
     }
     if any(kernels is None for kernels in built.values()):
         raise SystemExit(1)
