@@ -2,7 +2,7 @@
 
 ``layer.LayerStep`` makes about fifty operator calls per layer around its kernels, and each
 costs microseconds of Python and dispatch: at batch 32 on the bundled model a fifth of the
-step (BENCHMARKS.md, "One call per layer"). ``exact_layer.cpp`` makes the same calls on the
+step (BENCHMARKS.md, "One call per attention, one call per layer"). ``exact_layer.cpp`` makes the same calls on the
 same operands from C++. It runs a layer only where the Python step has already checked
 every shape it meets: each linear layer at this row count (``exact_gemm._SAME_BITS``: the
 kernel's order, or MKL) and both attention products at this length
@@ -11,12 +11,11 @@ asked for, a layout other than once per sentence) the Python step runs, and chec
 bits are the Python step's, which are fairseq's.
 """
 
-import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 import torch.nn.functional as F
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor
 
 from . import exact_attention, exact_gemm, native
@@ -25,8 +24,6 @@ from .encoder_caches import PER_SENTENCE, CrossAttentionCache
 from .exact_attention import CONTEXT, SCORES, AttentionProducts
 from .exact_gemm import LANES, Blocks, NativeLinear, Order
 from .kernels import ExactKernels
-
-logger = logging.getLogger(__name__)
 
 # exact_layer.cpp's modes: MKL's ``addmm``, the kernel's blocks, its sixteen lanes
 MKL, BLOCKS, LANES_MODE = 0, 1, 2
@@ -104,17 +101,19 @@ def native_layer_step(layer: TransformerDecoderLayerBase, kernels: ExactKernels,
     differently (its linear layers are not ``NativeLinear``), no AVX-512 build, an activation
     other than ReLU, heads not 64 wide, or a layer norm outside fairseq's plain one."""
     module = native.exact_layer()
+    if module is None:
+        return None
     attentions = [(layer.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj"))]
     if layer.encoder_attn is not None:
         attentions.append((layer.encoder_attn, ("q_proj", "out_proj")))
     modules = [getattr(attention, name) for attention, names in attentions for name in names] + [layer.fc1, layer.fc2]
     linears = [kernels.linear(m) for m in modules]
     heads, head_dim = layer.self_attn.num_heads, layer.self_attn.head_dim
-    if module is None or not all(isinstance(linear, NativeLinear) for linear in linears) or layer.activation_fn is not F.relu:
-        return None
-    if head_dim != 64 or products.kernels is None or None in products.orders.values():
+    if not all(isinstance(linear, NativeLinear) for linear in linears) or layer.activation_fn is not F.relu:
         return None
     cross = layer.encoder_attn is not None
+    if head_dim != 64 or (cross and layer.encoder_attn.num_heads != heads) or products.kernels is None or None in products.orders.values():
+        return None
     norms = [layer.self_attn_layer_norm] + ([layer.encoder_attn_layer_norm] if cross else []) + [layer.final_layer_norm]
     if not all(isinstance(norm, torch.nn.LayerNorm) and len(norm.normalized_shape) == 1 for norm in norms):
         return None
