@@ -31,12 +31,12 @@ def beam_step_in_place(lprobs: Tensor, scores: Tensor, step: int) -> Tuple[Tenso
     """``BeamSearch.step`` for ``step > 0``: ``lprobs`` (bsz, beam, vocab) may be overwritten with
     the cumulative scores; returns candidate scores, tokens and beams, each (bsz, 2 * beam)."""
     bsz, beam_size, vocab_size = lprobs.size()
-    k = min(2 * beam_size, beam_size * vocab_size - 1)
-    found = _in_one_pass(lprobs, scores[:, :, step - 1], k)
+    k, running = min(2 * beam_size, beam_size * vocab_size - 1), scores[:, :, step - 1]
+    found = _in_one_pass(lprobs, running, k)
     if found is not None:
         cand_scores, flat_indices = found
     else:
-        cumulative = lprobs.add_(scores[:, :, step - 1].unsqueeze(-1)).view(bsz, -1)
+        cumulative = lprobs.add_(running.unsqueeze(-1)).view(bsz, -1)
         cand_scores, flat_indices = top_k(cumulative, k)
     cand_beams = torch.div(flat_indices, vocab_size, rounding_mode="trunc")
     return cand_scores, flat_indices.fmod(vocab_size), cand_beams

@@ -79,8 +79,9 @@ class LeanDecoder:
         if not self.layers:
             return None
         tiers = all(layer.self_attention.native is not None for layer in self.layers)
-        exact = beams > 1 and all(layer.native is not None for layer in self.layers)
-        return Histories(max_steps) if tiers or (exact and (not attends_source or self._encoder_layout(beams) == PER_SENTENCE)) else None
+        stepped_natively = not attends_source or self._encoder_layout(beams) == PER_SENTENCE
+        exact = beams > 1 and stepped_natively and all(layer.native is not None for layer in self.layers)
+        return Histories(max_steps) if tiers or exact else None
 
     def _self_attention_cache(
         self, heads: int, head_dim: int, max_steps: int, pool: BufferPool, histories: Optional[Histories]

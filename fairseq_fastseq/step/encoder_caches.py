@@ -95,7 +95,8 @@ class CrossAttentionCache:
         """``PER_SENTENCE`` with finished sentences cached: the cached sentences' queries
         (beams, cached sentences, heads, head_dim), the finished ones' left from earlier steps
         (``queries_by_beam`` writes the live ones); None while every cached sentence is live.
-        ``like``: the live sentences' queries (live sentences, beams, heads, head_dim)."""
+        ``like``: any tensor of the live sentences' queries' shape (live sentences, beams,
+        heads, head_dim) and type."""
         if self.live is None:
             return None
         if self._queries is None:

@@ -69,9 +69,10 @@ class AttentionProducts:
         head_dim) against keys and values (matrices, length, dim), keys masked where ``mask``
         (matrices / group, length) is true, fairseq's softmax, the context written into
         ``context`` (matrices, rows, dim); with ``history`` (length, matrices / group), keys and
-        values of every cached row, each row's read through the table (``histories.py``). Only where both products were already checked to give
-        ``bmm``'s bits at this length; False (nothing written) otherwise: the caller then takes
-        ``scores`` / softmax / ``context``, which check a new length."""
+        values of every cached row, each row's read through the table (``histories.py``). Only
+        where both products were already checked to give ``bmm``'s bits at this length; False
+        (nothing written) otherwise: the caller then takes ``scores`` / softmax / ``context``,
+        which check a new length."""
         if self.kernels is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))):
             return False
         length, threads = keys.size(1), torch.get_num_threads()

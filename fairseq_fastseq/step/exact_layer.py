@@ -21,7 +21,7 @@ from torch import Tensor
 from . import exact_attention, exact_gemm, native
 from .caches import SelfAttentionCache
 from .encoder_caches import PER_SENTENCE, CrossAttentionCache
-from .exact_attention import CONTEXT, SCORES, AttentionProducts
+from .exact_attention import ALIGNMENT_FLOATS, CONTEXT, SCORES, AttentionProducts
 from .exact_gemm import LANES, Blocks, NativeLinear, Order
 from .kernels import ExactKernels
 
@@ -63,7 +63,7 @@ class NativeLayerStep:
         if None in attention_orders:
             return None
         key_slice, value_slice = self_cache.next_slices(x)
-        if not all(buffer.data_ptr() % 16 == 0 for buffer in (self_cache.keys, self_cache.values)):
+        if not all(buffer.data_ptr() % (4 * ALIGNMENT_FLOATS) == 0 for buffer in (self_cache.keys, self_cache.values)):
             return None  # MKL's order of the scores assumes it (``exact_attention.py``)
         keys, values = self_cache.commit(pad)
         history = self_cache.history()
