@@ -33,6 +33,7 @@ from .formatting import BatchFormatter, GeneratedBatch, map_arrays
 from .distributed import Ranks
 from .errors import clear_load_errors, explain_out_of_memory
 from .ordered_output import OrderedWriter, Shard
+from .worker_count import parse_workers, postprocess_workers
 from .workers import OrderedWorkers
 
 # fairseq-generate's logger name, so that its log lines read the same.
@@ -81,6 +82,7 @@ def _check_options(cfg: DictConfig) -> None:
         raise ValueError("--sampling requires --nbest equal to --beam")
     if cfg.generation.replace_unk is not None and cfg.dataset.dataset_impl != "raw":
         raise ValueError("--replace-unk needs the raw source text: add --dataset-impl raw")
+    parse_workers(cfg.task.postprocess_workers)  # a bad value fails before the model loads
 
 
 def _generate(cfg: DictConfig, output: Optional[TextIO], ranks: Ranks) -> Any:
@@ -132,11 +134,12 @@ def _generate(cfg: DictConfig, output: Optional[TextIO], ranks: Ranks) -> Any:
 
     gen_timer, wps_meter = StopwatchMeter(), TimeMeter()
     sentences, has_target = 0, True
-    workers_count, backend = cfg.task.postprocess_workers, cfg.task.postprocess_backend
+    workers_count, why = postprocess_workers(cfg.task.postprocess_workers, use_cuda)
+    backend = cfg.task.postprocess_backend
     logger.info(
-        f"pipeline: post-processing in {workers_count} {backend} worker(s), overlapped with decoding"
+        f"pipeline: post-processing in {workers_count} {backend} worker(s), overlapped with decoding ({why})"
         if workers_count
-        else "pipeline: post-processing on the main process, between batches"
+        else f"pipeline: post-processing on the main process, between batches ({why})"
     )
     if ranks.world > 1:
         logger.info(f"pipeline: rank {ranks.rank} of {ranks.world} generates batches {ranks.rank}, {ranks.rank} + {ranks.world}, ...")

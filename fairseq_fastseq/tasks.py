@@ -17,6 +17,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .worker_count import AUTO
 from .workers import BACKENDS
 
 PIPELINED_TASKS = ("translation_fast",)
@@ -26,12 +27,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TranslationFastConfig(TranslationConfig):
-    postprocess_workers: int = field(
-        default=1,
+    postprocess_workers: str = field(
+        default=AUTO,
         metadata={
             "help": "workers that turn generated tokens into text (BPE removal, detokenization, "
             "scoring input) while the next batches decode; 0 does it on the main process, "
-            "between batches, as fairseq-generate does"
+            "between batches, as fairseq-generate does; 'auto': one where the decoder leaves "
+            "a core free (on a GPU, or with fewer threads than cores), else 0"
         },
     )
     postprocess_backend: ChoiceEnum(list(BACKENDS)) = field(  # type: ignore[valid-type]

@@ -101,10 +101,10 @@ def _measured_free_cores(read_stat: Callable[[], str], sleep: Callable[[float], 
         after = cpu_times(read_stat())
     except OSError:  # no /proc (not Linux)
         return None
-    return free_cores(before, after, _usable_cpus())
+    return free_cores(before, after, usable_cpus())
 
 
-def _usable_cpus() -> Iterable[int]:
+def usable_cpus() -> Iterable[int]:
     """The CPUs this process may run on (all of them where the OS does not say)."""
     if hasattr(os, "sched_getaffinity"):
         return os.sched_getaffinity(0)
@@ -152,6 +152,6 @@ def apply_threads(
         logger.info(
             "threads: %d intra-op threads (--fast-threads auto: %s of %d cores free, torch's default %d; "
             "--fast-threads N or OMP_NUM_THREADS=N to choose)",
-            _state.auto, "unknown" if free is None else free, len(list(_usable_cpus())), _TORCH_DEFAULT,
+            _state.auto, "unknown" if free is None else free, len(list(usable_cpus())), _TORCH_DEFAULT,
         )  # fmt: skip
     return _set(_state.auto)
