@@ -11,6 +11,7 @@ nothing written), wherever the best ``k + 1`` sums are distinct: ``torch.topk``'
 has one answer (BENCHMARKS.md, "Candidates in one pass").
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -27,16 +28,23 @@ def adds_in_place(search: Search, step: int) -> bool:
     return type(search) is BeamSearch and step > 0
 
 
+def nan_to_minus_infinity(lprobs: Tensor) -> Tensor:
+    """fairseq's ``lprobs[lprobs != lprobs] = -inf`` in one pass, in place: NaN -> -inf, infinities kept."""
+    return lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 def beam_step_in_place(lprobs: Tensor, scores: Tensor, step: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``BeamSearch.step`` for ``step > 0``: ``lprobs`` (bsz, beam, vocab) may be overwritten with
-    the cumulative scores; returns candidate scores, tokens and beams, each (bsz, 2 * beam)."""
+    the cumulative scores; returns candidate scores, tokens and beams, each (bsz, 2 * beam).
+    NaNs in ``lprobs`` count as -inf, as fairseq's loop makes them before the step (the
+    loop leaves that to this step: ``logit_edits.py``)."""
     bsz, beam_size, vocab_size = lprobs.size()
     k, running = min(2 * beam_size, beam_size * vocab_size - 1), scores[:, :, step - 1]
-    found = _in_one_pass(lprobs, running, k)
+    found = _in_one_pass(lprobs, running, k)  # None where a sum is NaN
     if found is not None:
         cand_scores, flat_indices = found
     else:
-        cumulative = lprobs.add_(running.unsqueeze(-1)).view(bsz, -1)
+        cumulative = nan_to_minus_infinity(lprobs).add_(running.unsqueeze(-1)).view(bsz, -1)
         cand_scores, flat_indices = top_k(cumulative, k)
     cand_beams = torch.div(flat_indices, vocab_size, rounding_mode="trunc")
     return cand_scores, flat_indices.fmod(vocab_size), cand_beams

@@ -141,7 +141,7 @@ class FastSequenceGenerator(SequenceGenerator):
         state = self._start_search(sample, max_len, prefix_tokens, constraints, bos_token)
         bsz = state.bsz
         finished = FinishedHypotheses(bsz, self.beam_size, state.scores.device)
-        edits = edits_for_batch(self, max_len, prefix_tokens is not None)
+        edits = edits_for_batch(self, max_len, prefix_tokens is not None, nan_in_candidates=lambda step: adds_in_place(self.search, step))
         steps.start(sample["net_input"], bsz)
 
         for step in range(max_len + 1):  # one extra step for EOS

@@ -6,6 +6,14 @@ language model (``--lm-path``), NaN to -inf, no padding, the unknown-word penalt
 at the last step, then either the forced prefix (``--prefix-size``) or the minimum length
 and suppressed tokens, and repeated-n-gram blocking. An edit that cannot change anything
 for this batch (no LM, a zero penalty, no blocking) is left out of the list.
+
+NaN to -inf may be left to the candidates' step (``nan_in_candidates``): plain beam
+search's one-pass top-k reads every log-probability anyway and hands a row with a NaN to
+the old way, which replaces NaNs first (``beam_step.py``). That gives the same values as
+replacing them here, before the later edits, because none of those looks at a value to
+decide anything: they assign (-inf, a forced prefix's own value, copies of a first beam) or
+subtract a finite penalty, and a NaN stays NaN through each until it is replaced, as -inf
+would have stayed -inf. It spares a read and write of the log-probabilities per step.
 """
 
 import math
@@ -14,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, List, Tuple
 import torch
 from torch import Tensor
 
+from .beam_step import nan_to_minus_infinity
 from .ngram import block_repeated_ngrams
 from .search_state import SearchState
 
@@ -26,15 +35,20 @@ LogitEdit = Callable[[int, Tensor, SearchState], Tensor]
 
 
 def edits_for_batch(
-    generator: "FastSequenceGenerator", max_len: int, has_prefix: bool, prefix_on_device: bool = False
+    generator: "FastSequenceGenerator",
+    max_len: int,
+    has_prefix: bool,
+    prefix_on_device: bool = False,
+    nan_in_candidates: Callable[[int], bool] = lambda step: False,
 ) -> List[LogitEdit]:
     """The edits, in fairseq's order. ``prefix_on_device``: the forced prefix without host
-    syncs (``_prefix_on_device``), for the static-shape loop."""
+    syncs (``_prefix_on_device``), for the static-shape loop; ``nan_in_candidates(step)``:
+    whether the candidates' step replaces NaNs itself at that step (see above)."""
     g = generator
     edits: List[LogitEdit] = []
     if g.lm_model is not None:
         edits.append(_shallow_fusion(g))
-    edits.append(_no_nan)
+    edits.append(_no_nan_unless(nan_in_candidates))
     edits.append(_never(g.pad))
     if g.unk_penalty != 0:  # x - 0 == x exactly
         edits.append(_unk_penalty(g.unk, g.unk_penalty))
@@ -57,9 +71,11 @@ def _shallow_fusion(g: "FastSequenceGenerator") -> LogitEdit:
     return fuse
 
 
-def _no_nan(step: int, lprobs: Tensor, state: SearchState) -> Tensor:
-    # fairseq's ``lprobs[lprobs != lprobs] = -inf`` in one pass: NaN -> -inf, infinities kept.
-    return lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+def _no_nan_unless(nan_in_candidates: Callable[[int], bool]) -> LogitEdit:
+    def no_nan(step: int, lprobs: Tensor, state: SearchState) -> Tensor:
+        return lprobs if nan_in_candidates(step) else nan_to_minus_infinity(lprobs)
+
+    return no_nan
 
 
 def _never(token: int) -> LogitEdit:

@@ -1,12 +1,13 @@
 """The option matrix: fast == stock for every search option fairseq-generate accepts."""
 
+import math
 import random
 
 import pytest
 from fairseq.token_generation_constraints import pack_constraints
 
 from .conftest import FUSION_LM
-from .equivalence import assert_fast_matches_stock
+from .equivalence import assert_fast_matches_stock, load_language_model
 from .naive import WithoutSampleIds, with_correct_ngram_blocking
 
 TRANSLATION = ["transformer", "transformer_prenorm_2heads", "transformer_shared_8heads", "bart"]
@@ -115,3 +116,24 @@ def test_shallow_fusion_with_a_language_model(toy_models, model, lm_weight):
     fused = assert_fast_matches_stock(toy_models[model], lm=toy_models[FUSION_LM], beam=4, lm_weight=lm_weight)
     plain = assert_fast_matches_stock(toy_models[model], beam=4)
     assert [h[0]["score"] for h in fused] != [h[0]["score"] for h in plain]  # the LM takes part
+
+
+def test_nan_log_probabilities_count_as_minus_infinity(toy_models):
+    """Rows of NaN log-probabilities at some steps (from the fusion LM here): fairseq makes
+    them -inf before the search's step; fast leaves that to plain beam search's step
+    (``logit_edits.py``), which must give the same candidates."""
+    lm_model = toy_models[FUSION_LM]
+    lm = load_language_model(str(lm_model.checkpoint), str(lm_model.data_bin))
+
+    def nan_rows(module, inputs, output):
+        logits = output[0]
+        if logits.size(1) in (3, 5):  # steps 2 and 4
+            logits[1::3, -1, :] = math.nan
+        return output
+
+    handle = lm.register_forward_hook(nan_rows)
+    try:
+        hypotheses = assert_fast_matches_stock(toy_models["transformer"], lm=lm_model, beam=4, lm_weight=0.5)
+    finally:
+        handle.remove()
+    assert all(math.isfinite(h[0]["score"]) for h in hypotheses)
