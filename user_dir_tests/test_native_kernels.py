@@ -184,6 +184,21 @@ def test_a_build_says_so_before_it_starts(monkeypatch, caplog, tmp_path):
         native.compiled.cache_clear()
 
 
+def test_sources_reached_through_a_symlink_build_as_the_real_ones(monkeypatch, tmp_path):
+    """PyTorch's build file names the sources' path and rebuilds when it changes: a copy
+    reached through a link (the README test's linked checkout) must pass the real path, or
+    each load from the other path rebuilds every kernel (about a minute each)."""
+    import torch.utils.cpp_extension
+
+    linked = tmp_path / "native"
+    linked.symlink_to(native.SOURCE.resolve().parent)
+    built = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda name, sources, **kwargs: built.append((name, sources)))
+    for source in (native.SOURCE, linked / native.SOURCE.name):
+        native._load(native.EXTENSION, source, native.FLAGS, "self-attention kernel", "bmm")
+    assert built[0] == built[1] and built[0][1] == [str(native.SOURCE.resolve())]
+
+
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
     """PyTorch's build lock is a bare file that a killed build leaves behind; every later
     load would wait on it forever."""

@@ -69,8 +69,11 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
         flags = [*flags, f"-DFASTSEQ_INCLUDED_SOURCES={digest}"]
     # One build per copy of the sources: PyTorch's build file names their path, so a checkout
     # and an installed copy sharing one build directory would rebuild it each time the other
-    # loaded it (about a minute each).
-    name = f"{extension}_{hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:8]}"
+    # loaded it (about a minute each). The path is the resolved one, for the name and for the
+    # build file alike: a copy reached through a symlink (a linked checkout, a ``--user-dir``
+    # through a link) is the same copy, not a rebuild of all five kernels.
+    source = source.resolve()
+    name = f"{extension}_{hashlib.sha1(str(source.parent).encode()).hexdigest()[:8]}"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
