@@ -184,6 +184,32 @@ def test_a_build_says_so_before_it_starts(monkeypatch, caplog, tmp_path):
         native.compiled.cache_clear()
 
 
+def test_a_rebuild_of_sources_newer_than_the_library_says_so_too(monkeypatch, caplog, tmp_path):
+    """A reinstalled package's sources are newer than the library built before: ninja
+    compiles again (about a minute), and the log says so rather than a silent wait."""
+    import os
+
+    import torch.utils.cpp_extension
+
+    source, library_age = native.SOURCE.resolve(), []
+
+    def build_directory(name, verbose):  # holds a library of the given age against the source
+        library = tmp_path / f"{name}.so"
+        library.touch()
+        built = source.stat().st_mtime + library_age[-1]
+        os.utime(library, (built, built))
+        return str(tmp_path)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", build_directory)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: "loaded")
+    for age, compiles in ((-3600, True), (3600, False)):  # library older / newer than the source
+        library_age.append(age)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fairseq_fastseq.step.native"):
+            assert native._load(native.EXTENSION, source, native.FLAGS, "self-attention kernel", "bmm") == "loaded"
+        assert ("compiling the native kernels" in caplog.text) == compiles, age
+
+
 def test_sources_reached_through_a_symlink_build_as_the_real_ones(monkeypatch, tmp_path):
     """PyTorch's build file names the sources' path and rebuilds when it changes: a copy
     reached through a link (the README test's linked checkout) must pass the real path, or

@@ -79,7 +79,7 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
 
         build = Path(_get_build_directory(name, False))
         _remove_stale_lock(build / "lock")
-        if not (build / f"{name}.so").exists():
+        if _needs_build(build / f"{name}.so", [source, *includes]):
             logger.info("kernels: compiling the native kernels for this machine (once, about a minute)")
         return load(name, [str(source)], extra_cflags=flags, extra_ldflags=[f for f in flags if f in OPENMP], verbose=False)
     except Exception as error:  # no compiler, no ninja, no Python headers, a failed build
@@ -89,6 +89,16 @@ def _load(extension: str, source: Path, flags: List[str], what: str, instead: st
             what, type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "no message", instead,
         )  # fmt: skip
         return None
+
+
+def _needs_build(library: Path, sources: Sequence[Path]) -> bool:
+    """Whether PyTorch will compile: no library yet, or a source newer than it (ninja goes by
+    modification times: a reinstalled package's files are newer than the library built from
+    the same text before)."""
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(path.stat().st_mtime > built for path in sources)
 
 
 def _remove_stale_lock(lock: Path) -> None:
