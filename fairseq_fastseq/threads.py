@@ -56,19 +56,23 @@ class _State:
 _state = _State()
 
 
-def parse_threads(value: str) -> Optional[int]:
-    """``None`` for ``auto``, else the positive thread count ``value`` names."""
+def parse_auto_count(value: object, minimum: int, knob: str, count: str) -> Optional[int]:
+    """``None`` for ``auto``, else the whole number ``value`` names, at least ``minimum``; a
+    ValueError naming ``knob`` (its flag and config key) and what ``count`` it takes otherwise."""
     if str(value) == AUTO:
         return None
     try:
-        threads = int(value)
+        number = int(str(value))
     except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ValueError(
-            f"--fast-threads (fastseq.threads) must be 'auto' or a number of threads of at least 1, got {value!r}"
-        )
-    return threads
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f"{knob} must be 'auto' or {count}, got {value!r}")
+    return number
+
+
+def parse_threads(value: str) -> Optional[int]:
+    """``None`` for ``auto``, else the positive thread count ``value`` names."""
+    return parse_auto_count(value, 1, "--fast-threads (fastseq.threads)", "a number of threads of at least 1")
 
 
 def cpu_times(stat: str) -> Dict[int, Tuple[int, int]]:

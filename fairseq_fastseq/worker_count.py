@@ -15,25 +15,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .threads import usable_cpus
-
-AUTO = "auto"
+from .threads import AUTO, parse_auto_count, usable_cpus
 
 
 def parse_workers(value: object) -> Optional[int]:
     """``None`` for ``auto``, else the number of workers ``value`` names (0 or more)."""
-    if str(value) == AUTO:
-        return None
-    try:
-        workers = int(str(value))
-    except ValueError:
-        workers = -1
-    if workers < 0:
-        raise ValueError(
-            f"--postprocess-workers (task.postprocess_workers) must be 'auto' or a number of workers "
-            f"(0 post-processes on the main process), got {value!r}"
-        )
-    return workers
+    count = "a number of workers (0 post-processes on the main process)"
+    return parse_auto_count(value, 0, "--postprocess-workers (task.postprocess_workers)", count)
 
 
 def postprocess_workers(setting: object, on_gpu: bool, cores: Optional[int] = None, threads: Optional[int] = None) -> Tuple[int, str]:
