@@ -18,7 +18,7 @@ from fairseq_fastseq.model_steps import LeanSteps, ModuleSteps
 from fairseq_fastseq.step import exact_attention, native
 from fairseq_fastseq.step.exact_attention import CONTEXT, SCORES, AttentionProducts, by_matrix, each_beams_products
 from fairseq_fastseq.step.exact_gemm import same_bits
-from fairseq_fastseq.step.exact_layer import NativeLayerStep
+from fairseq_fastseq.step.exact_layer import NativeLayers
 
 from .test_lean_step import _drive
 
@@ -272,13 +272,13 @@ def _heads_of_64(normalize_before=False):
 def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_before, monkeypatch):
     """Self-attention up to 20 keys and encoder attention over sources of 3-33 tokens (left
     padded), through the kernels: fairseq's log-probabilities and attention, bitwise. In a
-    second search over the same shapes every layer step is one native call
+    second search over the same shapes every decoder step is one native call for both layers
     (``exact_layer.py``) where the encoder keys are once per sentence (beams above 1), and
     every attention one call (``attend``) where they are per beam."""
     ways = []
-    attend, native_step = AttentionProducts.attend, NativeLayerStep.__call__
+    attend, native_step = AttentionProducts.attend, NativeLayers.__call__
     monkeypatch.setattr(AttentionProducts, "attend", lambda *args: ways.append(("attend", attend(*args))) or ways[-1][1])
-    monkeypatch.setattr(NativeLayerStep, "__call__", lambda *args: ways.append(("layer", native_step(*args))) or ways[-1][1])
+    monkeypatch.setattr(NativeLayers, "__call__", lambda *args: ways.append(("layers", native_step(*args))) or ways[-1][1])
     model, dictionary = _heads_of_64(normalize_before)
     generator = torch.Generator().manual_seed(beam)
     lengths = torch.tensor([33, 30, 29, 17, 11, 9, 8, 7, 3])
@@ -298,9 +298,9 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_befo
     for step, ((want, want_attention), (got, got_attention), (got_again, _)) in enumerate(zip(expected, actual, again)):
         assert torch.equal(got, want) and torch.equal(got_attention, want_attention), f"step {step}"
         assert torch.equal(got_again, want), f"step {step}, every shape checked before"
-    layer_steps = [result for way, result in ways if way == "layer"]
+    layer_steps = [result for way, result in ways if way == "layers"]
     if beam > 1:
-        assert len(layer_steps) == 2 * 20 and all(result is not None for result in layer_steps)
+        assert len(layer_steps) == 20 and all(result is not None for result in layer_steps)
     else:
         assert all(result is None for result in layer_steps) and all(result for way, result in ways if way == "attend")
     used = {key for key, same in exact_attention._SAME_BITS.items() if same}
@@ -309,11 +309,13 @@ def test_lean_step_with_heads_of_64_equals_fairseqs_modules(beam, normalize_befo
 
 def test_language_model_with_heads_of_64_steps_natively_with_fairseqs_bits(monkeypatch):
     """A ``transformer_lm`` (no encoder attention; 6 linear layers and 2 norms per layer): in a
-    second search over the same shapes every layer step is one native call over rows read
-    through the history table, bitwise fairseq's modules."""
-    ways = []
-    native_step = NativeLayerStep.__call__
-    monkeypatch.setattr(NativeLayerStep, "__call__", lambda *args: ways.append(native_step(*args)) or ways[-1])
+    second search over the same shapes every decoder step is one native call for both layers
+    over rows read through the history table, bitwise fairseq's modules. In the first, where
+    each step's length is new, the call is refused at the first layer and runs the second
+    after the first layer's Python step has checked the new length."""
+    ways, firsts = [], []
+    native_step = NativeLayers.__call__
+    monkeypatch.setattr(NativeLayers, "__call__", lambda *args: firsts.append(args[4]) or ways.append(native_step(*args)) or ways[-1])
     args = Namespace(decoder_layers=2, decoder_embed_dim=128, decoder_ffn_embed_dim=256, decoder_attention_heads=2, dropout=0.0)
     base_lm_architecture(args)
     dictionary = Dictionary()
@@ -326,13 +328,14 @@ def test_language_model_with_heads_of_64_steps_natively_with_fairseqs_bits(monke
     drive_args = (sample, beam, dictionary.eos(), dictionary.pad(), len(dictionary))
     with torch.no_grad():
         expected = _drive(ModuleSteps(EnsembleModel([model]), beam, False, False, 1.0), *drive_args, seed=3, num_steps=12)
-        _drive(LeanSteps(EnsembleModel([model]), beam, 13, False, 1.0), *drive_args, seed=3, num_steps=12)
-        del ways[:]
+        first_search = _drive(LeanSteps(EnsembleModel([model]), beam, 13, False, 1.0), *drive_args, seed=3, num_steps=12)
+        assert [(first, out is None) for first, out in zip(firsts, ways)] == [(0, True), (1, False)] * 12
+        del ways[:], firsts[:]
         lean = LeanSteps(EnsembleModel([model]), beam, 13, False, 1.0)
         again = _drive(lean, *drive_args, seed=3, num_steps=12)
-    assert lean.caches[0].histories is not None and len(ways) == 2 * 12 and all(out is not None for out in ways)
-    for step, ((want, _), (got, _)) in enumerate(zip(expected, again)):
-        assert torch.equal(got, want), f"step {step}"
+    assert lean.caches[0].histories is not None and len(ways) == 12 and all(out is not None for out in ways)
+    for step, ((want, _), (got, _), (got_first, _)) in enumerate(zip(expected, again, first_search)):
+        assert torch.equal(got, want) and torch.equal(got_first, want), f"step {step}"
 
 
 @pytest.mark.parametrize("wrong_matrix", [0, 150, 299])

@@ -55,11 +55,16 @@ class SelfAttentionCache:
     def next_slices(self, like: Tensor) -> Tuple[Tensor, Tensor]:
         """Where this step's keys and values go, (rows, heads * head_dim) each for the rows of
         ``like``: a projection can write them there itself, and ``commit`` then."""
+        rows = self.make_room(like)
+        t = self.length
+        return tuple(flat[t] if rows == flat.size(1) else flat[t, :rows] for _, flat in self._views())
+
+    def make_room(self, like: Tensor) -> int:
+        """Room for this step's keys and values of the rows of ``like`` (grown if needed); the rows."""
         rows = self._step_rows = like.size(0)
         if self.keys is None or self.length == self.keys.size(0) or rows > self.keys.size(1):
             self._grow(like, rows)
-        t = self.length
-        return tuple(flat[t] if rows == flat.size(1) else flat[t, :rows] for _, flat in self._views())
+        return rows
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Write this step's ``k``/``v`` (rows, heads * head_dim, or any view of it) and ``commit``."""
@@ -70,20 +75,25 @@ class SelfAttentionCache:
     def commit(self, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Close the step written into ``next_slices``, with ``pad`` (rows,) bool or None; return
         all keys and values so far as (rows * heads, length, head_dim) views."""
-        t, rows = self.length, self._step_rows
-        if pad is not None and self.padding is None:
-            self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=self.keys.device)
-        if self.padding is not None:
-            self.padding[t, :rows] = False if pad is None else pad
-        self.length, width = t + 1, self._attended_rows(rows) * self.heads
+        self.close_step(pad)
+        width = self.attended_rows() * self.heads
         # The first ``rows`` of each time slice (fewer than the buffer's after sentences left
         # a search in slots, ``move``): the same strided views, with a longer time stride.
         keys, values = (merged if width == merged.size(1) else merged[:, :width] for merged, _ in self._views())
         return keys[: self.length].transpose(0, 1), values[: self.length].transpose(0, 1)
 
-    def _attended_rows(self, rows: int) -> int:
-        """The cache rows a step of ``rows`` rows reads: its own."""
-        return rows
+    def close_step(self, pad: Optional[Tensor]) -> None:
+        """Close the step written into ``next_slices`` (``make_room``), with ``pad`` (rows,) bool or None."""
+        t, rows = self.length, self._step_rows
+        if pad is not None and self.padding is None:
+            self.padding = torch.zeros(self.keys.shape[:2], dtype=torch.bool, device=self.keys.device)
+        if self.padding is not None:
+            self.padding[t, :rows] = False if pad is None else pad
+        self.length = t + 1
+
+    def attended_rows(self) -> int:
+        """The cache rows this step reads: its own."""
+        return self._step_rows
 
     def history(self) -> Optional[Tensor]:
         """(length, rows) int64: the cache row holding each row's entry of each slice; None
@@ -181,7 +191,7 @@ class IndexedSelfAttentionCache(SelfAttentionCache):
         super().__init__(heads, head_dim, max_steps, pool)
         self.histories = histories
 
-    def _attended_rows(self, rows: int) -> int:
+    def attended_rows(self) -> int:
         return self.keys.size(1)  # every cached row: the histories name which
 
     def history(self) -> Tensor:

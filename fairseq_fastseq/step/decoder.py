@@ -18,6 +18,7 @@ from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE
 from .histories import Histories
 from .coverage import plain_output_projection
 from .kernels import ExactKernels
+from .exact_layer import native_layers
 from .layer import LayerStep, draw_as_layerdrop, layer_norm
 from .output import BufferedOutput, RowChunkedOutput, bufferable_projection, log_probabilities_in_place
 from .pool import BufferPool
@@ -39,6 +40,7 @@ class LeanDecoder:
         self.embedding_norm = layer_norm(decoder.layernorm_embedding) if decoder.layernorm_embedding is not None else None
         self.fairseq_layers = decoder.layers
         self.layers = [LayerStep(layer, kernels) for layer in decoder.layers]
+        self.native_layers = native_layers([layer.native for layer in self.layers])  # None: one by one
         self.final_norm = layer_norm(decoder.layer_norm) if decoder.layer_norm is not None else None
         self.project_out = kernels.linear(decoder.project_out_dim) if decoder.project_out_dim is not None else None
         self._output: Optional[Callable[[Tensor, float], Tensor]] = None
@@ -80,7 +82,7 @@ class LeanDecoder:
             return None
         tiers = all(layer.self_attention.native is not None for layer in self.layers)
         stepped_natively = not attends_source or self._encoder_layout(beams) == PER_SENTENCE
-        exact = beams > 1 and stepped_natively and all(layer.native is not None for layer in self.layers)
+        exact = beams > 1 and stepped_natively and self.native_layers is not None
         return Histories(max_steps) if tiers or exact else None
 
     def _self_attention_cache(
@@ -129,12 +131,7 @@ class LeanDecoder:
         # by the search, but a prefix or BOS could be).
         pad = self._padding(tokens)
         draw_as_layerdrop(self.fairseq_layers)
-        attention = None
-        last = len(self.layers) - 1
-        for index, (layer, self_cache, cross_cache) in enumerate(zip(self.layers, caches.self_attention, caches.cross_attention)):
-            x, layer_attention = layer(x, self_cache, cross_cache, pad, need_attention and index == last)
-            if index == last:
-                attention = layer_attention
+        x, attention = self._layers(x, caches, pad, need_attention)
         if slots is not None:
             x = slots.to_rows(x)
             attention = None if attention is None else slots.to_rows(attention)
@@ -143,6 +140,28 @@ class LeanDecoder:
         if self.project_out is not None:
             x = self.project_out(x)
         return self._log_probabilities(x, attention, temperature), attention
+
+    def _layers(self, x: Tensor, caches: LayerCaches, pad: Optional[Tensor], need_attention: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """Every layer on ``x``, and the last one's attention over the source if asked for:
+        the layers in one native call where it can run them (``exact_layer.py``), tried at the
+        first layer and, where that was refused, once more after the first layer's Python
+        step (which checks a shape new at this step); the others one by one. The last layer's
+        attention weights come from its Python step."""
+        layers, attention = self.layers, None
+        last = len(layers) - 1
+        stop = last if need_attention and layers and layers[last].cross_attention is not None else len(layers)
+        index, tries = 0, 2 if self.native_layers is not None else 0
+        while index <= last:
+            if tries and index < stop:
+                tries -= 1
+                out = self.native_layers(x, caches, pad, index, stop)
+                if out is not None:
+                    x, index = out, stop
+                    continue
+            x, layer_attention = layers[index](x, caches.self_attention[index], caches.cross_attention[index], pad, need_attention and index == last)
+            attention = layer_attention if index == last else None
+            index += 1
+        return x, attention
 
     def _padding(self, tokens: Tensor) -> Optional[Tensor]:
         """(rows,) bool where the newest token is padding, or None if none is."""

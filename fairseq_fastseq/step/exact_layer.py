@@ -1,14 +1,15 @@
-"""``exact``'s decoder layer step in one native call (``native/exact_layer.cpp``).
+"""``exact``'s decoder layers stepped in one native call (``native/exact_layer.cpp``).
 
 ``layer.LayerStep`` makes about fifty operator calls per layer around its kernels, and each
 costs microseconds of Python and dispatch: at batch 32 on the bundled model a fifth of the
-step (BENCHMARKS.md, "One call per attention, one call per layer"). ``exact_layer.cpp`` makes the same calls on the
-same operands from C++. It runs a layer only where the Python step has already checked
-every shape it meets: each linear layer at this row count (``exact_gemm._SAME_BITS``: the
-kernel's order, or MKL) and both attention products at this length
-(``exact_attention._SAME_BITS``); otherwise (a new row count or length, attention weights
-asked for, a layout other than once per sentence) the Python step runs, and checks. So the
-bits are the Python step's, which are fairseq's.
+step (BENCHMARKS.md, "One call per attention, one call per layer"). ``exact_layer.cpp`` makes
+the same calls on the same operands from C++, for every layer of the decoder in one call
+(the caches' views made there too: "One call per decoder step"). It runs only where the
+Python step has already checked every shape it meets: each linear layer at this row count
+(``exact_gemm._SAME_BITS``: the kernel's order, or MKL) and both attention products at this
+length (``exact_attention._SAME_BITS``); otherwise (a new row count or length, attention
+weights asked for, a layout other than once per sentence) the Python step runs a layer, and
+checks. So the bits are the Python step's, which are fairseq's.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -19,8 +20,8 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor
 
 from . import exact_attention, exact_gemm, native
-from .caches import SelfAttentionCache
-from .encoder_caches import PER_SENTENCE, CrossAttentionCache
+from .caches import LayerCaches
+from .encoder_caches import PER_SENTENCE
 from .exact_attention import ALIGNMENT_FLOATS, CONTEXT, SCORES, AttentionProducts
 from .exact_gemm import LANES, Blocks, NativeLinear, Order
 from .kernels import ExactKernels
@@ -38,36 +39,65 @@ def native_order(order: Optional[Order]) -> NativeOrder:
     return (LANES_MODE, (), 0) if order == LANES else (MKL, (), 0)
 
 
-class NativeLayerStep:
-    """One layer's step through ``exact_layer.cpp``, where the Python step has checked its shapes."""
+class NativeLayer:
+    """One layer's native step (``exact_layer.cpp``'s ``ExactLayer``) and what decides whether
+    it can run: its linear layers (whose shapes were checked, ``exact_gemm``) and attention
+    products (checked per length, ``exact_attention``)."""
 
     def __init__(self, module: object, linears: List[NativeLinear], products: AttentionProducts, cross: bool, heads: int) -> None:
         self.module, self.linears, self.products, self.cross, self.heads = module, linears, products, cross, heads
+
+    def shape(self) -> Tuple:
+        """What must be equal for layers to share one call's orders."""
+        linears = tuple((linear.inner, linear.outputs, linear.bias is not None) for linear in self.linears)
+        return linears, tuple(sorted(self.products.orders.items())), self.cross, self.heads
+
+
+class NativeLayers:
+    """A decoder's layers stepped in one native call (``ExactStack``), where the Python step has
+    checked every shape the call meets; else (``None``) the layers step one by one."""
+
+    def __init__(self, layers: List[NativeLayer]) -> None:
+        first = layers[0]
+        self.linears, self.products, self.cross, self.heads = first.linears, first.products, first.cross, first.heads
+        self.stack = native.exact_layer().ExactStack([layer.module for layer in layers])
         self._encoded: Dict[Optional[Order], NativeOrder] = {}
 
-    def __call__(
-        self, x: Tensor, self_cache: SelfAttentionCache, cross_cache: Optional[CrossAttentionCache], pad: Optional[Tensor]
-    ) -> Optional[Tensor]:
-        """The layer's output (rows, embed_dim), or None where it cannot run (nothing changed)."""
-        threads = torch.get_num_threads()
-        orders = self._linear_orders(x.size(0), threads)
-        if orders is None or not self_cache.SLICES_WRITABLE:
+    def __call__(self, x: Tensor, caches: LayerCaches, pad: Optional[Tensor], first: int, stop: int) -> Optional[Tensor]:
+        """The output (rows, embed_dim) of layers ``first`` to ``stop - 1`` on ``x``, or None
+        where a shape is not checked yet or a cache's layout is not the one the call steps
+        (then nothing changed)."""
+        threads, rows = torch.get_num_threads(), x.size(0)
+        self_caches, cross_caches = caches.self_attention[first:stop], caches.cross_attention[first:stop]
+        orders = self._linear_orders(rows, threads)
+        if orders is None or not self_caches[0].SLICES_WRITABLE:
             return None
-        attention_orders = self._attention_orders(self_cache.length + 1, threads)
-        cross_args: Tuple = (None, None, None, 0, None, None)
-        if self.cross and cross_cache is not None:
-            if cross_cache.layout != PER_SENTENCE:
+        attention_orders = self._attention_orders(self_caches[0].length + 1, threads)
+        cross = self.cross and cross_caches[0] is not None
+        if cross:
+            if any(cache.layout != PER_SENTENCE for cache in cross_caches):
                 return None
-            attention_orders += self._attention_orders(cross_cache.keys.size(1), threads)
-            cross_args = self._cross_arguments(x, cross_cache)
+            attention_orders += self._attention_orders(cross_caches[0].keys.size(1), threads)
         if None in attention_orders:
             return None
-        key_slice, value_slice = self_cache.next_slices(x)
-        if not all(buffer.data_ptr() % (4 * ALIGNMENT_FLOATS) == 0 for buffer in (self_cache.keys, self_cache.values)):
-            return None  # MKL's order of the scores assumes it (``exact_attention.py``)
-        keys, values = self_cache.commit(pad)
-        history = self_cache.history()
-        return self.module.step(x, orders, key_slice, value_slice, keys, values, self_cache.padding_so_far(), history, *cross_args, attention_orders)
+        for cache in self_caches:
+            cache.make_room(x)
+        # MKL's order of the scores assumes it (``exact_attention.py``)
+        if any(buffer.data_ptr() % (4 * ALIGNMENT_FLOATS) for cache in self_caches for buffer in (cache.keys, cache.values)):
+            return None
+        for cache in self_caches:
+            cache.close_step(pad)
+        lead = self_caches[0]
+        self_args = ([c.keys for c in self_caches], [c.values for c in self_caches], lead.length, lead.attended_rows(), lead.padding_so_far(), lead.history())
+        cross_args: Tuple = ([], [], [], 0, [], [])
+        if cross:
+            beams = cross_caches[0].beams
+            like = x.view(-1, beams, self.heads, x.size(1) // self.heads) if cross_caches[0].live is not None else None
+            cross_args = (
+                [c.keys for c in cross_caches], [c.values for c in cross_caches], [c.padding for c in cross_caches], beams,
+                [c.live for c in cross_caches], [c.queries_buffer(like) for c in cross_caches],
+            )  # fmt: skip
+        return self.stack.step(x, first, stop, orders, attention_orders, *self_args, *cross_args)
 
     def _linear_orders(self, rows: int, threads: int) -> Optional[List[NativeOrder]]:
         """Each linear layer's recorded order at ``rows``, or None if one is not checked yet."""
@@ -88,15 +118,16 @@ class NativeLayerStep:
         checks = exact_attention._SAME_BITS
         return [self.products.orders[kind] if checks.get((kind, length, threads)) else None for kind in (SCORES, CONTEXT)]
 
-    def _cross_arguments(self, x: Tensor, cache: CrossAttentionCache) -> Tuple:
-        """Keys, values, mask (cached sentences, src_len), beams, live sentences and the queries' buffer."""
-        embed_dim = x.size(1)
-        mask = None if cache.padding is None else cache.padding.view(-1, cache.keys.size(1))
-        buffer = cache.queries_buffer(x.view(-1, cache.beams, self.heads, embed_dim // self.heads))
-        return cache.keys, cache.values, mask, cache.beams, cache.live, None if buffer is None else buffer.view(cache.beams, -1, embed_dim)
+
+def native_layers(layers: List[Optional[NativeLayer]]) -> Optional[NativeLayers]:
+    """The layers' one-call step, or None where a layer has no native step or the layers'
+    shapes differ (fairseq builds every layer of a decoder from one configuration)."""
+    if not layers or None in layers or len({layer.shape() for layer in layers}) != 1:
+        return None
+    return NativeLayers(layers)
 
 
-def native_layer_step(layer: TransformerDecoderLayerBase, kernels: ExactKernels, products: AttentionProducts) -> Optional[NativeLayerStep]:
+def native_layer(layer: TransformerDecoderLayerBase, kernels: ExactKernels, products: AttentionProducts) -> Optional[NativeLayer]:
     """The layer's native step, or None where it does not apply: a kernel tier that rounds
     differently (its linear layers are not ``NativeLinear``), no AVX-512 build, an activation
     other than ReLU, heads not 64 wide, or a layer norm outside fairseq's plain one."""
@@ -122,4 +153,4 @@ def native_layer_step(layer: TransformerDecoderLayerBase, kernels: ExactKernels,
     step = module.ExactLayer(
         parts, [(norm.weight, norm.bias, norm.eps) for norm in norms], layer.normalize_before, heads, layer.self_attn.scaling, cross_scaling
     )
-    return NativeLayerStep(step, linears, products, cross, heads)
+    return NativeLayer(step, linears, products, cross, heads)

@@ -25,7 +25,7 @@ from .caches import SelfAttentionCache
 from .encoder_caches import FAIRSEQ_SHARED, GROUPED, PER_BEAM, PER_SENTENCE, CrossAttentionCache
 from .encoder_projection import MIN_ROWS_PROJECTED_ONCE, encoder_keys_values_per_beam
 from .exact_attention import by_matrix, cache_resident_chunks, each_beams_products
-from .exact_layer import native_layer_step
+from .exact_layer import native_layer
 from .kernels import ExactKernels
 from .source_rows import SourceRows, projected
 
@@ -260,15 +260,11 @@ class LayerStep:
         self.fc1 = kernels.feed_forward_in(layer.fc1, layer.activation_fn)
         self.fc2 = kernels.linear(layer.fc2)
         self.final_norm = layer_norm(layer.final_layer_norm)
-        self.native = native_layer_step(layer, kernels, self.self_attention.products)  # None: the steps below
+        self.native = native_layer(layer, kernels, self.self_attention.products)  # the decoder's one-call step (``exact_layer.py``)
 
     def __call__(
         self, x: Tensor, self_cache: SelfAttentionCache, cross_cache: Optional[CrossAttentionCache], pad: Optional[Tensor], need_weights: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if self.native is not None and not (need_weights and self.cross_attention is not None):
-            out = self.native(x, self_cache, cross_cache, pad)  # None: a shape not checked yet
-            if out is not None:
-                return out, None
         x = self._residual(x, self.self_attention_norm, lambda h: self.self_attention(h, self_cache, pad))
         attention = None
         if self.cross_attention is not None and cross_cache is not None:

@@ -155,9 +155,67 @@ class ExactLayer {
   double self_scaling_, cross_scaling_;
 };
 
+// A run of a decoder's layers (`ExactLayer`s of one shape) stepped in one call: the views of
+// each layer's caches that the Python caches hand to a layer step (`caches.py`: this step's
+// time slice, every slice so far as (rows * heads, length, head_dim); `encoder_caches.py`:
+// the padding as (cached sentences, src_len), the queries' buffer by beam) are made here, so
+// that a decoder step costs one call from Python instead of one per layer, each with its
+// views and argument conversions (about 100 microseconds a layer: BENCHMARKS.md, "One call
+// per decoder step").
+class ExactStack {
+ public:
+  explicit ExactStack(std::vector<ExactLayer> layers) : layers_(std::move(layers)) {}
+
+  // Layers [first, stop) on x (rows, embed_dim); the lists hold those layers' caches, in
+  // order. Self-attention: keys and values buffers (capacity, cached rows, heads, head_dim),
+  // this step's slice at `length - 1` for the first `rows` rows, the `attended` rows of slices
+  // [0, length) read, masked where `self_mask` is true, through `history` where given.
+  // Encoder attention (`PER_SENTENCE`; empty lists without): keys, values, padding (cached
+  // sentences, 1, 1, src_len) or None, the live sentences or None, the queries' buffer
+  // (beams, cached sentences, heads, head_dim) or None. `orders`, `attention_orders`: as for
+  // `ExactLayer::step`, the same for every layer.
+  Tensor step(const Tensor& x, int64_t first, int64_t stop, const std::vector<Order>& orders, const std::vector<int64_t>& attention_orders,
+              const std::vector<Tensor>& keys, const std::vector<Tensor>& values, int64_t length, int64_t attended, const Optional& self_mask,
+              const Optional& history, const std::vector<Tensor>& cross_keys, const std::vector<Tensor>& cross_values,
+              const std::vector<Optional>& cross_padding, int64_t beams, const std::vector<Optional>& live,
+              const std::vector<Optional>& cross_queries) const {
+    const size_t count = stop - first;
+    TORCH_CHECK(0 <= first && first <= stop && stop <= static_cast<int64_t>(layers_.size()) && keys.size() == count && values.size() == count,
+                "exact_layer.ExactStack.step: one cache per layer");
+    const bool cross = !cross_keys.empty();
+    TORCH_CHECK(!cross || (cross_keys.size() == count && cross_values.size() == count && cross_padding.size() == count && live.size() == count &&
+                           cross_queries.size() == count),
+                "exact_layer.ExactStack.step: one encoder-attention cache per layer");
+    const int64_t rows = x.size(0), embed = x.size(1);
+    Tensor out = x;
+    for (size_t i = 0; i < count; ++i) {
+      const int64_t head_dim = keys[i].size(3), width = attended * keys[i].size(2);
+      const auto slice = [&](const Tensor& buffer) { return buffer.select(0, length - 1).view({buffer.size(1), embed}).narrow(0, 0, rows); };
+      const auto so_far = [&](const Tensor& buffer) {
+        return buffer.narrow(0, 0, length).view({length, -1, head_dim}).narrow(1, 0, width).transpose(0, 1);
+      };
+      Optional cross_key, cross_value, cross_mask, live_sentences, queries;
+      if (cross) {
+        cross_key = cross_keys[i], cross_value = cross_values[i], live_sentences = live[i];
+        if (cross_padding[i].has_value()) cross_mask = cross_padding[i]->view({-1, cross_keys[i].size(1)});
+        if (cross_queries[i].has_value()) queries = cross_queries[i]->view({beams, -1, embed});
+      }
+      out = layers_[first + i].step(out, orders, slice(keys[i]), slice(values[i]), so_far(keys[i]), so_far(values[i]), self_mask, history,
+                                    cross_key, cross_value, cross_mask, beams, live_sentences, queries, attention_orders);
+    }
+    return out;
+  }
+
+ private:
+  std::vector<ExactLayer> layers_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<ExactLayer>(m, "ExactLayer")
       .def(pybind11::init<const std::vector<std::tuple<Tensor, Optional, Tensor>>&, const std::vector<std::tuple<Optional, Optional, double>>&,
                           bool, int64_t, double, double>())
       .def("step", &ExactLayer::step, "one decoder layer's step, the Python step's calls from C++");
+  pybind11::class_<ExactStack>(m, "ExactStack")
+      .def(pybind11::init<std::vector<ExactLayer>>())
+      .def("step", &ExactStack::step, "a run of a decoder's layers stepped in one call, the caches' views made here");
 }
