@@ -224,3 +224,35 @@ def test_the_output_projection_checks_against_one_mm_not_its_column_blocks(monke
     project, buffer = kernels.ExactKernels().buffered_output_projection(weight), torch.empty(160, 8008)
     for _ in range(2):
         assert same_bits(project(features, buffer), torch.mm(features, weight.t()))
+
+
+@pytest.mark.parametrize("order", ["blocks", "split", "lanes"])
+@pytest.mark.parametrize("then", ["scale", "relu", "residual"])
+@pytest.mark.parametrize("rows", [3, 9, 17])
+def test_the_epilogue_gives_the_bits_of_atens_pass_after_the_product(order, then, rows):
+    """What the native layer step does to a linear layer's output in the kernel's registers
+    (``exact_layer.cpp``): times the queries' scaling, ReLU, plus the residual, each the bits of
+    ATen's ``mul_``, ``relu_``, ``add_`` over the output after it (a row of NaN, which ReLU
+    keeps; a residual row stride of its own; 40 outputs: a partial panel)."""
+    torch.manual_seed(rows)
+    kernels = native.exact_gemm()
+    weight, bias, x = torch.randn(40, 512), torch.randn(40), torch.randn(rows, 512)
+    x[0, 0] = float("nan")
+    residual = torch.randn(rows, 64)[:, 8:48]
+    extra = {"scale": {"scale": 0.125}, "relu": {"relu": True}, "residual": {"residual": residual}}[then]
+
+    def run(**epilogue):
+        out = torch.empty(rows, 40)
+        if order == "lanes":
+            kernels.lanes_into(x, weight, bias, out, **epilogue)
+        else:
+            bounds, split = ([0, 128, 256, 384, 512], 2) if order == "split" else ([0, 256, 512], 0)
+            kernels.linear_into(x, kernels.pack(weight), bias, bounds, split, out, **epilogue)
+        return out
+
+    want = run()
+    {"scale": lambda: want.mul_(0.125), "relu": want.relu_, "residual": lambda: want.add_(residual)}[then]()
+    got = run(**extra)
+    assert same_bits(got, want)
+    if then == "relu":
+        assert got[0].isnan().all() and (got[1:] == 0).any() and (got[1:] > 0).any()

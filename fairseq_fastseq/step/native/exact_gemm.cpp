@@ -35,11 +35,61 @@ constexpr int kRowsPerTile = 8; // 8 rows x 2 vectors = 16 accumulators (6 rows:
 // a parallel region costs microseconds, and far more where another process holds a core.
 constexpr int64_t kWorkPerThread = int64_t{1} << 22;
 
+}  // namespace
+
+// What the decoder layer does to a linear layer's output next, each its own rounding, as
+// ATen's pass over the output would make it (`mul_` by a float, `relu_` = `clamp_min_(0)`,
+// `add_` of the residual): applied to each element once its product is whole, while it is
+// still in a register, instead of in another pass over memory (exact_layer.cpp).
+struct Epilogue {
+  bool scaled = false;
+  float scale = 1.0f;
+  bool relu = false;
+  const float* residual = nullptr;  // rows `residual_stride` apart, the output's columns
+  int64_t residual_stride = 0;
+
+  __m512 operator()(__m512 value, const float* residual_row, __mmask16 lanes) const {
+    if (scaled) value = _mm512_mul_ps(value, _mm512_set1_ps(scale));
+    if (relu) value = _mm512_max_ps(_mm512_setzero_ps(), value);  // NaN and -0.0 kept, as clamp_min
+    if (residual_row != nullptr) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(lanes, residual_row));
+    return value;
+  }
+  float operator()(float value, const float* residual_element) const {
+    if (scaled) value = value * scale;
+    if (relu) value = 0.0f > value ? 0.0f : value;
+    if (residual_element != nullptr) value = value + *residual_element;
+    return value;
+  }
+  const float* residual_at(int64_t row, int64_t column) const {
+    return residual == nullptr ? nullptr : residual + row * residual_stride + column;
+  }
+};
+
+// The epilogue of an output `out`: times `scale` (as a float, as ATen's `mul_` takes a
+// Python float), ReLU, plus `residual` (out's shape, columns contiguous), in that order.
+Epilogue epilogue_of(const c10::optional<double>& scale, bool relu, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out) {
+  Epilogue finish;
+  finish.scaled = scale.has_value();
+  finish.scale = static_cast<float>(scale.value_or(1.0));
+  finish.relu = relu;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->sizes() == out.sizes() && residual->stride(1) == 1 &&
+                residual->scalar_type() == torch::kFloat32, "exact_gemm: the residual has the output's shape, columns contiguous");
+    finish.residual = residual->data_ptr<float>();
+    finish.residual_stride = residual->stride(0);
+  }
+  return finish;
+}
+
+namespace {
+
 // One tile: rows [0, R) of x against one panel, over inner indices [k0, k1); the block's sums
 // are added to c (or, for the first block, to the bias or to nothing).
+// `finish` (the element's last block, no second chain): the epilogue too, its residual rows
+// starting at `residual`.
 template <int R>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1, float* c, int64_t ldc,
-                 bool first, const float* bias, __mmask16 low, __mmask16 high) {
+                 bool first, const float* bias, __mmask16 low, __mmask16 high, const Epilogue* finish, const float* residual) {
   __m512 sum[R][2];
   for (int r = 0; r < R; ++r) {
     sum[r][0] = _mm512_setzero_ps();
@@ -63,13 +113,18 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, in
       c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(low, bias), c0);
       c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(high, bias + 16), c1);
     }
+    if (finish != nullptr) {
+      const float* residual_row = residual == nullptr ? nullptr : residual + r * finish->residual_stride;
+      c0 = (*finish)(c0, residual_row, low);
+      c1 = (*finish)(c1, residual_row == nullptr ? nullptr : residual_row + 16, high);
+    }
     _mm512_mask_storeu_ps(row, low, c0);
     _mm512_mask_storeu_ps(row + 16, high, c1);
   }
 }
 
 using Tile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool, const float*,
-                      __mmask16, __mmask16);
+                      __mmask16, __mmask16, const Epilogue*, const float*);
 constexpr Tile kTiles[kRowsPerTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
 
 __mmask16 lanes(int64_t count) {
@@ -89,7 +144,7 @@ inline float by_quarters(__m512 v) {
 // Rows [0, R) of x against output features [0, O) of weight (rows `ldw` apart): sixteen lanes each.
 template <int R, int O>
 inline void lanes_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, const float* bias, float* c,
-                       int64_t ldc) {
+                       int64_t ldc, const Epilogue& finish, int64_t row0, int64_t column0) {
   __m512 sum[R][O];
   for (int r = 0; r < R; ++r)
     for (int o = 0; o < O; ++o) sum[r][o] = _mm512_setzero_ps();
@@ -104,12 +159,13 @@ inline void lanes_tile(const float* x, int64_t ldx, const float* w, int64_t ldw,
   for (int r = 0; r < R; ++r)
     for (int o = 0; o < O; ++o) {
       const float total = by_quarters(sum[r][o]);
-      c[r * ldc + o] = bias != nullptr ? bias[o] + total : total;
+      c[r * ldc + o] = finish(bias != nullptr ? bias[o] + total : total, finish.residual_at(row0 + r, column0 + o));
     }
 }
 
 constexpr int kLaneRows = 4, kLaneOutputs = 4;
-using LanesTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+using LanesTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, const Epilogue&,
+                           int64_t, int64_t);
 constexpr LanesTile kLanesTiles[2][kLaneRows + 1] = {
     {nullptr, lanes_tile<1, 1>, lanes_tile<2, 1>, lanes_tile<3, 1>, lanes_tile<4, 1>},
     {nullptr, lanes_tile<1, kLaneOutputs>, lanes_tile<2, kLaneOutputs>, lanes_tile<3, kLaneOutputs>, lanes_tile<4, kLaneOutputs>}};
@@ -133,9 +189,10 @@ torch::Tensor pack(const torch::Tensor& weight) {
 
 // out (rows, out_features) = bias + x (rows, in_features) @ weight.T, with x's and out's rows
 // at any stride (columns contiguous), in the blocks of the inner dimension that `bounds` gives
-// (0 = b0 < b1 < ... = in_features); blocks from index `split` on (0: none) as a second chain.
+// (0 = b0 < b1 < ... = in_features); blocks from index `split` on (0: none) as a second chain;
+// then `finish` on each element.
 void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                 const std::vector<int64_t>& bounds, int64_t split, torch::Tensor& out) {
+                 const std::vector<int64_t>& bounds, int64_t split, torch::Tensor& out, const Epilogue& finish = Epilogue()) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1, "exact_gemm.linear_into: 2-D rows");
   const int64_t rows = x.size(0), k = x.size(1), n = out.size(1), panels = packed.size(0);
   TORCH_CHECK(packed.size(1) == k && out.size(0) == rows && (n + kPanel - 1) / kPanel == panels, "exact_gemm.linear_into: shapes");
@@ -162,24 +219,29 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& packed, const c10:
         const int64_t ld = chained ? kPanel : ldc;
         for (int64_t row = 0; row < rows; row += kRowsPerTile) {
           const int64_t tile_rows = std::min<int64_t>(kRowsPerTile, rows - row);
+          const bool last = split == 0 && block == blocks - 1;
           kTiles[tile_rows](xs + row * ldx, ldx, panel, bounds[block], bounds[block + 1], target + row * ld, ld,
-                            block == 0 || block == split, chained ? nullptr : panel_bias, low, high);
+                            block == 0 || block == split, chained ? nullptr : panel_bias, low, high, last ? &finish : nullptr,
+                            last ? finish.residual_at(row, column) : nullptr);
         }
       }
       for (int64_t row = 0; split > 0 && row < rows; ++row) {  // first chain + second chain
         float* c = cs + row * ldc + column;
         const float* t = second.data() + row * kPanel;
-        _mm512_mask_storeu_ps(c, low, _mm512_add_ps(_mm512_maskz_loadu_ps(low, c), _mm512_maskz_loadu_ps(low, t)));
-        _mm512_mask_storeu_ps(c + 16, high, _mm512_add_ps(_mm512_maskz_loadu_ps(high, c + 16), _mm512_maskz_loadu_ps(high, t + 16)));
+        const float* residual = finish.residual_at(row, column);
+        const __m512 c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(low, c), _mm512_maskz_loadu_ps(low, t));
+        const __m512 c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(high, c + 16), _mm512_maskz_loadu_ps(high, t + 16));
+        _mm512_mask_storeu_ps(c, low, finish(c0, residual, low));
+        _mm512_mask_storeu_ps(c + 16, high, finish(c1, residual == nullptr ? nullptr : residual + 16, high));
       }
     }
   });
 }
 
 // out (rows, out_features) = bias + x @ weight.T in sixteen lanes of the inner dimension (a
-// multiple of 16); the weight as it is (unpacked).
+// multiple of 16); the weight as it is (unpacked); then `finish` on each element.
 void lanes_into(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                torch::Tensor& out) {
+                torch::Tensor& out, const Epilogue& finish = Epilogue()) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && weight.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1 &&
               weight.stride(1) == 1, "exact_gemm.lanes_into: 2-D rows");
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
@@ -197,7 +259,8 @@ void lanes_into(const torch::Tensor& x, const torch::Tensor& weight, const c10::
         const bool whole = o + kLaneOutputs <= n;
         for (int64_t row = 0; row < rows; row += kLaneRows)
           kLanesTiles[whole][std::min<int64_t>(kLaneRows, rows - row)](xs + row * ldx, ldx, ws + o * ldw, ldw, k,
-                                                                        bs != nullptr ? bs + o : nullptr, cs + row * ldc + o, ldc);
+                                                                        bs != nullptr ? bs + o : nullptr, cs + row * ldc + o, ldc,
+                                                                        finish, row, o);
         o += whole ? kLaneOutputs : 1;
       }
   });
@@ -215,7 +278,25 @@ int64_t threads_used(int64_t tasks) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_used", &threads_used, "how many threads at::parallel_for spreads `tasks` chunks of one over");
   m.def("pack", &pack, "weight (out, in) -> panels of 32 output features (panels, in, 32)");
-  m.def("lanes_into", &lanes_into, "out = bias + x @ weight.T in sixteen fused lanes of the inner dimension");
-  m.def("linear_into", &linear_into, "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given, a second chain from `split`");
+  using pybind11::arg;
+  const auto none = pybind11::none();
+  m.def(
+      "lanes_into",
+      [](const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+         const c10::optional<double>& scale, bool relu, const c10::optional<torch::Tensor>& residual) {
+        lanes_into(x, weight, bias, out, epilogue_of(scale, relu, residual, out));
+      },
+      "out = bias + x @ weight.T in sixteen fused lanes of the inner dimension; then times `scale`, ReLU, plus `residual`",
+      arg("x"), arg("weight"), arg("bias"), arg("out"), arg("scale") = none, arg("relu") = false, arg("residual") = none);
+  m.def(
+      "linear_into",
+      [](const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias, const std::vector<int64_t>& bounds,
+         int64_t split, torch::Tensor& out, const c10::optional<double>& scale, bool relu, const c10::optional<torch::Tensor>& residual) {
+        linear_into(x, packed, bias, bounds, split, out, epilogue_of(scale, relu, residual, out));
+      },
+      "out = bias + x @ weight.T in MKL's order of operations, blocks of the inner dimension given, a second chain from `split`; "
+      "then times `scale`, ReLU, plus `residual`",
+      arg("x"), arg("packed"), arg("bias"), arg("bounds"), arg("split"), arg("out"), arg("scale") = none, arg("relu") = false,
+      arg("residual") = none);
 }
 #endif

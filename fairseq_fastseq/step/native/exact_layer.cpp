@@ -6,9 +6,11 @@
 // same calls, in the same order, on the same operands, from C++: the linear layers through
 // `exact_gemm.cpp`'s kernel in the order Python found to give MKL's bits at this shape (or
 // MKL's own `addmm` where none did), both attention products through `exact_attention.cpp`
-// (checked at this length), and ATen's own layer norm, softmax, ReLU and in-place adds. So
-// its bits are the Python step's, which are fairseq's. Python decides per call whether every
-// shape is already checked (`exact_layer.py`); if not, the Python step runs and checks them.
+// (checked at this length), and ATen's own layer norm and softmax; the queries' scaling, the
+// ReLU and the residual adds in the kernels' registers, each the same rounding as ATen's
+// pass (`Then`). So its bits are the Python step's, which are fairseq's. Python decides per
+// call whether every shape is already checked (`exact_layer.py`); if not, the Python step
+// runs and checks them.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,22 +40,35 @@ using Optional = c10::optional<Tensor>;
 enum Mode : int64_t { kMkl = 0, kBlocks = 1, kLanes = 2 };
 using Order = std::tuple<int64_t, std::vector<int64_t>, int64_t>;
 
+// What follows a linear layer in the Python step, each its own pass there: `mul_(scale)` of
+// the queries, `relu_()` of the first feed-forward layer, `add_(residual)` of a sublayer's
+// output. The kernels apply it to each element while it is in a register (the same
+// roundings: `gemm::Epilogue`); after MKL's product, the same ATen calls as the Python step.
+struct Then {
+  c10::optional<double> scale;
+  bool relu = false;
+  Optional residual;
+};
+
 struct Linear {
   Tensor weight, transposed, packed;
   Optional bias;
 
-  Tensor operator()(const Tensor& x, const Order& order, Tensor out) const {
+  Tensor operator()(const Tensor& x, const Order& order, Tensor out, const Then& then = Then()) const {
     const auto& [mode, bounds, split] = order;
     if (!out.defined()) out = torch::empty({x.size(0), weight.size(0)}, x.options());
-    if (mode == kBlocks) {
-      gemm::linear_into(x, packed, bias, bounds, split, out);
-    } else if (mode == kLanes) {
-      gemm::lanes_into(x, weight, bias, out);
-    } else {
-      TORCH_CHECK(mode == kMkl, "exact_layer: a linear layer's mode");
-      if (bias.has_value()) at::addmm_out(out, *bias, x, transposed);
-      else at::mm_out(out, x, transposed);
+    if (mode == kBlocks || mode == kLanes) {
+      const gemm::Epilogue finish = gemm::epilogue_of(then.scale, then.relu, then.residual, out);
+      if (mode == kBlocks) gemm::linear_into(x, packed, bias, bounds, split, out, finish);
+      else gemm::lanes_into(x, weight, bias, out, finish);
+      return out;
     }
+    TORCH_CHECK(mode == kMkl, "exact_layer: a linear layer's mode");
+    if (bias.has_value()) at::addmm_out(out, *bias, x, transposed);
+    else at::mm_out(out, x, transposed);
+    if (then.scale.has_value()) out.mul_(*then.scale);
+    if (then.relu) out.relu_();
+    if (then.residual.has_value()) out.add_(*then.residual);
     return out;
   }
 };
@@ -101,19 +116,17 @@ class ExactLayer {
               const std::vector<int64_t>& attention_orders) const {
     TORCH_CHECK(orders.size() == linears_.size() && attention_orders.size() == (cross_keys.has_value() ? 4u : 2u), "exact_layer.step: orders");
     const int64_t rows = x.size(0), embed = x.size(1), head_dim = embed / heads_;
-    Tensor out = sublayer(x, norms_[0], [&](const Tensor& h) {
+    Tensor out = sublayer(x, norms_[0], [&](const Tensor& h, const Tensor& residual) {
       linears_[1](h, orders[1], key_slice);
       linears_[2](h, orders[2], value_slice);
-      Tensor q = linears_[0](h, orders[0], Tensor());
-      q.mul_(self_scaling_);
+      Tensor q = linears_[0](h, orders[0], Tensor(), {self_scaling_});
       Tensor context = torch::empty({rows * heads_, 1, head_dim}, x.options());
       attend(q.view({rows * heads_, 1, head_dim}), keys, values, self_mask, context, attention_orders[0], attention_orders[1], history);
-      return linears_[3](context.view({rows, embed}), orders[3], Tensor());
+      return linears_[3](context.view({rows, embed}), orders[3], Tensor(), {c10::nullopt, false, residual});
     });
     if (cross_ && cross_keys.has_value()) {
-      out = sublayer(out, norms_[1], [&](const Tensor& h) {
-        Tensor q = linears_[4](h, orders[4], Tensor());
-        q.mul_(cross_scaling_);
+      out = sublayer(out, norms_[1], [&](const Tensor& h, const Tensor& residual) {
+        Tensor q = linears_[4](h, orders[4], Tensor(), {cross_scaling_});
         const Tensor per_beam = q.view({-1, beams, embed}).transpose(0, 1);  // (beams, live sentences, embed_dim)
         const Tensor by_beam = live.has_value() ? cross_queries->index_copy_(1, *live, per_beam) : per_beam.contiguous();
         const int64_t cached = by_beam.size(1), matrices = cached * heads_;
@@ -122,23 +135,22 @@ class ExactLayer {
                context.select(2, 0).transpose(0, 1), attention_orders[2], attention_orders[3], c10::nullopt);
         Tensor live_context = context.view({beams, cached, embed});
         if (live.has_value()) live_context = live_context.index_select(1, *live);
-        return linears_[5](live_context.transpose(0, 1).reshape({rows, embed}), orders[5], Tensor());
+        return linears_[5](live_context.transpose(0, 1).reshape({rows, embed}), orders[5], Tensor(), {c10::nullopt, false, residual});
       });
     }
     const size_t fc = cross_ ? 6 : 4;
-    return sublayer(out, norms_.back(), [&](const Tensor& h) {
-      Tensor hidden = linears_[fc](h, orders[fc], Tensor());
-      hidden.relu_();
-      return linears_[fc + 1](hidden, orders[fc + 1], Tensor());
+    return sublayer(out, norms_.back(), [&](const Tensor& h, const Tensor& residual) {
+      Tensor hidden = linears_[fc](h, orders[fc], Tensor(), {c10::nullopt, true});
+      return linears_[fc + 1](hidden, orders[fc + 1], Tensor(), {c10::nullopt, false, residual});
     });
   }
 
  private:
-  // fairseq's sublayer: (norm before) -> block -> + residual -> (norm after).
+  // fairseq's sublayer: (norm before) -> block -> + residual -> (norm after); the block's last
+  // linear layer adds the residual it is given.
   template <class Block>
   Tensor sublayer(const Tensor& x, const Norm& norm, Block block) const {
-    Tensor out = block(normalize_before_ ? norm(x) : x);
-    out.add_(x);
+    Tensor out = block(normalize_before_ ? norm(x) : x, x);
     return normalize_before_ ? out : norm(out);
   }
 
