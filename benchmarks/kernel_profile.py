@@ -49,8 +49,11 @@ CATEGORIES: List[Tuple[str, str]] = [
     # fairseq_fastseq_exact_layer, whose own code around them is a few loops), as stock's BLAS calls.
     ("matrix products (BLAS, oneDNN, fbgemm, exact's kernels; JIT code)", r"sgemm|sgemv|gemm_|_gemm|exact_attention|exact_layer|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
     ("copies (memmove, copy/index/gather kernels)", r"memmove|memcpy|copy_kernel|index_select|index_kernel|cpu_index|gather|transpose|[Cc]oncat|scopy"),
-    ("softmax, log-softmax, exp", r"softmax|Sleef|exp[fF]?\d*|vml.*Exp"),
-    ("top-k", r"topk|TopK|adjust_heap|nth_element|partial_sort"),
+    # ATen's flash attention (the encoder's, in fairseq's modules): its own code is the online
+    # softmax (maxima, exponentials, rescaling) around MKL's products, which perf files apart.
+    ("softmax, log-softmax, exp", r"softmax|Sleef|exp[fF]?\d*|vml.*Exp|flash_attention"),
+    # torch.topk's, and the beam step's candidates in one pass (beam_top_k.cpp: added_top_k)
+    ("top-k", r"topk|TopK|top_k|adjust_heap|nth_element|partial_sort"),
     ("layer norm", r"layer_norm|LayerNorm|RowwiseMoments"),
     ("elementwise (add, mul, relu, fill, masks)", r"add_kernel|mul_kernel|div_|clamp|relu|vml_kernel|cpu::add|nan_to_num|masked_fill|fill_kernel|where|compare|eq_kernel|ne_kernel"),
     ("Python interpreter", r"libpython|python3"),
