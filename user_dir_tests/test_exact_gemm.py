@@ -3,6 +3,7 @@ every shape, through the kernel only where the check found them equal."""
 
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -26,7 +27,10 @@ def linear_of(weight, bias, fallback=None):
 
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch):
+    """Fresh checks; the kernel wherever it gives MKL's bits (the speed choice has its own test)."""
     monkeypatch.setattr(exact_gemm, "_SAME_BITS", {})
+    monkeypatch.setattr(exact_gemm, "_MKL_FASTER_FROM", {})
+    monkeypatch.setattr(NativeLinear, "mkl_faster_from", lambda self, order: float("inf"))
 
 
 @pytest.mark.parametrize("inner", [256, 512, 1024])
@@ -256,3 +260,34 @@ def test_the_epilogue_gives_the_bits_of_atens_pass_after_the_product(order, then
     assert same_bits(got, want)
     if then == "relu":
         assert got[0].isnan().all() and (got[1:] == 0).any() and (got[1:] > 0).any()
+
+
+def test_from_the_rows_where_mkl_was_faster_a_shape_stays_on_mkl(monkeypatch):
+    """Both give MKL's bits, so only time decides: each layer shape is timed against MKL once
+    (64, 128, 256, ... rows, until MKL is faster) and from those rows on MKL runs. Here MKL is
+    made 2 ms slower below 256 rows and the kernel 2 ms slower from there on."""
+    monkeypatch.undo()
+    monkeypatch.setattr(exact_gemm, "_SAME_BITS", {})
+    monkeypatch.setattr(exact_gemm, "_MKL_FASTER_FROM", {})
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    mkl_call = mkl(weight, bias)
+
+    def reference(x, out=None):
+        time.sleep(0.002 if x.size(0) < 256 else 0.0)
+        return mkl_call(x, out=out)
+
+    class SlowFromRow256(NativeLinear):
+        def _kernel(self, x, order, out=None):
+            time.sleep(0.002 if x.size(0) >= 256 else 0.0)
+            return super()._kernel(x, order, out)
+
+    kernels = native.exact_gemm()
+    linear = SlowFromRow256(kernels, kernels.pack(weight), weight, bias, mkl_call, reference)
+    threads = torch.get_num_threads()
+    for rows in (100, 300):
+        x = torch.randn(rows, 64)
+        assert same_bits(linear(x), mkl_call(x))
+    assert exact_gemm._MKL_FASTER_FROM == {(64, 48, True, threads): 256}
+    assert exact_gemm._SAME_BITS[(100, 64, 48, True, threads)] is not None  # the kernel
+    assert exact_gemm._SAME_BITS[(300, 64, 48, True, threads)] is None  # MKL

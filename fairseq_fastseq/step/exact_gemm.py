@@ -19,10 +19,17 @@ compared bit for bit with MKL's on that call's own operands (a sample of its row
 kernel's rows being independent of each other) and, for calls of few outputs, on random
 operands of the same shape, the caller getting MKL's. Where no order gives its bits (MKL takes another path
 at a few rows on the AMD EPYC, a matrix-vector product at one row), that shape stays on MKL.
+Where one does but MKL is faster, the shape stays on MKL too: both give the same bits, so only
+time decides. The kernel beats MKL at few rows (no packing per call) and loses at many (on the
+Intel Xeon of BENCHMARKS.md MKL ran 640 rows 2-20% faster, the 8,008-word output projection
+from 160 rows on): each layer shape is timed once against MKL on random rows, 64 to 1,024,
+until MKL is faster, and from those rows on it runs MKL ("MKL where it is faster").
 """
 
 import functools
 import logging
+import math
+import time
 from types import ModuleType
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -44,6 +51,9 @@ CHECKED_ELEMENTS, MAX_DRAWS = 4096, 64
 # each at least: checking every row of each new row count cost a fifth of a whole
 # fairseq-generate run (BENCHMARKS.md, "Checks on a sample of rows").
 SAMPLE_RUN = 4
+# The rows at which a layer shape's kernel is timed against MKL (``mkl_faster_from``), in turn
+# until MKL is faster (each side's best of TIMINGS calls): it is taken to be faster from there on.
+TIMED_ROWS, TIMINGS = (64, 128, 256, 512, 1024), 2
 
 LANES = "lanes"  # the kernel's sixteen-lane order; its block orders are ``Blocks``
 # The blocks are looked for on this many rows and outputs: on an Intel Xeon MKL takes other
@@ -65,6 +75,8 @@ Order = Union[Blocks, str]  # a ``Blocks`` or ``LANES``
 
 # (rows, inner, outputs, bias, threads) -> the order that gave MKL's bits there (None: MKL)
 _SAME_BITS: Dict[Tuple[int, int, int, bool, int], Optional[Order]] = {}
+# (inner, outputs, bias, threads) -> the fewest rows from which MKL was faster (inf: none timed)
+_MKL_FASTER_FROM: Dict[Tuple[int, int, bool, int], float] = {}
 
 
 def order_name(order: Optional[Order]) -> str:
@@ -175,11 +187,29 @@ class NativeLinear:
             kernel = lambda probe: self._kernel(probe, order)  # noqa: E731
             same = same_bits(kernel(x_sample), want_sample)
             if same and agrees_on_random_operands(want_sample.numel(), [x.shape], kernel, self.reference, len(_SAME_BITS)):
-                _SAME_BITS[shape] = order
+                if x.size(0) < self.mkl_faster_from(order):
+                    _SAME_BITS[shape] = order
+                else:
+                    logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads), faster there", *shape)
                 break
-        if _SAME_BITS[shape] is None:
+        else:
             logger.debug("exact linear layers: MKL at %d rows x %d -> %d (bias %s, %d threads)", *shape)
         return want
+
+    def mkl_faster_from(self, order: Order) -> float:
+        """The fewest rows of ``TIMED_ROWS`` at which MKL's product of this layer's shape was
+        faster than the kernel's in ``order`` on this machine (inf: at none), timed once per
+        shape and thread count, rung by rung until it was (BENCHMARKS.md, "MKL where it is faster")."""
+        key = (self.inner, self.outputs, self.bias is not None, torch.get_num_threads())
+        if key not in _MKL_FASTER_FROM:
+            _MKL_FASTER_FROM[key] = next((rows for rows in TIMED_ROWS if self._mkl_faster_at(rows, order)), math.inf)
+        return _MKL_FASTER_FROM[key]
+
+    def _mkl_faster_at(self, rows: int, order: Order) -> bool:
+        x = torch.randn(rows, self.inner, generator=torch.Generator().manual_seed(rows))
+        out = x.new_zeros(rows, self.outputs)  # written once: no page faults in either timing
+        kernel = fastest_of(TIMINGS, lambda: self._kernel(x, order, out))
+        return kernel > fastest_of(TIMINGS, lambda: self.reference(x, out=out))
 
     def _kernel(self, x: Tensor, order: Order, out: Optional[Tensor] = None) -> Tensor:
         out = out if out is not None else x.new_empty(x.size(0), self.outputs)
@@ -188,6 +218,16 @@ class NativeLinear:
         else:
             self.kernels.lanes_into(x, self.weight, self.bias, out)
         return out
+
+
+def fastest_of(times: int, call: Callable[[], object]) -> float:
+    """The least wall time of ``times`` calls, in seconds."""
+    best = math.inf
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def agrees_on_random_operands(
