@@ -140,7 +140,7 @@ def exact_attention() -> Optional[ModuleType]:
 
 @functools.lru_cache(maxsize=None)
 def exact_layer() -> Optional[ModuleType]:
-    """``exact``'s decoder layer step in one call (both kernels inside), or None (the Python
+    """``exact``'s decoder layers stepped in one call (both kernels inside), or None (the Python
     step then): not built without AVX-512."""
     if not HAS_AVX512:
         return None
