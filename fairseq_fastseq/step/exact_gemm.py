@@ -159,11 +159,15 @@ class NativeLinear:
     def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         if not self._fits(x, out):
             return self.fallback(x, out=out)
-        shape = (x.size(0), self.inner, self.outputs, self.bias is not None, torch.get_num_threads())
+        shape = self.shape_at(x.size(0), torch.get_num_threads())
         if shape not in _SAME_BITS:
             return self._check(x, out, shape)
         order = _SAME_BITS[shape]
         return self._kernel(x, order, out) if order is not None else self.fallback(x, out=out)
+
+    def shape_at(self, rows: int, threads: int) -> Tuple[int, int, int, bool, int]:
+        """The key of ``_SAME_BITS`` for a call of ``rows`` rows on ``threads`` threads."""
+        return rows, self.inner, self.outputs, self.bias is not None, threads
 
     def orders(self) -> List[Order]:
         """The kernel's orders that can run this layer: the blocks found for this inner

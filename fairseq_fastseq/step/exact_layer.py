@@ -103,7 +103,7 @@ class NativeLayers:
         """Each linear layer's recorded order at ``rows``, or None if one is not checked yet."""
         orders = []
         for linear in self.linears:
-            key = (rows, linear.inner, linear.outputs, linear.bias is not None, threads)
+            key = linear.shape_at(rows, threads)
             if key not in exact_gemm._SAME_BITS:
                 return None
             order = exact_gemm._SAME_BITS[key]

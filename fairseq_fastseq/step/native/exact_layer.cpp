@@ -1,4 +1,4 @@
-// One decoder layer's incremental step for `--fast-kernels exact` in one call from Python.
+// The decoder layers' incremental step for `--fast-kernels exact` in one call from Python.
 //
 // The Python step (`layer.py`) makes about fifty operator calls per layer around its
 // kernels; each costs microseconds of interpreter and dispatch, a fifth of the step at
@@ -225,8 +225,7 @@ class ExactStack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<ExactLayer>(m, "ExactLayer")
       .def(pybind11::init<const std::vector<std::tuple<Tensor, Optional, Tensor>>&, const std::vector<std::tuple<Optional, Optional, double>>&,
-                          bool, int64_t, double, double>())
-      .def("step", &ExactLayer::step, "one decoder layer's step, the Python step's calls from C++");
+                          bool, int64_t, double, double>());
   pybind11::class_<ExactStack>(m, "ExactStack")
       .def(pybind11::init<std::vector<ExactLayer>>())
       .def("step", &ExactStack::step, "a run of a decoder's layers stepped in one call, the caches' views made here");
