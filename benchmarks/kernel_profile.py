@@ -46,8 +46,9 @@ CATEGORIES: List[Tuple[str, str]] = [
     # ("[JIT] tid ..." or "[unknown]") or, for fbgemm's packing and requantization, by name.
     # exact's linear layers and attention products in MKL's and bmm's order
     # (fairseq_fastseq_exact_gemm, fairseq_fastseq_exact_attention, and both compiled into
-    # fairseq_fastseq_exact_layer, whose own code around them is a few loops), as stock's BLAS calls.
-    ("matrix products (BLAS, oneDNN, fbgemm, exact's kernels; JIT code)", r"sgemm|sgemv|gemm_|_gemm|exact_attention|exact_layer|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
+    # fairseq_fastseq_exact_layer, whose own code around them is a few loops), as stock's BLAS calls;
+    # fused's linear layers on AMX (fairseq_fastseq_split_bf16: its rows' split into bfloat16 too).
+    ("matrix products (BLAS, oneDNN, fbgemm, exact's and fused's kernels; JIT code)", r"sgemm|sgemv|gemm_|_gemm|exact_attention|exact_layer|split_bf16|dnnl|fbgemm|\[JIT\]|\[unknown\]"),
     ("copies (memmove, copy/index/gather kernels)", r"memmove|memcpy|copy_kernel|index_select|index_kernel|cpu_index|gather|transpose|[Cc]oncat|scopy"),
     # ATen's flash attention (the encoder's, in fairseq's modules): its own code is the online
     # softmax (maxima, exponentials, rescaling) around MKL's products, which perf files apart.

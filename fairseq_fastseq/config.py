@@ -49,7 +49,8 @@ class FastGeneratorConfig(FairseqDataclass):
         metadata={
             "help": "the lean step's arithmetic: 'exact' is fairseq's (the same output, bitwise on "
             "CPU float32); 'fused' rounds differently for speed (one query/key/value projection, "
-            "encoder keys/values once per sentence attended as grouped queries); 'int8' is 'fused' "
+            "encoder keys/values once per sentence attended as grouped queries; on CPUs with AMX, "
+            "linear layers as three bfloat16 products per float32 product); 'int8' is 'fused' "
             "with dynamic int8 linear layers (CPU). 'fused' and 'int8' can change outputs: see "
             "BENCHMARKS.md for how much"
         },

@@ -108,7 +108,7 @@ def failing_build(monkeypatch):
         raise RuntimeError("Error building extension: g++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    loaders = (native.compiled, native.exact_gemm, native.exact_attention)
+    loaders = (native.compiled, native.exact_gemm, native.exact_attention, native.split_bf16)
     for loader in loaders:
         loader.cache_clear()
     yield

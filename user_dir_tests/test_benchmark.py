@@ -228,20 +228,24 @@ def test_perf_samples_of_the_native_attention_have_their_own_row():
     assert shares["native attention (fused, int8)"] == 0.30 and OTHER not in shares
 
 
-def test_perf_samples_of_the_beam_top_k_and_flash_attention_have_their_kinds():
+def test_perf_samples_of_the_beam_top_k_flash_attention_and_amx_linear_have_their_kinds():
     """The beam step's one-pass top-k (``beam_top_k.cpp``) and the encoder's flash attention
-    (its online softmax) were filed under "other" and under torch's dispatch."""
+    (its online softmax) were filed under "other" and under torch's dispatch, fused's linear
+    layers on AMX (``split_bf16.cpp``) under "other"."""
     from benchmarks.kernel_profile import OTHER, parse_perf_report
 
     report = "\n".join(
         [
+            "    20.00%  fairseq_fastseq_split_bf16_3367dd64.so  [.] linear(at::Tensor const&, at::Tensor const&, long, std::optional<at::Tensor> const&, bool)::{lambda(long, long)#1}::operator()",
             "    10.00%  fairseq_fastseq_beam_top_k_3367dd64.so  [.] added_top_k(at::Tensor const&, at::Tensor const&, long)::{lambda(long, long)#1}::operator()",
             "    30.00%  libtorch_cpu.so  [.] at::native::(anonymous namespace)::cpu_flash_attention<float, float, 32l, 512l, false>",
-            "    60.00%  libtorch_cpu.so  [.] c10::impl::OperatorEntry::lookup",
+            "    40.00%  libtorch_cpu.so  [.] c10::impl::OperatorEntry::lookup",
         ]
     )
     shares = parse_perf_report(report)
+    matrix = next(name for name in shares if name.startswith("matrix products"))
     assert shares["top-k"] == 0.10 and shares["softmax, log-softmax, exp"] == 0.30 and OTHER not in shares
+    assert shares[matrix] == 0.20
 
 
 def test_aten_table_counts_the_kernel_tiers_linear_layers_as_matrix_products():

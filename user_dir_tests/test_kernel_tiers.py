@@ -86,12 +86,20 @@ def test_int8_agrees_with_stock_on_most_sentences(toy_models):
     assert same >= 0.6 * len(stock)
 
 
+@pytest.fixture
+def float32_linear_layers(monkeypatch):
+    """fused's linear layers in float32 (oneDNN, MKL) even on a CPU with AMX, where they are
+    three bfloat16 products otherwise (``test_split_bf16.py``): for the tests of what the tier
+    does around them, at float32's tolerances."""
+    monkeypatch.setattr(native, "split_bf16", lambda: None)
+
+
 def _attention(heads=4, dim=16, **kwargs):
     torch.manual_seed(0)
     return MultiheadAttention(dim, heads, **kwargs).eval()
 
 
-def test_fused_projection_is_the_three_projections_in_one():
+def test_fused_projection_is_the_three_projections_in_one(float32_linear_layers):
     attention = _attention(self_attention=True)
     x = torch.randn(7, 16)
     with torch.no_grad():
@@ -113,7 +121,7 @@ def test_int8_linear_is_within_its_quantization_error():
 
 
 @pytest.mark.parametrize("name", ["transformer", "bart"])
-def test_grouped_encoder_attention_is_per_beam_attention_up_to_rounding(toy_models, name):
+def test_grouped_encoder_attention_is_per_beam_attention_up_to_rounding(toy_models, name, float32_linear_layers):
     model, task, batches = _fresh_model(toy_models[name])
     dictionary = task.target_dictionary
     args = (batches[0], 3, dictionary.eos(), dictionary.pad(), len(dictionary))
@@ -159,7 +167,7 @@ def test_the_tiers_run_step_0_once_per_sentence(toy_models, tier, rows_per_sente
     assert all(lprobs.size(0) == sentences * 3 for lprobs, _ in outputs)
 
 
-def test_prepared_weights_are_made_once_and_again_after_a_weight_changes():
+def test_prepared_weights_are_made_once_and_again_after_a_weight_changes(float32_linear_layers):
     attention = _attention(self_attention=True)
     tier = kernels.FusedKernels()
     tier.self_projections(attention)
@@ -216,7 +224,7 @@ PREPACKED_ROWS = {"GenuineIntel": {1: False, 64: True, 400: False}, "AuthenticAM
 @pytest.mark.parametrize("vendor", sorted(PREPACKED_ROWS))
 @pytest.mark.parametrize("rows", [1, 64, 400])
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_fused_linear_layers_are_float_linear_layers_up_to_rounding(rows, activation, vendor, monkeypatch):
+def test_fused_linear_layers_are_float_linear_layers_up_to_rounding(rows, activation, vendor, monkeypatch, float32_linear_layers):
     monkeypatch.setattr(kernels, "CPU_VENDOR", vendor)
     torch.manual_seed(0)
     linear = nn.Linear(64, 512)

@@ -9,6 +9,7 @@ import torch
 
 from fairseq_fastseq.step import kernels, native
 from fairseq_fastseq.step.output import ROWS_PER_CALL, RowChunkedOutput
+from fairseq_fastseq.step.split_linear import split_bf16_linear
 
 pytestmark = pytest.mark.skipif(native.compiled() is None, reason="the native kernels could not be built here")
 
@@ -245,3 +246,26 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
         native._remove_stale_lock(tmp_path / "none" / "lock")
     assert not stale.exists() and fresh.exists()
     assert "a build lock left 11 minutes ago by a build that did not finish" in caplog.text
+
+
+@pytest.mark.parametrize("cpu_has_amx", [True, False], ids=["refused_by_linux", "no_amx"])
+def test_without_amx_fused_keeps_float32_linear_layers(monkeypatch, caplog, cpu_has_amx):
+    """A CPU without AMX builds nothing; where Linux refuses the process AMX's tile state
+    (arch_prctl) the built kernel is not used, and the log says so."""
+
+    class Refused:  # a built kernel in a process Linux refused AMX
+        @staticmethod
+        def available():
+            return False
+
+    monkeypatch.setattr(native, "HAS_AMX_BF16", cpu_has_amx)
+    monkeypatch.setattr(native, "_load", lambda *args, **kwargs: Refused if cpu_has_amx else pytest.fail("built without AMX"))
+    native.split_bf16.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
+            assert native.split_bf16() is None
+            linear = torch.nn.Linear(8, 4)
+            assert split_bf16_linear(linear.weight, linear.bias, False, kernels.FusedKernels().prepared) is None
+        assert ("Linux refused this process AMX's tile state" in caplog.text) == cpu_has_amx
+    finally:
+        native.split_bf16.cache_clear()

@@ -10,7 +10,9 @@
   kept once per sentence, attended by its beams as grouped queries (fairseq's BART path,
   for every model; CTranslate2 does the same); the self-attention histories read where they
   were written (``histories.py``) and the encoder's position-wise work on real source
-  positions (``source_rows.py``).
+  positions (``source_rows.py``); on CPUs with AMX every linear layer as three bfloat16
+  products per float32 product (``split_linear.py``: ~1e-5 relative error where float32
+  has ~1e-6), elsewhere oneDNN's and MKL's float32 kernels.
 - ``int8``: ``fused``, with every linear layer in dynamic int8 (PyTorch's fbgemm kernels:
   weights quantized per output channel once, activations per call); float32 elsewhere.
 
@@ -34,6 +36,7 @@ from .cpu import CPU_VENDOR, HAS_VNNI
 from .exact_attention import AttentionProducts, attention_products
 from .exact_gemm import native_linear
 from .prepared import int8_packed, interleaved_qkv, scaled_linear
+from .split_linear import split_bf16_linear
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +143,9 @@ class ExactKernels:
 
 
 class FusedKernels(ExactKernels):
-    """One self-attention projection, grouped encoder attention, oneDNN's prepacked linear
-    layers where they were measured faster; rounding differs."""
+    """One self-attention projection, grouped encoder attention, linear layers on AMX as
+    three bfloat16 products (or oneDNN's prepacked float32 kernel where it was measured
+    faster than MKL's); rounding differs."""
 
     name = "fused"
     grouped_encoder_attention = True
@@ -166,10 +170,15 @@ class FusedKernels(ExactKernels):
         return native.compiled() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
 
     def _linear(self, weight: Tensor, bias: Optional[Tensor], activation: str) -> Projection:
-        """``activation(x @ weight.T + bias)``: oneDNN's prepacked kernel (activation fused in)
-        for the shapes where it was measured faster than MKL's ``F.linear`` (see
-        ``prepacked_is_faster``), ``F.linear`` elsewhere and off the CPU in float32."""
+        """``activation(x @ weight.T + bias)``: three bfloat16 products on AMX where this CPU
+        and process have it (``split_linear.py``: 2-4x MKL); else oneDNN's prepacked kernel
+        (activation fused in) for the shapes where it was measured faster than MKL's
+        ``F.linear`` (see ``prepacked_is_faster``), ``F.linear`` elsewhere and off the CPU in
+        float32."""
         relu, plain = activation == "relu", exact_linear(weight, bias)
+        on_amx = split_bf16_linear(weight, bias, relu, self.prepared)
+        if on_amx is not None:
+            return on_amx
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return (lambda x: torch.relu_(plain(x))) if relu else plain
         tensors = (weight,) if bias is None else (weight, bias)
@@ -268,7 +277,7 @@ TIERS = {"exact": ExactKernels, "fused": FusedKernels, "int8": Int8Kernels}
 # What each tier that rounds differently was measured to change (``benchmarks.peers``,
 # ``BENCHMARKS.md`` "Kernel tiers"): said in the log when it is chosen.
 MEASURED = {
-    "fused": "the same text as stock's for all 1,004 Bible test verses on an Intel and an AMD CPU, BLEU equal",
+    "fused": "the same text as stock's for all 1,004 Bible test verses, BLEU equal, on an Intel CPU with AMX (bfloat16 products) and an AMD one",
     "int8": "23-28% of the 1,004 Bible test verses translated differently, BLEU 36.75 -> 36.60-36.78",
 }
 

@@ -1,5 +1,5 @@
 """C++ kernels: the self-attention of the kernel tiers that round differently (``fused``,
-``int8``; ``attention.cpp``), and the linear layers and attention products of ``exact`` in
+``int8``; ``attention.cpp``), ``fused``'s linear layers on AMX (``split_bf16.cpp``), and the linear layers and attention products of ``exact`` in
 MKL's and ATen's own order of operations (``exact_gemm.cpp``, ``exact_attention.cpp``, for
 CPUs with AVX-512).
 
@@ -53,7 +53,12 @@ BEAM_TOP_K_SOURCE = Path(__file__).with_name("beam_top_k.cpp")
 BEAM_TOP_K_EXTENSION = "fairseq_fastseq_beam_top_k"
 # Each sum one rounding, as ATen's add makes it.
 BEAM_TOP_K_FLAGS = ["-O3", "-mavx512f", "-ffp-contract=off", *OPENMP]
+SPLIT_BF16_SOURCE = Path(__file__).with_name("split_bf16.cpp")
+SPLIT_BF16_EXTENSION = "fairseq_fastseq_split_bf16"
+# The tile products' sums are AMX's; nothing else fused or reassociated.
+SPLIT_BF16_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-ffp-contract=off", *OPENMP]
 HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
+HAS_AMX_BF16 = {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(PROCESSOR.get("flags", "").split())
 # PyTorch's build lock is a bare file: a build killed while compiling (a timeout, Ctrl-C at
 # the wrong moment) leaves it, and every later load waits on it forever. A build takes about
 # a minute; a lock older than this is taken for such a leftover and removed.
@@ -159,6 +164,20 @@ def beam_top_k() -> Optional[ModuleType]:
     return _load(BEAM_TOP_K_EXTENSION, BEAM_TOP_K_SOURCE, BEAM_TOP_K_FLAGS, "beam top-k kernel", instead)
 
 
+@functools.lru_cache(maxsize=None)
+def split_bf16() -> Optional[ModuleType]:
+    """``fused``'s linear layers on AMX as three bfloat16 products, or None (oneDNN's and MKL's
+    float32 kernels then): not built without AMX, None where Linux refuses this process AMX."""
+    if not HAS_AMX_BF16:
+        return None
+    instead = "fused runs oneDNN's and MKL's float32 linear layers instead (slower)"
+    kernels = _load(SPLIT_BF16_EXTENSION, SPLIT_BF16_SOURCE, SPLIT_BF16_FLAGS, "AMX linear kernel", instead)
+    if kernels is not None and not kernels.available():
+        logger.warning("kernels: Linux refused this process AMX's tile state (arch_prctl); %s.", instead)
+        return None
+    return kernels
+
+
 def main() -> None:
     """Build (or find) the kernels; exit 1 where one that this CPU can run cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -169,6 +188,7 @@ def main() -> None:
         "exact attention": exact_attention() if HAS_AVX512 else unsupported,
         "exact layer step": exact_layer() if HAS_AVX512 else unsupported,
         "beam top-k": beam_top_k() if HAS_AVX512 else unsupported,
+        "split bfloat16 linear": split_bf16() if HAS_AMX_BF16 else "not for this CPU (no AMX)",
     }
     if any(kernels is None for kernels in built.values()):
         raise SystemExit(1)
