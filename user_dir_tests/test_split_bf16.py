@@ -55,12 +55,15 @@ def test_the_low_parts_count():
     assert (error / scale).max() * 50 < (plain_error / scale).max()
 
 
-def test_relu_and_no_bias():
+def test_relu_no_bias_and_any_layout_of_the_rows():
     split = native.split_bf16()
     x, weight, _ = _product(20, 64, 40, bias=False)
     packed = split.pack(weight)
     plain = split.linear(x, packed, 40)
     assert torch.equal(split.linear(x, packed, 40, None, True), torch.relu(plain))
+    columns_apart = x.t().contiguous().t()  # rows 1 apart, columns 20 apart
+    assert torch.equal(split.linear(columns_apart, packed, 40), plain)
+    assert torch.equal(split.linear(x.view(4, 5, 64), packed, 40), plain.view(4, 5, 40))
     error, scale = _error_and_scale(plain, x, weight, None)
     assert (error <= BOUND * scale).all()
 
@@ -71,6 +74,8 @@ def test_bad_operands_are_refused_with_the_reason():
     packed = split.pack(weight)
     with pytest.raises(RuntimeError, match="shapes"):
         split.linear(torch.randn(4, 96), packed, 40)
+    with pytest.raises(RuntimeError, match="x"):
+        split.linear(torch.randn(()), packed, 40)
     with pytest.raises(RuntimeError, match="float32"):
         split.linear(x.double(), packed, 40)
     with pytest.raises(RuntimeError, match="bias"):

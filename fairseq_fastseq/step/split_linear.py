@@ -25,10 +25,4 @@ def split_bf16_linear(weight: Tensor, bias: Optional[Tensor], relu: bool, prepar
     packed = prepared(("split_bf16",), (weight,), lambda: kernels.pack(weight.detach()))
     outputs, bias = weight.size(0), None if bias is None else bias.detach()
 
-    def project(x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.size(-1))
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        return kernels.linear(rows, packed, outputs, bias, relu).view(*x.shape[:-1], outputs)
-
-    return project
+    return lambda x: kernels.linear(x, packed, outputs, bias, relu)

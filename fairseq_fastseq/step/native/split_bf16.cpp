@@ -122,15 +122,17 @@ inline void load_and_multiply(const uint16_t* rows, int64_t next_row_tile) {
   }
 }
 
-// One block of RowTiles x 2 accumulator tiles over all inner terms, stored to `sums` (32 wide).
+// One block of RowTiles x 2 accumulator tiles over all inner terms: the accumulators start
+// at `start` (each column's bias, or zero: every row of a tile the same 16 floats, loaded with
+// a row stride of 0) and are stored to `target`, rows `stride` floats apart.
 template <int RowTiles>
-void block(const uint16_t* rows, const uint16_t* weight, int64_t steps, float* sums) {
+void block(const uint16_t* rows, const uint16_t* weight, int64_t steps, const float* start, float* target, int64_t stride) {
   const int64_t next_row_tile = steps * 2 * kTileElements;
-  _tile_zero(0);
-  _tile_zero(1);
+  _tile_loadd(0, start, 0);
+  _tile_loadd(1, start + kTile, 0);
   if (RowTiles == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
+    _tile_loadd(2, start, 0);
+    _tile_loadd(3, start + kTile, 0);
   }
   for (int64_t step = 0; step < steps; ++step) {
     const uint16_t* w = weight + step * 4 * kTileElements;
@@ -148,12 +150,12 @@ void block(const uint16_t* rows, const uint16_t* weight, int64_t steps, float* s
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t stride = kBlockColumns * sizeof(float);
-  _tile_stored(0, sums, stride);
-  _tile_stored(1, sums + kTile, stride);
+  const int64_t bytes = stride * sizeof(float);
+  _tile_stored(0, target, bytes);
+  _tile_stored(1, target + kTile, bytes);
   if (RowTiles == 2) {
-    _tile_stored(2, sums + kTile * kBlockColumns, stride);
-    _tile_stored(3, sums + kTile * kBlockColumns + kTile, stride);
+    _tile_stored(2, target + kTile * stride, bytes);
+    _tile_stored(3, target + kTile * stride + kTile, bytes);
   }
 }
 
@@ -182,14 +184,21 @@ torch::Tensor pack(const torch::Tensor& weight) {
   return packed;
 }
 
-// out (rows, outputs) = bias + x (rows, inner) @ weight.T, then ReLU if `relu`; `packed` from pack(weight).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t outputs, const c10::optional<torch::Tensor>& bias, bool relu) {
+// out (..., outputs) = bias + x (..., inner) @ weight.T (the bias summed first), then ReLU if
+// `relu`; `packed` from pack(weight). x's leading dimensions are its rows (copied where they
+// are not evenly strided).
+torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t outputs, const c10::optional<torch::Tensor>& bias, bool relu) {
   TORCH_CHECK(amx_permitted(), "split_bf16.linear: this process may not use AMX (see available())");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "split_bf16.linear: x (rows, inner) float32, columns contiguous");
-  const int64_t rows = x.size(0), inner = x.size(1), columns = packed.size(0), steps = packed.size(1);
+  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == torch::kFloat32, "split_bf16.linear: x (..., inner) float32");
+  const int64_t inner = input.size(-1), columns = packed.size(0), steps = packed.size(1);
   TORCH_CHECK(packed.dim() == 4 && steps == blocks_of(inner, kDepth) && columns == blocks_of(outputs, kBlockColumns), "split_bf16.linear: shapes");
   TORCH_CHECK(!bias.has_value() || (bias->numel() == outputs && bias->is_contiguous() && bias->scalar_type() == torch::kFloat32), "split_bf16.linear: bias");
-  auto out = torch::empty({rows, outputs}, x.options());
+  auto x = input.reshape({-1, inner});
+  if (x.stride(1) != 1) x = x.contiguous();
+  const int64_t rows = x.size(0);
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = outputs;
+  auto out = torch::empty(shape, x.options());
   if (rows == 0) return out;
   const int64_t row_tiles = blocks_of(rows, kTile);
   thread_local std::vector<uint16_t> split;  // reused: no allocation per call
@@ -197,7 +206,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   split_rows(x.data_ptr<float>(), rows, inner, x.stride(0), steps, split.data());
   const uint16_t* row_data = split.data();
   const auto* weight = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  thread_local std::vector<float> starts;  // each column's bias (or zero), padded to whole blocks
+  starts.assign(columns * kBlockColumns, 0.0f);
+  if (bias.has_value()) std::copy_n(bias->data_ptr<float>(), outputs, starts.begin());
+  const float* start = starts.data();
   float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kWorkPerThread / (row_tiles * kTile * steps * kDepth * kBlockColumns));
   at::parallel_for(0, columns, grain, [&](int64_t begin, int64_t end) {
@@ -206,23 +218,27 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
     for (int64_t column_block = begin; column_block < end; ++column_block) {
       const uint16_t* w = weight + column_block * steps * 4 * kTileElements;
       const int64_t first_column = column_block * kBlockColumns;
+      const bool whole_columns = first_column + kBlockColumns <= outputs;
       const __mmask16 low = lanes(outputs - first_column), high = lanes(outputs - first_column - 16);
-      const __m512 bias_low = b ? _mm512_maskz_loadu_ps(low, b + first_column) : _mm512_setzero_ps();
-      const __m512 bias_high = b ? _mm512_maskz_loadu_ps(high, b + first_column + 16) : _mm512_setzero_ps();
       for (int64_t row_tile = 0; row_tile < row_tiles; row_tile += 2) {
-        const bool two = row_tile + 1 < row_tiles;
+        const int tiles = row_tile + 1 < row_tiles ? 2 : 1;
+        const int64_t first_row = row_tile * kTile, block_rows = std::min(rows - first_row, tiles * kTile);
         const uint16_t* r = row_data + row_tile * steps * 2 * kTileElements;
-        two ? block<2>(r, w, steps, sums) : block<1>(r, w, steps, sums);
-        for (int64_t row = row_tile * kTile; row < std::min(rows, (row_tile + 2) * kTile); ++row) {
-          const float* s = sums + (row - row_tile * kTile) * kBlockColumns;
-          __m512 v0 = _mm512_add_ps(_mm512_load_ps(s), bias_low), v1 = _mm512_add_ps(_mm512_load_ps(s + 16), bias_high);
-          if (relu) {
-            v0 = _mm512_max_ps(_mm512_setzero_ps(), v0);
-            v1 = _mm512_max_ps(_mm512_setzero_ps(), v1);
-          }
-          _mm512_mask_storeu_ps(o + row * outputs + first_column, low, v0);
-          _mm512_mask_storeu_ps(o + row * outputs + first_column + 16, high, v1);
+        // Straight into the output where the block is whole (a tile holds min(rows, 16) rows).
+        const bool direct = whole_columns && (block_rows == tiles * kTile || rows < kTile);
+        float* target = direct ? o + first_row * outputs + first_column : sums;
+        const int64_t stride = direct ? outputs : kBlockColumns;
+        tiles == 2 ? block<2>(r, w, steps, start + first_column, target, stride)
+                   : block<1>(r, w, steps, start + first_column, target, stride);
+        for (int64_t row = 0; !direct && row < block_rows; ++row) {
+          _mm512_mask_storeu_ps(o + (first_row + row) * outputs + first_column, low, _mm512_load_ps(sums + row * kBlockColumns));
+          _mm512_mask_storeu_ps(o + (first_row + row) * outputs + first_column + 16, high, _mm512_load_ps(sums + row * kBlockColumns + 16));
         }
+      }
+      for (int64_t row = 0; relu && row < rows; ++row) {  // the column block's outputs, written a while ago
+        float* strip = o + row * outputs + first_column;
+        _mm512_mask_storeu_ps(strip, low, _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(low, strip)));
+        _mm512_mask_storeu_ps(strip + 16, high, _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(high, strip + 16)));
       }
     }
     _tile_release();  // back to the initial state: nothing for the OS to save on a switch
