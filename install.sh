@@ -14,7 +14,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps .
 # The C++ kernels, compiled once for this machine (g++, ninja): the attention of --fast-kernels
 # fused/int8 and, with AVX-512, exact's linear layers and attention products in MKL's and bmm's
-# order. Without them the tiers run their attention through bmm and exact runs MKL and bmm
+# order; with AMX, fused's linear layers as three bfloat16 products. Without them the tiers run their attention through bmm and exact runs MKL and bmm
 # (slower, the same outputs), and say so.
 .venv/bin/python -m fairseq_fastseq.step.native \
   || echo "install.sh: the native kernels were not built (see above); the kernel tiers run their attention through bmm and exact runs MKL" >&2

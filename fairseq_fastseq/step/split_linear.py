@@ -1,6 +1,6 @@
 """``fused``'s linear layers on Intel AMX: each float32 product as three bfloat16 products
 (``native/split_bf16.cpp``: operands split into high and low bfloat16 parts, the low x low
-product dropped), ~1e-5 relative error on a layer's output where float32 has ~1e-6, at 2-4x
+product dropped), ~1e-5 relative error on a layer's output where float32 has ~1e-6, at 1.2-3.7x
 MKL's speed on the decoder's shapes. Measured speed and agreement with stock:
 ``BENCHMARKS.md`` ("The fused tier's linear layers on AMX")."""
 

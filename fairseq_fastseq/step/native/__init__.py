@@ -1,5 +1,6 @@
 """C++ kernels: the self-attention of the kernel tiers that round differently (``fused``,
-``int8``; ``attention.cpp``), ``fused``'s linear layers on AMX (``split_bf16.cpp``), and the linear layers and attention products of ``exact`` in
+``int8``; ``attention.cpp``), ``fused``'s linear layers as three bfloat16 products (for CPUs
+with AMX; ``split_bf16.cpp``), and the linear layers and attention products of ``exact`` in
 MKL's and ATen's own order of operations (``exact_gemm.cpp``, ``exact_attention.cpp``, for
 CPUs with AVX-512).
 
@@ -7,10 +8,10 @@ Compiled once per machine and source by ``torch.utils.cpp_extension`` (g++ and n
 PyTorch's extension cache; ``install.sh`` builds them ahead (``python -m
 fairseq_fastseq.step.native``), so a search only loads them. Where one cannot be built, its
 users run PyTorch's operators instead (``bmm`` for the tiers' attention, MKL's ``addmm`` for
-``exact``) and one log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the
+``exact``, oneDNN's and MKL's float32 linear layers for ``fused``) and one log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the
 int8 output projection in row chunks", "the tiers' attention with sums in registers and its
 own softmax", "exact's linear layers in MKL's order", "exact's attention products in bmm's
-order").
+order", "The fused tier's linear layers on AMX").
 """
 
 import functools

@@ -9,7 +9,7 @@
 // the dropped x_low . w_low and the bits past the 16th are ~2^-17 of each product, where a
 // float32 product rounds at 2^-24: a relative error of ~1e-5 on a linear layer's output
 // where MKL's float32 gives ~1e-6. Three tile products per float32 product, at sixteen times
-// the multiply-adds per cycle of AVX-512: 2-4x MKL on the decoder's shapes (BENCHMARKS.md,
+// the multiply-adds per cycle of AVX-512: 1.2-3.7x MKL on the decoder's shapes (BENCHMARKS.md,
 // "The fused tier's linear layers on AMX").
 //
 // Layout. The weight is packed once into tiles of 16 output columns x 32 inner terms (16
