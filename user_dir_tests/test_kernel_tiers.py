@@ -15,7 +15,8 @@ from fairseq_fastseq.config import FastGeneratorConfig
 from fairseq_fastseq.choice import accelerate
 from fairseq_fastseq.generator import FastSequenceGenerator
 from fairseq_fastseq.model_steps import LeanSteps
-from fairseq_fastseq.step import kernels, native
+from fairseq_fastseq.step import kernels, native, prepared
+from fairseq_fastseq.step.cpu import HAS_AMX_INT8
 
 from .equivalence import assert_fast_matches_stock, generate_all, load
 from .naive import WithoutSampleIds, with_correct_ngram_blocking
@@ -118,6 +119,30 @@ def test_int8_linear_is_within_its_quantization_error():
         got, want = kernels.Int8Kernels().linear(linear)(x), linear(x)
     error = (got - want).abs().max()
     assert error < 0.05 * want.abs().max() and error > 0  # quantized: close, not equal
+
+
+def test_int8_feed_forward_in_applies_its_relu():
+    """oneDNN's ``linear_relu_dynamic`` (the engine on CPUs with AMX) returns the product
+    without the ReLU in torch 2.13: the tier applies it itself there."""
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 96), torch.randn(10, 64)
+    tier = kernels.Int8Kernels()
+    with torch.no_grad():
+        got, plain = tier.feed_forward_in(linear, torch.nn.functional.relu)(x), tier.linear(linear)(x)
+    assert (plain < 0).any() and torch.equal(got, torch.relu(plain))
+
+
+@pytest.mark.parametrize("engine", [None, "onednn", "fbgemm"])
+def test_int8_weights_are_packed_for_their_engine_and_the_global_choice_kept(monkeypatch, engine):
+    seen, pack = [], torch.ops.quantized.linear_prepack
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", lambda *args: seen.append(torch.backends.quantized.engine) or pack(*args))
+    before = torch.backends.quantized.engine
+    prepared.int8_packed(torch.randn(8, 16), torch.randn(8), engine)
+    assert seen == [engine or before] and torch.backends.quantized.engine == before
+
+
+def test_int8_runs_onednn_where_the_cpu_has_amx():
+    assert prepared.INT8_ENGINE == ("onednn" if HAS_AMX_INT8 else None)
 
 
 @pytest.mark.parametrize("name", ["transformer", "bart"])

@@ -13,8 +13,8 @@
   positions (``source_rows.py``); on CPUs with AMX every linear layer as three bfloat16
   products per float32 product (``split_linear.py``: ~1e-5 relative error where float32
   has ~1e-6), elsewhere oneDNN's and MKL's float32 kernels.
-- ``int8``: ``fused``, with every linear layer in dynamic int8 (PyTorch's fbgemm kernels:
-  weights quantized per output channel once, activations per call); float32 elsewhere.
+- ``int8``: ``fused``, with every linear layer in dynamic int8 (oneDNN's kernels on AMX,
+  fbgemm's elsewhere: weights per output channel once, activations per call); float32 elsewhere.
 
 Prepared weights (the fused projection, the int8 weights) are made once per generator and
 weight version, never written to disk. Measured speed and agreement with stock:
@@ -35,7 +35,7 @@ from .column_blocks import BlockedProjection
 from .cpu import CPU_VENDOR, HAS_VNNI
 from .exact_attention import AttentionProducts, attention_products
 from .exact_gemm import native_linear
-from .prepared import int8_packed, interleaved_qkv, scaled_linear
+from .prepared import INT8_ENGINE, int8_packed, interleaved_qkv, scaled_linear
 from .split_linear import split_bf16_linear
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ class FusedKernels(ExactKernels):
 
 
 class Int8Kernels(FusedKernels):
-    """``fused`` with dynamic int8 linear layers (fbgemm), the output projection included."""
+    """``fused`` with dynamic int8 linear layers (oneDNN's on AMX, else fbgemm's), the output
+    projection included."""
 
     name = "int8"
     output_in_row_chunks = True  # fbgemm onto a large vocabulary (``output.ROWS_PER_CALL``)
@@ -224,6 +225,8 @@ class Int8Kernels(FusedKernels):
         if activation is not F.relu:
             return super().feed_forward_in(module, activation)
         packed, reduce_range = self._packed(module.weight, module.bias), REDUCE_RANGE
+        if INT8_ENGINE == "onednn":  # its linear_relu_dynamic leaves out the ReLU (torch 2.13)
+            return lambda x: torch.relu_(torch.ops.quantized.linear_dynamic(x, packed, reduce_range))
         return lambda x: torch.ops.quantized.linear_relu_dynamic(x, packed, reduce_range)
 
     def output_projection(self, weight: Tensor) -> Optional[Projection]:

@@ -1,13 +1,22 @@
 """Weights the kernel tiers prepare once per generator and weight version (``kernels.py``),
 never written to disk: the scaled query projection, one interleaved projection for the
-queries, keys and values, and fbgemm's packed int8 weights."""
+queries, keys and values, and the packed int8 weights."""
 
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
+
+from .cpu import HAS_AMX_INT8
+
+# Whose int8 kernels run the ``int8`` tier: oneDNN's on CPUs with AMX (its tile products: 1.2-3x
+# fbgemm's on the decoder's shapes, the same quantization, outputs within float32 rounding of
+# fbgemm's: BENCHMARKS.md, "The fused tier's linear layers on AMX"), else PyTorch's default
+# engine (fbgemm's kernels).
+INT8_ENGINE = "onednn" if HAS_AMX_INT8 and "onednn" in torch.backends.quantized.supported_engines else None
 
 
 def scaled_linear(module: nn.Linear, scaling: float) -> nn.Linear:
@@ -39,11 +48,25 @@ def interleaved_qkv(attention: MultiheadAttention) -> nn.Linear:
     return fused.to(attention.q_proj.weight.device, attention.q_proj.weight.dtype).requires_grad_(False)
 
 
-def int8_packed(weight: Tensor, bias: Optional[Tensor]) -> object:
-    """fbgemm's packed weight: symmetric int8 per output channel, float32 bias."""
+def int8_packed(weight: Tensor, bias: Optional[Tensor], engine: Optional[str] = INT8_ENGINE) -> object:
+    """The weight packed for ``engine``'s dynamic int8 linear kernels (None: the current
+    engine): symmetric int8 per output channel, float32 bias. A packed weight runs its
+    engine's kernels whatever engine is selected later, so the global choice is restored."""
     weight = weight.detach().float()
     scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
-    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's packing takes one
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; packing takes one
         warnings.simplefilter("ignore", UserWarning)
         quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+    with _quantized_engine(engine):
+        return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+
+
+@contextmanager
+def _quantized_engine(engine: Optional[str]) -> Iterator[None]:
+    previous = torch.backends.quantized.engine
+    if engine is not None:
+        torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
