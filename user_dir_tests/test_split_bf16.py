@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fairseq_fastseq.step import kernels, native
+from fairseq_fastseq.step.split_linear import split_bf16_linear
 
 pytestmark = pytest.mark.skipif(native.split_bf16() is None, reason="no AMX (or not permitted) on this CPU")
 
@@ -66,6 +67,26 @@ def test_relu_no_bias_and_any_layout_of_the_rows():
     assert torch.equal(split.linear(x.view(4, 5, 64), packed, 40), plain.view(4, 5, 40))
     error, scale = _error_and_scale(plain, x, weight, None)
     assert (error <= BOUND * scale).all()
+
+
+def test_rows_with_infinities_or_nan_are_left_to_float32():
+    """A split infinity's parts make inf - inf and inf * 0 (NaN where float32 gives inf): the
+    kernel declines such rows (None) and ``fused`` runs ``F.linear`` on them; an infinite
+    weight keeps its layer on the float32 kernels."""
+    split = native.split_bf16()
+    linear, tier = nn.Linear(64, 40), kernels.FusedKernels()
+    x = torch.randn(4, 64)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        bad = x.clone()
+        bad[2, 9] = value
+        assert split.linear(bad, split.pack(linear.weight.detach()), 40) is None
+        with torch.no_grad():
+            got, want = tier.linear(linear)(bad), linear(bad)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert split.linear(x, split.pack(linear.weight.detach()), 40) is not None
+    with torch.no_grad():
+        linear.weight[3, 5] = float("inf")
+    assert split_bf16_linear(linear.weight, linear.bias, False, tier.prepared) is None
 
 
 def test_bad_operands_are_refused_with_the_reason():

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -77,8 +78,11 @@ __mmask16 lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
 }
 
-// x's rows (rows x inner, rows `stride` apart) -> [row tile][32 inner terms][high, low][16 x 32].
-void split_rows(const float* x, int64_t rows, int64_t inner, int64_t stride, int64_t steps, uint16_t* tiles) {
+// x's rows (rows x inner, rows `stride` apart) -> [row tile][32 inner terms][high, low][16 x 32];
+// false where a value is infinite or NaN (its split would make inf - inf, and inf * 0 of a low
+// part: not the float32 product's inf).
+bool split_rows(const float* x, int64_t rows, int64_t inner, int64_t stride, int64_t steps, uint16_t* tiles) {
+  bool finite = true;
   for (int64_t row_tile = 0; row_tile < blocks_of(rows, kTile); ++row_tile)
     for (int64_t step = 0; step < steps; ++step) {
       uint16_t* high = tiles + (row_tile * steps + step) * 2 * kTileElements;
@@ -92,11 +96,13 @@ void split_rows(const float* x, int64_t rows, int64_t inner, int64_t stride, int
           const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
           const __m512 h_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
           const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, h_value));
+          finite &= _mm512_mask_cmp_ps_mask(valid, _mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_LT_OQ) == valid;  // NaN: false
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + i * kDepth + half * 16), h);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + i * kDepth + half * 16), l);
         }
       }
     }
+  return finite;
 }
 
 void configure(int64_t rows_per_tile) {
@@ -185,11 +191,12 @@ torch::Tensor pack(const torch::Tensor& weight) {
 }
 
 // out (..., outputs) = bias + x (..., inner) @ weight.T (the bias summed first), then ReLU if
-// `relu`; `packed` from pack(weight). x's leading dimensions are its rows (copied where they
-// are not evenly strided).
-torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t outputs, const c10::optional<torch::Tensor>& bias, bool relu) {
+// `relu`; `packed` from pack(weight) of a finite weight. x's leading dimensions are its rows
+// (copied where they are not evenly strided). None where x holds an infinity or NaN: the
+// caller's float32 kernel gives those their float32 results.
+c10::optional<torch::Tensor> linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t outputs, const c10::optional<torch::Tensor>& bias, bool relu) {
   TORCH_CHECK(amx_permitted(), "split_bf16.linear: this process may not use AMX (see available())");
-  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == torch::kFloat32, "split_bf16.linear: x (..., inner) float32");
+  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == torch::kFloat32 && input.device().is_cpu(), "split_bf16.linear: x (..., inner) float32 on the CPU");
   const int64_t inner = input.size(-1), columns = packed.size(0), steps = packed.size(1);
   TORCH_CHECK(packed.dim() == 4 && steps == blocks_of(inner, kDepth) && columns == blocks_of(outputs, kBlockColumns), "split_bf16.linear: shapes");
   TORCH_CHECK(!bias.has_value() || (bias->numel() == outputs && bias->is_contiguous() && bias->scalar_type() == torch::kFloat32), "split_bf16.linear: bias");
@@ -203,7 +210,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, in
   const int64_t row_tiles = blocks_of(rows, kTile);
   thread_local std::vector<uint16_t> split;  // reused: no allocation per call
   split.resize(std::max<size_t>(split.size(), row_tiles * steps * 2 * kTileElements));
-  split_rows(x.data_ptr<float>(), rows, inner, x.stride(0), steps, split.data());
+  if (!split_rows(x.data_ptr<float>(), rows, inner, x.stride(0), steps, split.data())) return c10::nullopt;
   const uint16_t* row_data = split.data();
   const auto* weight = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
   thread_local std::vector<float> starts;  // each column's bias (or zero), padded to whole blocks
@@ -249,7 +256,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, in
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this process may use AMX (Linux grants it on request)");
   m.def("pack", &pack, "weight (out, in) float32 -> its high and low bfloat16 parts in AMX tiles");
-  m.def("linear", &linear, "relu?(x @ weight.T + bias) as three bfloat16 products per float32 product",
+  m.def("linear", &linear, "relu?(x @ weight.T + bias) as three bfloat16 products per float32 product (None: x not finite)",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("outputs"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("relu") = false);
 }
