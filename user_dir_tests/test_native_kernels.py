@@ -265,7 +265,7 @@ def test_without_amx_fused_keeps_float32_linear_layers(monkeypatch, caplog, cpu_
         with caplog.at_level(logging.WARNING, logger="fairseq_fastseq.step.native"):
             assert native.split_bf16() is None
             linear = torch.nn.Linear(8, 4)
-            assert split_bf16_linear(linear.weight, linear.bias, False, kernels.FusedKernels().prepared) is None
+            assert split_bf16_linear(linear.weight, linear.bias, False, kernels.FusedKernels().prepared, linear) is None
         assert ("Linux refused this process AMX's tile state" in caplog.text) == cpu_has_amx
     finally:
         native.split_bf16.cache_clear()

@@ -86,7 +86,7 @@ def test_rows_with_infinities_or_nan_are_left_to_float32():
     assert split.linear(x, split.pack(linear.weight.detach()), 40) is not None
     with torch.no_grad():
         linear.weight[3, 5] = float("inf")
-    assert split_bf16_linear(linear.weight, linear.bias, False, tier.prepared) is None
+    assert split_bf16_linear(linear.weight, linear.bias, False, tier.prepared, linear) is None
 
 
 def test_bad_operands_are_refused_with_the_reason():

@@ -171,24 +171,24 @@ class FusedKernels(ExactKernels):
 
     def _linear(self, weight: Tensor, bias: Optional[Tensor], activation: str) -> Projection:
         """``activation(x @ weight.T + bias)``: three bfloat16 products on AMX where this CPU
-        and process have it (``split_linear.py``: 1.2-3.7x the float32 kernels); else oneDNN's prepacked kernel
-        (activation fused in) for the shapes where it was measured faster than MKL's
-        ``F.linear`` (see ``prepacked_is_faster``), ``F.linear`` elsewhere and off the CPU in
-        float32."""
+        and process have it (``split_linear.py``: 1.2-3.7x the float32 kernels); else
+        oneDNN's prepacked kernel (activation fused in) for the shapes where it was measured
+        faster than MKL's ``F.linear`` (see ``prepacked_is_faster``), ``F.linear`` elsewhere
+        and off the CPU in float32."""
         relu, plain = activation == "relu", exact_linear(weight, bias)
-        on_amx = split_bf16_linear(weight, bias, relu, self.prepared)
+        float32 = (lambda x: torch.relu_(plain(x))) if relu else plain
+        on_amx = split_bf16_linear(weight, bias, relu, self.prepared, float32)
         if on_amx is not None:
             return on_amx
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return (lambda x: torch.relu_(plain(x))) if relu else plain
+            return float32
         tensors = (weight,) if bias is None else (weight, bias)
         packed = self.prepared(("onednn",), tensors, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 160))
 
         def project(x: Tensor) -> Tensor:
             if prepacked_is_faster(x.numel() // x.size(-1), weight.size(1), weight.size(0)):
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
-            out = plain(x)
-            return torch.relu_(out) if relu else out
+            return float32(x)
 
         return project
 

@@ -7,7 +7,6 @@ MKL's speed on the decoder's shapes. Measured speed and agreement with stock:
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
@@ -16,12 +15,12 @@ Projection = Callable[[Tensor], Tensor]
 Prepare = Callable[[Tuple, Tuple[Tensor, ...], Callable[[], object]], object]
 
 
-def split_bf16_linear(weight: Tensor, bias: Optional[Tensor], relu: bool, prepared: Prepare) -> Optional[Projection]:
+def split_bf16_linear(weight: Tensor, bias: Optional[Tensor], relu: bool, prepared: Prepare, float32: Projection) -> Optional[Projection]:
     """``relu?(x @ weight.T + bias)`` through the AMX kernel, its weight packed once
-    (``prepared``); float32's ``F.linear`` for rows holding an infinity or NaN (a split value's
-    parts would turn them into NaN where float32 gives inf). None where the kernel is
-    unavailable (no AMX, not permitted, not built), the weight is not a float32 CPU tensor, or
-    not finite."""
+    (``prepared``); ``float32`` (the same in float32) for rows holding an infinity or NaN (a
+    split value's parts would turn them into NaN where float32 gives inf). None where the
+    kernel is unavailable (no AMX, not permitted, not built), the weight is not a float32 CPU
+    tensor, or not finite."""
     kernels = native.split_bf16() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
     if kernels is None or not bool(torch.isfinite(weight).all()):
         return None
@@ -30,9 +29,6 @@ def split_bf16_linear(weight: Tensor, bias: Optional[Tensor], relu: bool, prepar
 
     def project(x: Tensor) -> Tensor:
         out = kernels.linear(x, packed, outputs, bias, relu)
-        if out is None:
-            out = F.linear(x, weight, bias)
-            return torch.relu_(out) if relu else out
-        return out
+        return float32(x) if out is None else out
 
     return project

@@ -8,10 +8,11 @@ Compiled once per machine and source by ``torch.utils.cpp_extension`` (g++ and n
 PyTorch's extension cache; ``install.sh`` builds them ahead (``python -m
 fairseq_fastseq.step.native``), so a search only loads them. Where one cannot be built, its
 users run PyTorch's operators instead (``bmm`` for the tiers' attention, MKL's ``addmm`` for
-``exact``, oneDNN's and MKL's float32 linear layers for ``fused``) and one log line says why. Figures: ``BENCHMARKS.md`` ("Native attention and the
-int8 output projection in row chunks", "the tiers' attention with sums in registers and its
-own softmax", "exact's linear layers in MKL's order", "exact's attention products in bmm's
-order", "The fused tier's linear layers on AMX").
+``exact``, oneDNN's and MKL's float32 linear layers for ``fused``) and one log line says why.
+Figures: ``BENCHMARKS.md`` ("Native attention and the int8 output projection in row
+chunks", "the tiers' attention with sums in registers and its own softmax", "exact's linear
+layers in MKL's order", "exact's attention products in bmm's order", "The fused tier's
+linear layers on AMX").
 """
 
 import functools
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional, Sequence
 
-from ..cpu import PROCESSOR
+from ..cpu import HAS_AMX_BF16, HAS_AVX512
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ SPLIT_BF16_SOURCE = Path(__file__).with_name("split_bf16.cpp")
 SPLIT_BF16_EXTENSION = "fairseq_fastseq_split_bf16"
 # The tile products' sums are AMX's; nothing else fused or reassociated.
 SPLIT_BF16_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-ffp-contract=off", *OPENMP]
-HAS_AVX512 = "avx512f" in PROCESSOR.get("flags", "").split()
-HAS_AMX_BF16 = {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(PROCESSOR.get("flags", "").split())
 # PyTorch's build lock is a bare file: a build killed while compiling (a timeout, Ctrl-C at
 # the wrong moment) leaves it, and every later load waits on it forever. A build takes about
 # a minute; a lock older than this is taken for such a leftover and removed.
